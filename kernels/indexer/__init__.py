@@ -1,0 +1,63 @@
+"""Lightning indexer ops (DSA): index scores and streaming top-k selection.
+
+    indexer_logits(q, k, w, *, k_scale=None, start_pos=0) -> fp32 [T, S]
+    indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0) -> int32 [T, topk]
+
+Backends: naive.py (fp32 reference), torch_impl.py (fast CPU), triton.py (GPU / interpreter);
+chosen by kernels/dispatch.py. Equations and layouts: kernels/README.md.
+Test: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import dispatch
+from kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
+
+__all__ = ["indexer_logits", "indexer_topk"]
+
+
+def _validate(q, k, w, k_scale, start_pos):
+    check_tensor("q", q, ("T", "H", "D"), FLOAT_DTYPES + FP8_DTYPES)
+    T, H, D = q.shape
+    k_dtypes = FP8_DTYPES if is_fp8(q) else FLOAT_DTYPES
+    check_tensor("k", k, ("S", D), k_dtypes, q.device)
+    check_tensor("w", w, (T, H), FLOAT_DTYPES, q.device)
+    if k_scale is not None:
+        check_tensor("k_scale", k_scale, (k.shape[0],), (torch.float32,), q.device)
+    if not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+
+
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
+    """Index scores of every (query, key) pair, causal.
+
+    Args:
+        q: [T, H, D] bf16/fp16/fp32, or float8_e4m3fn (then k must be FP8 too). Query t sits at
+           absolute position start_pos + t.
+        k: [S, D] indexer keys (one head shared by all query heads), same dtype family as q.
+        w: [T, H] fp32 head weights; holds every scale except k's (q's FP8 scale, 1/sqrt(H*D)...).
+        k_scale: [S] fp32 per-key dequant scale (>= 0), or None (= 1).
+        start_pos: absolute position of query 0.
+    Returns:
+        fp32 [T, S]: out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s]), and -inf
+        where s > start_pos + t.
+    """
+    _validate(q, k, w, k_scale, start_pos)
+    impl = dispatch.load("indexer", dispatch.backend_for(q))
+    return impl.indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos)
+
+
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0):
+    """Top-`topk` keys per query by the index score of `indexer_logits` (same arguments).
+
+    Streams over S in blocks (the torch and triton backends never hold [T, S]).
+    Returns int32 [T, topk]: key indices sorted by DESCENDING score (ties either way);
+    a row with fewer than `topk` causal keys (or S < topk) is padded at the end with -1.
+    """
+    _validate(q, k, w, k_scale, start_pos)
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    impl = dispatch.load("indexer", dispatch.backend_for(q))
+    return impl.indexer_topk(q, k, w, topk, k_scale=k_scale, start_pos=start_pos)

@@ -1,0 +1,3 @@
+"""Fast CPU PyTorch path for indexer (TEMPORARY: delegates to naive.py until the blocked version lands)."""
+
+from kernels.indexer.naive import *
