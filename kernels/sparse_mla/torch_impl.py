@@ -1,3 +1,117 @@
-"""Fast CPU PyTorch path for sparse_mla (TEMPORARY: delegates to naive.py until the blocked version lands)."""
+"""Sparse MLA, fast CPU PyTorch path: chunked over T, gather + bmm, analytic chunked backward.
 
-from kernels.sparse_mla.naive import *
+Forward, per chunk of Tc query rows (memory O(Tc * K * (D + H)), never [T, H, S]):
+
+    g      = kv[clamp(idx, 0)]                        [Tc, K, D] gather (index_select)
+    logits = scale * bmm(q_c, g^T)                    [Tc, H, K], -inf where idx == -1
+    lse    = logsumexp(logits); p = exp(logits - lse) fp32 softmax
+    out    = bmm(p, g[..., :v_dim])                   [Tc, H, v_dim]
+
+GEMMs run in bf16 (fp32 accumulate) for bf16/fp16 inputs and in fp32 for fp32 inputs; softmax
+and lse always in fp32. Backward (torch.autograd.Function) recomputes g and p per chunk from the
+saved lse (FlashAttention style: delta = rowsum(dout * out)) and scatters dkv with index_add_.
+
+Test: .venv/bin/python -m pytest -q tests/kernels/test_sparse_mla.py
+Bench: .venv/bin/python benchmarks/kernels_cpu.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 48 << 20  # per-chunk working set target
+
+
+def _math_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+
+
+def _t_chunk(H: int, K: int, D: int, elem: int) -> int:
+    per_row = K * (D * elem + H * 4 * 3)  # gathered rows + fp32 logits/probs
+    return max(1, CHUNK_BYTES // max(per_row, 1))
+
+
+def _gather(kv, idx):
+    """kv [S, D], idx [Tc, K] (-1 = none) -> g [Tc, K, D], valid [Tc, K] bool, flat clamped idx."""
+    valid = idx >= 0
+    flat = idx.clamp(min=0).reshape(-1).long()
+    return kv.index_select(0, flat).view(*idx.shape, kv.shape[1]), valid, flat
+
+
+def _probs(q_c, g, valid, scale, lse=None):
+    """fp32 softmax probs [Tc, H, K] and lse [Tc, H] (-inf on rows without a valid index)."""
+    logits = torch.bmm(q_c, g.transpose(1, 2)).float().mul_(scale)
+    logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp_(logits.sub_(lse_safe[..., None])), lse
+
+
+def _forward(q, kv, indices, v_dim, scale):
+    T, H, D = q.shape
+    K = indices.shape[1]
+    dt = _math_dtype(q)
+    kv_m = kv.to(dt)
+    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    tc = _t_chunk(H, K, D, kv_m.element_size())
+    for t0 in range(0, T, tc):
+        t1 = min(t0 + tc, T)
+        g, valid, _ = _gather(kv_m, indices[t0:t1])
+        p, lse_c = _probs(q[t0:t1].to(dt), g, valid, scale)
+        out[t0:t1] = torch.bmm(p.to(dt), g[..., :v_dim])  # empty rows: p == 0 -> out == 0
+        lse[t0:t1] = lse_c
+    return out, lse
+
+
+def _backward(q, kv, indices, out, lse, dout, dlse, v_dim, scale):
+    T, H, D = q.shape
+    K = indices.shape[1]
+    dt = _math_dtype(q)
+    kv_m = kv.to(dt)
+    dq = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    tc = _t_chunk(H, K, D, kv_m.element_size() * 3)
+    for t0 in range(0, T, tc):
+        t1 = min(t0 + tc, T)
+        g, valid, flat = _gather(kv_m, indices[t0:t1])
+        q_c = q[t0:t1].to(dt)
+        p, _ = _probs(q_c, g, valid, scale, lse[t0:t1])  # [Tc, H, K] fp32
+        do = dout[t0:t1].float()  # [Tc, H, v]
+        delta = (do * out[t0:t1].float()).sum(-1)  # [Tc, H]
+        dp = torch.bmm(do.to(dt), g[..., :v_dim].transpose(1, 2)).float()  # [Tc, H, K]
+        ds = dp.sub_(delta[..., None])
+        if dlse is not None:
+            ds.add_(dlse[t0:t1].float()[..., None])
+        ds = ds.mul_(p).mul_(scale).to(dt)  # d logits_raw = p * (dp - delta + dlse) * scale
+        dq[t0:t1] = torch.bmm(ds, g).float()
+        dg = torch.bmm(ds.transpose(1, 2), q_c).float()  # [Tc, K, D]
+        dg[..., :v_dim] += torch.bmm(p.to(dt).transpose(1, 2), do.to(dt)).float()
+        dg.masked_fill_(~valid[..., None], 0.0)
+        dkv.index_add_(0, flat, dg.view(-1, D))
+    return dq.to(q.dtype), dkv.to(kv.dtype)
+
+
+class SparseMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, v_dim, scale):
+        out, lse = _forward(q, kv, indices, v_dim, scale)
+        ctx.save_for_backward(q, kv, indices, out, lse)
+        ctx.v_dim, ctx.scale = v_dim, scale
+        ctx.mark_non_differentiable(indices)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, kv, indices, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dkv = _backward(q, kv, indices, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
+        return dq, dkv, None, None, None
+
+
+def sparse_mla(q, kv, indices, *, v_dim, scale):
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return SparseMLA.apply(q, kv, indices, v_dim, scale)
+    return _forward(q, kv, indices, v_dim, scale)
