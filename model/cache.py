@@ -1,0 +1,77 @@
+"""The per-sequence cache contract the model reads and writes, and its simplest implementation.
+
+Per layer a sequence keeps
+  - the MLA latent cache  kv   [S, kv_lora_rank + qk_rope_head_dim]  ([c_kv | k_pe], FP8-simulated
+    c_kv when the model runs fp8_numerics), and
+  - the indexer key cache index_k [S, index_head_dim] (float8_e4m3fn + index_scale [S] in FP8 mode).
+
+Anything with `write / kv / index_k / index_scale` works as a layer cache (the engine adds paged,
+shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling.
+
+    python -m pytest tests/model -q -k cache
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class LayerCache(Protocol):
+    def write(self, start: int, kv: torch.Tensor, index_k: torch.Tensor, index_scale: torch.Tensor | None) -> None: ...
+    def kv(self, end: int) -> torch.Tensor: ...
+    def index_k(self, end: int) -> torch.Tensor: ...
+    def index_scale(self, end: int) -> torch.Tensor | None: ...
+
+
+class ContiguousLayerCache:
+    """One layer of one sequence, contiguous in memory; `write` may only append or overwrite."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._kv = self._ik = self._is = None
+        self.length = 0
+
+    def _grow(self, need: int, kv, ik, is_):
+        if self._kv is not None and need <= self._kv.shape[0]:
+            return
+        cap = max(self.capacity, need)
+        if self._kv is not None:
+            cap = max(cap, 2 * self._kv.shape[0])
+        new_kv = kv.new_empty(cap, kv.shape[-1])
+        new_ik = ik.new_empty(cap, ik.shape[-1])
+        new_is = is_.new_empty(cap) if is_ is not None else None
+        if self._kv is not None and self.length:
+            new_kv[: self.length] = self._kv[: self.length]
+            new_ik[: self.length] = self._ik[: self.length]
+            if new_is is not None:
+                new_is[: self.length] = self._is[: self.length]
+        self._kv, self._ik, self._is = new_kv, new_ik, new_is
+
+    def write(self, start, kv, index_k, index_scale):
+        if start > self.length:
+            raise ValueError(f"cache write at {start} leaves a hole: the cache holds {self.length} tokens")
+        end = start + kv.shape[0]
+        self._grow(end, kv, index_k, index_scale)
+        self._kv[start:end] = kv
+        self._ik[start:end] = index_k
+        if index_scale is not None:
+            self._is[start:end] = index_scale
+        self.length = max(self.length, end)
+
+    def kv(self, end):
+        return self._kv[:end]
+
+    def index_k(self, end):
+        return self._ik[:end]
+
+    def index_scale(self, end):
+        return None if self._is is None else self._is[:end]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+def new_sequence_cache(n_layers: int, capacity: int = 256) -> list[ContiguousLayerCache]:
+    return [ContiguousLayerCache(capacity) for _ in range(n_layers)]

@@ -1,0 +1,199 @@
+"""Model configuration: a dataclass that reads the official HF `config.json` of DeepSeek-V3.2
+(-Exp) and named presets (`deepseek-v3.2`, the 671B shape; `dsa-tiny`, the CPU default).
+
+    python -m model.config dsa-tiny        # print a preset as config.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RopeScaling:
+    """YaRN parameters (`rope_scaling` in config.json). factor <= 1 means plain RoPE."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    # Names and defaults follow HF `DeepseekV32Config` (= the 671B model).
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # Lightning indexer
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    first_k_dense_replace: int = 3
+    # Norms, positions
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = field(default_factory=lambda: RopeScaling(factor=40.0))
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    num_nextn_predict_layers: int = 1
+    # FP8 checkpoint format ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], ...})
+    quantization_config: dict | None = None
+    # Our own knobs (not in HF configs):
+    # fp8_numerics: reproduce the official kernels' numerics (Hadamard + e4m3 act_quant of indexer q/k,
+    # FP8-simulated c_kv). Off = exact fp32/bf16 math (what transformers does).
+    fp8_numerics: bool = False
+    # Block size of act_quant (official: 128).
+    quant_block: int = 128
+    # dense_attention: ignore the indexer and attend to every causal token (the "indexer off" baseline).
+    dense_attention: bool = False
+    # Preset name / tokenizer kind (informational).
+    name: str = "custom"
+    tokenizer: str = "hf"
+
+    # ---- derived ----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """MLA score scale: qk_head_dim^-0.5, times mscale^2 under YaRN (as transformers applies it)."""
+        s = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.factor > 1 and rs.mscale_all_dim:
+            m = 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
+            s = s * m * m
+        return s
+
+    def validate(self) -> "ModelConfig":
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid model config ({self.name}): {msg}")
+
+        need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim must be >= qk_rope_head_dim (RoPE on the first rope dims)")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
+        need(self.n_routed_experts % max(self.n_group, 1) == 0, "n_routed_experts must divide into n_group groups")
+        need(self.topk_group <= self.n_group, "topk_group must be <= n_group")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be <= n_routed_experts")
+        need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace must be <= num_hidden_layers")
+        if self.fp8_numerics:
+            d = self.index_head_dim
+            need(d & (d - 1) == 0, "fp8_numerics needs a power-of-two index_head_dim (Hadamard rotation)")
+        return self
+
+    # ---- HF config.json ----
+    @classmethod
+    def from_hf_dict(cls, d: dict, **overrides) -> "ModelConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k != "rope_scaling"}
+        # Official demo-JSON aliases (inference/config_671B_v3.2.json)
+        aliases = {"dim": "hidden_size", "inter_dim": "intermediate_size", "moe_inter_dim": "moe_intermediate_size",
+                   "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_activated_experts": "num_experts_per_tok",
+                   "n_expert_groups": "n_group", "n_limited_groups": "topk_group", "route_scale": "routed_scaling_factor",
+                   "n_dense_layers": "first_k_dense_replace"}
+        for a, k in aliases.items():
+            if a in d and k not in kw:
+                kw[k] = d[a]
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        if rs and (rs.get("type") or rs.get("rope_type")) == "yarn":
+            kw["rope_scaling"] = RopeScaling(
+                type="yarn", factor=float(rs.get("factor", 1.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
+                mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0) or 0.0))
+            if "rope_theta" in rs and "rope_theta" not in d:
+                kw["rope_theta"] = float(rs["rope_theta"])
+        else:
+            kw["rope_scaling"] = None
+            if rs and "rope_theta" in rs and "rope_theta" not in d:
+                kw["rope_theta"] = float(rs["rope_theta"])
+        kw.update(overrides)
+        return cls(**kw).validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> "ModelConfig":
+        return cls.from_hf_dict(json.loads(Path(path).read_text()), **overrides)
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+                 num_key_value_heads=self.num_attention_heads, topk_method="noaux_tc", moe_layer_freq=1,
+                 hidden_act="silu")
+        return d
+
+    def fingerprint_fields(self) -> dict:
+        """What changes the KV cache bytes: shapes, numerics, attention mode."""
+        return self.to_hf_dict()
+
+
+def _dsa_tiny() -> ModelConfig:
+    # CPU default. Per key the indexer costs 2*H_I*d_I = 2*4*32 = 256 FLOPs vs the MQA attention's
+    # 2*H*(2*r_kv + d_rope) = 2*8*272 = 4352: ~17x cheaper, the same ratio as V3.2 (16.4K vs 278.5K).
+    return ModelConfig(
+        name="dsa-tiny", tokenizer="byte",
+        vocab_size=264, hidden_size=256, intermediate_size=768, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=128,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        index_n_heads=4, index_head_dim=32, index_topk=256,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=1.0, first_k_dense_replace=1,
+        rope_theta=10000.0, rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096),
+        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        num_nextn_predict_layers=0, quant_block=32,
+    ).validate()
+
+
+def _deepseek_v32() -> ModelConfig:
+    return ModelConfig(
+        name="deepseek-v3.2",
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+        fp8_numerics=True,
+    ).validate()
+
+
+PRESETS = {"dsa-tiny": _dsa_tiny, "deepseek-v3.2": _deepseek_v32}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    return dataclasses.replace(cfg, **overrides).validate() if overrides else cfg
+
+
+if __name__ == "__main__":
+    print(json.dumps(preset(sys.argv[1] if len(sys.argv) > 1 else "dsa-tiny").to_hf_dict(), indent=2))

@@ -1,0 +1,85 @@
+"""Tiny DeepSeek-V3.2 configs and checkpoints for the model tests, plus the transformers oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from model.config import ModelConfig, RopeScaling
+from model.load import build_model, official_to_hf
+
+
+def tiny_config(seed: int = 0, **overrides) -> ModelConfig:
+    """A small V3.2-shaped config: every feature on (YaRN, MoE with groups and shared experts, dense
+    first layer) and index_topk far below the test sequence length so sparsity matters. 16 indexer
+    heads make exact-zero score ties (all heads ReLU'd to 0) rare, so top-k is well defined."""
+    base = ModelConfig(
+        name=f"test-tiny-{seed}", vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        index_n_heads=16, index_head_dim=16, index_topk=24,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, rope_theta=10000.0,
+        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=1024, quant_block=16,
+    )
+    return dataclasses.replace(base, **overrides).validate()
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.08):
+    m = build_model(cfg).init_weights(seed=seed, std=std)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # non-trivial norms and routing bias
+            if name.endswith("gate.bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def hf_model_from(ours):
+    """transformers.DeepseekV32ForCausalLM holding exactly `ours`' (dequantized) weights."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    c = ours.cfg
+    rs = c.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if rs is not None:
+        rope = {"rope_type": "yarn", "rope_theta": c.rope_theta, "factor": rs.factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings,
+                "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
+                "mscale_all_dim": rs.mscale_all_dim}
+    hc = DeepseekV32Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+        n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_routed_experts,
+        routed_scaling_factor=c.routed_scaling_factor, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
+        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, qk_nope_head_dim=c.qk_nope_head_dim,
+        n_group=c.n_group, topk_group=c.topk_group, num_experts_per_tok=c.num_experts_per_tok,
+        norm_topk_prob=c.norm_topk_prob, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters=rope, index_topk=c.index_topk,
+        index_head_dim=c.index_head_dim, index_n_heads=c.index_n_heads,
+        first_k_dense_replace=c.first_k_dense_replace, tie_word_embeddings=False,
+    )
+    hc._attn_implementation = "eager"
+    hf = DeepseekV32ForCausalLM(hc).float().eval()
+    sd = {}
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, t in ours.state_dict().items():
+        parts = name.split(".")
+        if "experts" in parts and "shared_experts" not in parts:
+            layer, e, w = int(parts[1]), int(parts[4]), parts[5]
+            experts.setdefault((layer, e), {})[w] = t
+            continue
+        sd[official_to_hf(name)] = t.float()
+    for layer in {k[0] for k in experts}:
+        es = [experts[(layer, e)] for e in range(c.n_routed_experts)]
+        sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]], 0) for x in es]).float()
+        sd[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([x["w2"] for x in es]).float()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
