@@ -1,0 +1,150 @@
+"""Lightning indexer, Triton path (CUDA; CPU only under TRITON_INTERPRET=1 with small shapes).
+
+Kernel `_logits_kernel`: one program per (BLOCK_T queries, BLOCK_S keys) tile. It loads the key
+tile once, loops over the H heads (q tile of head h, tl.dot -> [BLOCK_T, BLOCK_S] fp32, ReLU,
+times w[:, h]), multiplies by k_scale, writes -inf above the causal diagonal, and skips the dot
+products of tiles that lie entirely in the future. FP8 inputs go straight into tl.dot on
+sm_89+ GPUs (FP8 tensor cores, fp32 accumulate); elsewhere (and in the interpreter) they are
+upcast to bf16 in registers, which is exact.
+
+`indexer_topk` streams over S: for each chunk of queries it launches the kernel on one key block
+at a time into a [T_chunk, S_BLOCK] buffer and merges it into a running top-k with torch.topk
+(the same merge as torch_impl), so [T, S] never exists. An in-kernel radix select (TileLang's
+topk_selector) would save the buffer round trip; not done yet.
+
+Test (CPU, interpreter): .venv/bin/python -m pytest -q tests/kernels/test_indexer.py -k triton
+GPU bench: .venv/bin/python benchmarks/kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import is_fp8
+from kernels.indexer.torch_impl import _blocks, _merge
+
+
+@triton.jit
+def _logits_kernel(
+    q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr,
+    T, H, D, start_pos, s_lo, s_hi,
+    stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
+    HAS_KS: tl.constexpr, DOT_CAST: tl.constexpr,  # 0: as loaded, 1: to bf16 (FP8), 2: to fp32
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = s_lo + pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < T
+    s_ok = offs_s < s_hi
+    d_ok = offs_d < D
+    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+    last_pos = start_pos + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1
+    if s_lo + pid_s * BLOCK_S <= last_pos:  # tile not entirely in the future
+        k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_CAST == 1:
+            k = k.to(tl.bfloat16)
+        elif DOT_CAST == 2:
+            k = k.to(tl.float32)
+        for h in range(H):
+            qh = tl.load(q_ptr + offs_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                         mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_CAST == 1:
+                qh = qh.to(tl.bfloat16)
+            elif DOT_CAST == 2:
+                qh = qh.to(tl.float32)
+            wh = tl.load(w_ptr + offs_t * stride_wt + h, mask=t_ok, other=0.0)
+            if IEEE:  # fp32 inputs: exact fp32 products, not TF32
+                x = tl.dot(qh, tl.trans(k), input_precision="ieee")  # [BLOCK_T, BLOCK_S] fp32
+            else:
+                x = tl.dot(qh, tl.trans(k))
+            acc += tl.maximum(x, 0.0) * wh[:, None]
+        if HAS_KS:
+            ks = tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)
+            acc = acc * ks[None, :]
+    future = offs_s[None, :] > (start_pos + offs_t)[:, None]
+    acc = tl.where(future, float("-inf"), acc)
+    out_offs = offs_t[:, None] * stride_ot + (offs_s - s_lo)[None, :]
+    tl.store(out_ptr + out_offs, acc, mask=t_ok[:, None] & s_ok[None, :])
+
+
+def _prep(q, k, w):
+    """Contiguous inputs and the DOT_CAST mode.
+
+    CUDA: FP8 goes into tl.dot as is on sm_89+ (FP8 tensor cores), else upcast to bf16 in
+    registers. Interpreter (CPU): tl.dot on bf16 returns garbage in Triton 3.9's interpreter,
+    and it has no FP8 math, so FP8 is upcast on the host (exact) and every dot runs in fp32.
+    """
+    fp8 = is_fp8(q)
+    if not q.is_cuda:
+        if fp8:
+            q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+        cast = 2
+    elif fp8:
+        cast = 0 if torch.cuda.get_device_capability(q.device) >= (8, 9) else 1
+    else:
+        cast = 0
+    if not fp8 and q.dtype != k.dtype:
+        q, k = q.float(), k.float()
+    return q.contiguous(), k.contiguous(), w.float().contiguous(), cast
+
+
+def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast):
+    """out[t0:t1, 0:s_hi-s_lo] <- scores of queries t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1."""
+    T, H, D = q.shape
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if BLOCK_D > 256:
+        raise ValueError(f"q: head dim D <= 256 supported by the Triton indexer, got {D}")
+    BLOCK_T, BLOCK_S = (64, 64) if q.is_cuda else (16, 32)
+    qs, ws = q[t0:t1], w[t0:t1]
+    grid = (triton.cdiv(t1 - t0, BLOCK_T), triton.cdiv(s_hi - s_lo, BLOCK_S))
+    ks = k_scale if k_scale is not None else w  # dummy pointer when HAS_KS is False
+    _logits_kernel[grid](
+        qs, k, ws, ks, out,
+        t1 - t0, H, D, start_pos + t0, s_lo, s_hi,
+        qs.stride(0), qs.stride(1), k.stride(0), ws.stride(0), out.stride(0),
+        HAS_KS=k_scale is not None, DOT_CAST=cast, IEEE=q.dtype == torch.float32,
+        BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
+        num_warps=4, num_stages=2,
+    )
+
+
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
+    T, S = q.shape[0], k.shape[0]
+    q, k, w, cast = _prep(q, k, w)
+    if k_scale is not None:
+        k_scale = k_scale.float().contiguous()
+    out = torch.empty(T, S, dtype=torch.float32, device=q.device)
+    if T and S:
+        _launch(q, k, w, k_scale, out, start_pos, 0, T, 0, S, cast)
+    return out
+
+
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_chunk=None):
+    T, H, _ = q.shape
+    S = k.shape[0]
+    q, k, w, cast = _prep(q, k, w)
+    if k_scale is not None:
+        k_scale = k_scale.float().contiguous()
+    s_block = s_block or (16384 if q.is_cuda else 64)
+    t_chunk = t_chunk or (2048 if q.is_cuda else 32)
+    out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
+    buf = torch.empty(t_chunk, s_block, dtype=torch.float32, device=q.device)
+    for t0 in range(0, T, t_chunk):
+        t1 = min(t0 + t_chunk, T)
+        vals = torch.empty(t1 - t0, 0, dtype=torch.float32, device=q.device)
+        idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
+        for s0, s1, _ in _blocks(start_pos + t0, start_pos + t1 - 1, S, s_block):
+            _launch(q, k, w, k_scale, buf, start_pos, t0, t1, s0, s1, cast)
+            vals, idx = _merge(vals, idx, buf[: t1 - t0, : s1 - s0], s0, topk)
+        vals, order = vals.sort(dim=1, descending=True)
+        idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)
+        out[t0:t1, : idx.shape[1]] = idx
+        out[t0:t1, idx.shape[1]:] = -1
+    return out

@@ -1,0 +1,149 @@
+"""Sparse MLA, Triton path: forward kernel (online softmax over gathered rows), torch backward.
+
+Kernel `_fwd_kernel`: one program per (query row t, BLOCK_H heads). q is split into the latent
+part [0, v_dim) (which is also the value) and the rope part [v_dim, D), each padded to a power of
+two (V3.2: 512 + 64, dsa-tiny: 128 + 16), so no FLOPs are wasted on padding. The program loops
+over the row's K indices BLOCK_K at a time: loads the indices, gathers kv rows with masked
+tl.loads (idx == -1 -> masked, contributes -inf), s = q_lat.kv_lat^T + q_rope.kv_rope^T (bf16
+tl.dot, fp32 accumulate), online softmax in base 2 (running max m, sum l), acc += p @ kv_lat.
+Writes out = acc / l (0 when no valid index) and lse = (m + log2 l) * ln 2 (-inf when none).
+All programs of a row that cover different head blocks re-gather the same kv rows (H=128 ->
+2 programs with BLOCK_H=64); FlashMLA-style head-split sharing through SMEM is not done.
+
+Backward: `SparseMLA` autograd.Function reuses the chunked analytic torch backward
+(torch_impl._backward), which runs on CUDA tensors too.
+
+Test (CPU, interpreter): .venv/bin/python -m pytest -q tests/kernels/test_sparse_mla.py -k triton
+GPU bench: .venv/bin/python benchmarks/kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sparse_mla.torch_impl import _backward
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+    H, K, DV, DR, S, sm_scale_log2,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+    HAS_ROPE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_DR)
+    h_ok = offs_h < H
+    v_ok = offs_v < DV
+    r_ok = offs_r < DR
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    q_lat = tl.load(q_row + offs_v[None, :], mask=h_ok[:, None] & v_ok[None, :], other=0.0)
+    if F32_DOT:
+        q_lat = q_lat.to(tl.float32)
+    if HAS_ROPE:
+        q_rope = tl.load(q_row + DV + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+        if F32_DOT:
+            q_rope = q_rope.to(tl.float32)
+    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
+        ok = (idx >= 0) & (idx < S)
+        rows = kv_ptr + idx[:, None] * stride_kv
+        kv_lat = tl.load(rows + offs_v[None, :], mask=ok[:, None] & v_ok[None, :], other=0.0)
+        if F32_DOT:
+            kv_lat = kv_lat.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q_lat, tl.trans(kv_lat), input_precision="ieee")
+        else:
+            s = tl.dot(q_lat, tl.trans(kv_lat))  # [BLOCK_H, BLOCK_K] fp32
+        if HAS_ROPE:
+            kv_rope = tl.load(rows + DV + offs_r[None, :], mask=ok[:, None] & r_ok[None, :], other=0.0)
+            if F32_DOT:
+                kv_rope = kv_rope.to(tl.float32)
+            if IEEE:
+                s += tl.dot(q_rope, tl.trans(kv_rope), input_precision="ieee")
+            else:
+                s += tl.dot(q_rope, tl.trans(kv_rope))
+        s = tl.where(ok[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep p = 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, kv_lat, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv_lat.dtype), kv_lat)
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_v[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
+    tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=h_ok)
+
+
+def _forward(q, kv, indices, v_dim, scale):
+    T, H, D = q.shape
+    K = indices.shape[1]
+    if kv.dtype != q.dtype:
+        kv = kv.to(q.dtype)
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    if T == 0 or H == 0:
+        return out, lse
+    DR = D - v_dim
+    BLOCK_DV = max(16, triton.next_power_of_2(v_dim))
+    BLOCK_DR = max(16, triton.next_power_of_2(max(DR, 1)))
+    if q.is_cuda:
+        BLOCK_H = min(64, max(16, triton.next_power_of_2(H)))
+        BLOCK_K = 32 if BLOCK_DV >= 512 else 64
+        num_warps, num_stages = (8, 2) if BLOCK_DV >= 256 else (4, 2)
+    else:
+        BLOCK_H, BLOCK_K, num_warps, num_stages = 16, 16, 4, 1
+    grid = (T, triton.cdiv(H, BLOCK_H))
+    _fwd_kernel[grid](
+        q, kv, indices, out, lse,
+        H, K, v_dim, DR, kv.shape[0], scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        HAS_ROPE=DR > 0, F32_DOT=not q.is_cuda, IEEE=q.dtype == torch.float32 and q.is_cuda,
+        BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, BLOCK_DR=BLOCK_DR,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+class SparseMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, v_dim, scale):
+        out, lse = _forward(q, kv, indices, v_dim, scale)
+        ctx.save_for_backward(q, kv, indices, out, lse)
+        ctx.v_dim, ctx.scale = v_dim, scale
+        ctx.mark_non_differentiable(indices)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, kv, indices, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dkv = _backward(q, kv, indices, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
+        return dq, dkv, None, None, None
+
+
+def sparse_mla(q, kv, indices, *, v_dim, scale):
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return SparseMLA.apply(q, kv, indices, v_dim, scale)
+    return _forward(q, kv, indices, v_dim, scale)
