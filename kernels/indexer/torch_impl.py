@@ -59,7 +59,8 @@ def _blocks(p_first: int, p_last: int, S: int, s_block: int):
         yield s0, s1, s1 - 1 > p_first
 
 
-def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=S_BLOCK):
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
+    s_block = s_block or S_BLOCK
     T, H, D = q.shape
     S = k.shape[0]
     dt = _math_dtype(q)
@@ -79,7 +80,8 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=S_BLOCK):
     return out
 
 
-def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=S_BLOCK):
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
+    s_block = s_block or S_BLOCK
     T, H, D = q.shape
     S = k.shape[0]
     dt = _math_dtype(q)

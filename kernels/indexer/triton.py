@@ -25,6 +25,10 @@ import triton.language as tl
 from kernels.checks import is_fp8
 from kernels.indexer.torch_impl import _blocks, _merge
 
+# indexer_topk streaming: keys per merge step and queries per chunk (buffer = T_CHUNK x S_BLOCK fp32)
+S_BLOCK_CUDA, T_CHUNK_CUDA = 16384, 2048
+S_BLOCK_INTERP, T_CHUNK_INTERP = 64, 32
+
 
 @triton.jit
 def _logits_kernel(
@@ -132,8 +136,8 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_ch
     q, k, w, cast = _prep(q, k, w)
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
-    s_block = s_block or (16384 if q.is_cuda else 64)
-    t_chunk = t_chunk or (2048 if q.is_cuda else 32)
+    s_block = s_block or (S_BLOCK_CUDA if q.is_cuda else S_BLOCK_INTERP)
+    t_chunk = t_chunk or (T_CHUNK_CUDA if q.is_cuda else T_CHUNK_INTERP)
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
     buf = torch.empty(t_chunk, s_block, dtype=torch.float32, device=q.device)
     for t0 in range(0, T, t_chunk):
