@@ -5,7 +5,7 @@ Per layer a sequence keeps
     c_kv when the model runs fp8_numerics), and
   - the indexer key cache index_k [S, index_head_dim] (float8_e4m3fn + index_scale [S] in FP8 mode).
 
-Anything with `write / kv / index_k / index_scale` works as a layer cache (the engine adds paged,
+Anything with `write / kv / index_k / index_scale / kv_pool / physical` works as a layer cache (the engine adds paged,
 shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling.
 
     python -m pytest tests/model -q -k cache
@@ -23,6 +23,8 @@ class LayerCache(Protocol):
     def kv(self, end: int) -> torch.Tensor: ...
     def index_k(self, end: int) -> torch.Tensor: ...
     def index_scale(self, end: int) -> torch.Tensor | None: ...
+    def kv_pool(self) -> torch.Tensor: ...  # storage rows the attention kernel gathers from
+    def physical(self, idx: torch.Tensor) -> torch.Tensor: ...  # token positions -> rows of kv_pool (-1 kept)
 
 
 class ContiguousLayerCache:
@@ -68,6 +70,12 @@ class ContiguousLayerCache:
 
     def index_scale(self, end):
         return None if self._is is None else self._is[:end]
+
+    def kv_pool(self):
+        return self._kv
+
+    def physical(self, idx):
+        return idx
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)

@@ -150,7 +150,10 @@ class MLA(nn.Module):
     def forward(self, x, cos, sin, start_pos: list[int], caches=None, mode: str = "auto", trace=None):
         """x [B, T, dim]; row b holds positions start_pos[b] .. start_pos[b] + T - 1.
         caches: per row a LayerCache (or None for a fresh prefill at position 0).
-        mode: "mha" (expand keys per head; prefill), "absorb" (MQA over the latent; decode), "auto"."""
+        mode: "mha" (expand keys per head), "absorb" (MQA over the latent), or "auto": MHA for dense
+        prefill (compute-bound: 2*H*(dqk+dv) FLOPs per key), absorbed for decode and for sparse
+        prefill, where gathering the shared 576-dim latent once per key beats gathering H expanded
+        heads (FlashMLA's sparse prefill is MQA over the latent for the same reason)."""
         B, T, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(B, T, self.n_heads, self.dn + self.dr)
@@ -162,27 +165,25 @@ class MLA(nn.Module):
         kv = torch.cat([c_kv, rope_interleaved(kv[..., self.r:], cos, sin)], -1)  # [B, T, r + dr]
         ik, iks = self.indexer.keys(x, cos, sin)
         iq, iw = self.indexer.queries(x, qr, cos, sin)
-        if mode == "auto":
-            mode = "absorb" if T == 1 else "mha"
         outs = []
         for b in range(B):
             sp, end = start_pos[b], start_pos[b] + T
             if caches is None or caches[b] is None:
                 if sp != 0:
                     raise ValueError("a forward at start_pos > 0 needs a cache holding the earlier tokens")
-                kv_all, ik_all, iks_all = kv[b], ik[b], None if iks is None else iks[b]
+                c = _FreshRow(kv[b], ik[b], None if iks is None else iks[b])
             else:
                 c = caches[b]
                 c.write(sp, kv[b], ik[b], None if iks is None else iks[b])
-                kv_all, ik_all, iks_all = c.kv(end), c.index_k(end), c.index_scale(end)
             idx = None
             if not self.cfg.dense_attention and end > self.cfg.index_topk:
-                idx = indexer_topk(iq[b], ik_all, iw[b], self.cfg.index_topk, k_scale=iks_all, start_pos=sp)
+                idx = indexer_topk(iq[b], c.index_k(end), iw[b], self.cfg.index_topk, k_scale=c.index_scale(end), start_pos=sp)
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.
-            if mode == "mha":
-                o = self._attend_mha(q_nope[b], q_pe[b], kv_all, idx, sp)
+            row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 else "absorb")
+            if row_mode == "mha":
+                o = self._attend_mha(q_nope[b], q_pe[b], c.kv(end), idx, sp)
             else:
-                o = self._attend_absorbed(q_nope[b], q_pe[b], kv_all, idx, sp, trace, b)
+                o = self._attend_absorbed(q_nope[b], q_pe[b], c, end, idx, sp, trace, b)
             outs.append(o)
         o = torch.stack(outs).flatten(2)  # [B, T, H * dv]
         return self.wo(o)
@@ -210,17 +211,41 @@ class MLA(nn.Module):
         return torch.cat(outs, 1)  # [T, H, dv]
 
     # --- absorbed (MQA) form over the latent cache -------------------------------------------
-    def _attend_absorbed(self, q_nope, q_pe, kv_all, idx, sp, trace=None, row=0):
+    def _attend_absorbed(self, q_nope, q_pe, cache, end, idx, sp, trace=None, row=0):
         w = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.r)
         q_c = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])  # q_nope absorbed into W_UK
         q576 = torch.cat([q_c, q_pe], -1)  # [T, H, r + dr]
         if idx is None:
-            T, S = q576.shape[0], kv_all.shape[0]
-            idx = causal_indices(T, S, sp, q576.device)
-        o_c, lse = sparse_mla(q576, kv_all, idx, v_dim=self.r, scale=self.scale)
+            idx = causal_indices(q576.shape[0], end, sp, q576.device)
+        # The kernel gathers rows straight from the cache's storage (paged caches translate the
+        # token positions to rows), so no [S, D] copy of the context is made per step.
+        pool, phys = cache.kv_pool(), cache.physical(idx)
+        o_c, lse = sparse_mla(q576, pool, phys, v_dim=self.r, scale=self.scale)
         if trace is not None:
-            trace(self.layer_id, row, idx, attention_mass(q576, kv_all, idx, lse, self.scale))
+            trace(self.layer_id, row, idx, attention_mass(q576, pool, phys, lse, self.scale))
         return torch.einsum("thr,hvr->thv", o_c, w[:, self.dn:])  # out through W_UV
+
+
+class _FreshRow:
+    """The cache interface over one row's just-computed tensors (fresh prefill, no cache)."""
+
+    def __init__(self, kv, index_k, index_scale):
+        self._kv, self._ik, self._is = kv, index_k, index_scale
+
+    def kv(self, end):
+        return self._kv[:end]
+
+    def index_k(self, end):
+        return self._ik[:end]
+
+    def index_scale(self, end):
+        return None if self._is is None else self._is[:end]
+
+    def kv_pool(self):
+        return self._kv
+
+    def physical(self, idx):
+        return idx
 
 
 def causal_indices(T: int, S: int, start_pos: int, device) -> torch.Tensor:
