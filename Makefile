@@ -22,7 +22,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
 run: $(STAMP)
-	$(BIN)/python -m model.demo
+	$(BIN)/python -m model.demo $(ARGS)
 
 demo: run
 
