@@ -1,0 +1,48 @@
+"""Tokenizers: byte-level with RAG specials (dsa-tiny) and HF tokenizer.json (real checkpoints).
+
+    .venv/bin/python -m pytest tests/model/test_tokenizer.py -q
+"""
+
+import json
+
+from model.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
+
+
+def test_byte_roundtrip_and_prompt_layout():
+    tok = ByteTokenizer()
+    text = "Zürich — 東京 🚀"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.prompt_ids([("a.txt", "x"), ("b.md", "y")], "q?")
+    assert ids[0] == tok.bos_id and ids[-1] == tok.special("<answer>")
+    assert ids.count(tok.special("<doc>")) == 2 and ids.count(tok.special("</doc>")) == 2
+    assert tok.prompt_ids([("a.txt", "x")]) == ids[: len(tok.prompt_ids([("a.txt", "x")]))]  # prefix property
+    assert tok.decode(ids, skip_special=False).startswith("<bos><doc>a.txt\nx</doc>")
+    assert max(ids) < tok.vocab_size == 264
+
+
+def test_incremental_decoder_never_splits_characters():
+    tok = ByteTokenizer()
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in tok.encode("a東🚀b")]
+    assert "".join(pieces) + dec.flush() == "a東🚀b"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_hf_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<bos>": 0, "<eos>": 1, "[UNK]": 2, "Question": 3, ":": 4, "hello": 5, "world": 6, "Answer": 7}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1]}))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == 1
+    assert tok.encode("hello world") == [5, 6]
+    assert tok.question_ids("hello") == [3, 4, 5, 7, 4]
+
+
+def test_load_tokenizer_byte_spec(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(ByteTokenizer().to_json()))
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
