@@ -108,6 +108,7 @@ def _pack_to_hash(p: PackInfo) -> dict:
 class PackStore:
     def __init__(self, client: redis.Redis, keys: Keys, settings: RagSettings):
         self.r, self.k, self.s = client, keys, settings
+        self.conflicts = 0  # transactions redone because another writer got there first
 
     # --- reads ---------------------------------------------------------------------------------
     def get(self, pack_id: str, conn=None) -> PackInfo:
@@ -144,6 +145,7 @@ class PackStore:
                         pipe.execute()
                     return result
                 except redis.WatchError:
+                    self.conflicts += 1
                     time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
         raise ConflictError(
             f"gave up after {self.s.transaction_retries} attempts to update the packs of tenant "

@@ -110,3 +110,28 @@ def test_embedded_redis_survives_restart_and_kill(tmp_path, monkeypatch):
         assert [d.id for d in rag.list_documents()] == [a.id, b.id, c.id]
         assert rag.document_text(c.id) == "written just before the crash"
         _pack_invariants(rag)
+
+
+def test_a_concurrent_pack_change_forces_a_retry(settings):
+    """Deterministic version of the race: another process's ingest lands between our read of
+    the open packs and our EXEC; the transaction must be redone on fresh state."""
+    with RagPipeline(settings) as rag, RagPipeline(settings) as other:
+        first = rag.ingest("first.txt", words(1, 100).encode())
+        original = rag.packs.add_document
+        raced = []
+
+        def racing_add(tenant, doc_id, name, plans, *, check, write, watch=()):
+            def check_and_race(pipe):
+                if not raced:
+                    raced.append(other.ingest("racer.txt", words(2, 100).encode()))
+                return check(pipe)
+
+            return original(tenant, doc_id, name, plans, check=check_and_race, write=write, watch=watch)
+
+        rag.packs.add_document = racing_add
+        mine = rag.ingest("mine.txt", words(3, 100).encode())
+        assert rag.packs.conflicts == 1
+        pack = rag.get_pack(first.packs[0])
+        assert [m.document_id for m in pack.documents] == [first.id, raced[0].id, mine.id]
+        assert pack.tokens == 1 + sum(m.tokens for m in pack.documents)
+        _pack_invariants(rag)
