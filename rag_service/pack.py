@@ -36,7 +36,7 @@ from typing import Any, Callable
 import redis
 
 from rag_service.chunk import TextTokens, spans
-from rag_service.errors import ConflictError, NotFound
+from rag_service.errors import BadRequest, ConflictError, NotFound
 from rag_service.redis_store import Keys
 from rag_service.schemas import PackInfo, PackMember
 from rag_service.settings import RagSettings
@@ -62,8 +62,9 @@ def plan_members(tokenizer, tt: TextTokens, name: str, capacity: int, overlap: i
     slack = 0 if tt.exact else 16  # BPE merges across the name/text seam can add a token
     budget = capacity - 1 - 2 - name_len - slack
     if budget < 16:
-        raise ValueError(
-            f"document name {name!r} leaves {budget} tokens per window of {capacity}; use a shorter name"
+        raise BadRequest(
+            f"the name leaves {budget} tokens per window of {capacity}; upload it under a shorter name",
+            filename=name,
         )
     overlap = min(overlap, budget // 4)
     cuts = spans(tt, 0, tt.n, budget, overlap)
@@ -120,14 +121,16 @@ class PackStore:
             )
         return _pack_from_hash(h)
 
+    def get_many(self, pack_ids: list[str]) -> list[PackInfo]:
+        """The packs that still exist, in the given order (one round trip)."""
+        with self.r.pipeline(transaction=False) as p:
+            for pid in pack_ids:
+                p.hgetall(self.k.pack(pid))
+            return [_pack_from_hash(h) for h in p.execute() if h]
+
     def list(self, tenant: str = "default") -> list[PackInfo]:
-        ids = self.r.zrange(self.k.packs(tenant), 0, -1)
-        out = []
-        for pid in ids:
-            h = self.r.hgetall(self.k.pack(pid))
-            if h:
-                out.append(_pack_from_hash(h))
-        return out
+        """All packs of a tenant in creation order."""
+        return self.get_many(self.r.zrange(self.k.packs(tenant), 0, -1))
 
     # --- transactions --------------------------------------------------------------------------
     def transact(self, tenant: str, body: Callable[[Any], Any], watch: tuple[str, ...] = ()) -> Any:

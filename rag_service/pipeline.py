@@ -173,12 +173,11 @@ class RagPipeline:
         return _doc_from_hash(h)
 
     def list_documents(self, tenant: str = "default") -> list[DocumentInfo]:
-        out = []
-        for doc_id in self.r.zrange(self.keys.docs(tenant), 0, -1):
-            h = self.r.hgetall(self.keys.doc(doc_id))
-            if h:
-                out.append(_doc_from_hash(h))
-        return out
+        """All documents of a tenant, oldest first (one round trip for the metadata)."""
+        with self.r.pipeline(transaction=False) as p:
+            for doc_id in self.r.zrange(self.keys.docs(tenant), 0, -1):
+                p.hgetall(self.keys.doc(doc_id))
+            return [_doc_from_hash(h) for h in p.execute() if h]
 
     def document_text(self, doc_id: str) -> str:
         info = self.get_document(doc_id)
@@ -268,15 +267,12 @@ class RagPipeline:
             candidates = self.r.zrange(self.keys.packs(tenant), 0, -1)
         doc_windows: dict[str, list[tuple[str, int, int]]] = {}
         names: dict[str, str] = {}
-        for pid in candidates:
-            try:
-                pack = self.packs.get(pid)
-            except NotFound:  # rebuilt since we listed it
-                continue
+        packs = self.packs.get_many(candidates)  # a pack rebuilt since we listed it is skipped
+        for pack in packs:
             for m in pack.documents:
-                doc_windows.setdefault(m.document_id, []).append((pid, m.char_start, m.char_end))
+                doc_windows.setdefault(m.document_id, []).append((pack.id, m.char_start, m.char_end))
                 names[m.document_id] = m.name
-        candidates = [p for p in candidates if any(p == w[0] for ws in doc_windows.values() for w in ws)]
+        candidates = [p.id for p in packs]
         with self._index_lock:
             hits = idx.bm25.search(question, wanted)
             spans = {d: idx.spans[d] for _, d, _ in hits}

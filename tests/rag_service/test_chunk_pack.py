@@ -9,20 +9,13 @@ import random
 
 import pytest
 
-from model.tokenizer import ByteTokenizer
 from rag_service.chunk import TextTokens, chunk_text
 from rag_service.errors import NotFound
 from rag_service.pack import plan_members
 from rag_service.schemas import PageSpan
+from tests.rag_service.helpers import TOK, pack_invariants, words
 
-TOK = ByteTokenizer()
 MIXED = "Zürich — 東京 and naïve café; emoji 🙂 ok. " * 40
-
-
-def words(seed: int, n: int, vocab: list[str] | None = None) -> str:
-    rng = random.Random(seed)
-    vocab = vocab or ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    return " ".join(rng.choice(vocab) for _ in range(n)) + "."
 
 
 @pytest.mark.parametrize("text", [MIXED, "plain ascii text " * 50], ids=["utf8", "ascii"])
@@ -79,31 +72,15 @@ def test_long_document_windows_overlap_and_fit():
     assert len(short) == 1 and short[0].tokens == len(TOK.encode("t.txt\ntiny")) + 2
 
 
-def _pack_invariants(rag):
-    packs = rag.list_packs()
-    docs = {d.id: d for d in rag.list_documents()}
-    for p in packs:
-        ids, layout = rag.pack_prompt(p.id)
-        assert p.tokens == len(ids) == 1 + sum(m.tokens for m in p.documents) <= rag.settings.max_context
-        assert ids == TOK.prompt_ids([(m.name, rag.document_text(m.document_id)[m.char_start:m.char_end])
-                                      for m in p.documents])
-        for m in p.documents:
-            assert p.id in docs[m.document_id].packs
-    for d in docs.values():
-        for pid in d.packs:
-            assert any(m.document_id == d.id for m in rag.get_pack(pid).documents)
-    return packs
-
-
 def test_packing_fills_packs_and_sealed_packs_never_change(rag):
     docs = [rag.ingest(f"d{i}.txt", words(i, 60 + 10 * i).encode()) for i in range(12)]
-    packs = _pack_invariants(rag)
+    packs = pack_invariants(rag)
     assert len(packs) >= 2 and all(len(d.packs) == 1 for d in docs)
     sealed = {p.id: p.model_dump() for p in packs if p.state == "sealed"}
     assert sealed, "with 12 docs of ~400-1000 tokens in 2048-token packs some pack must be sealed"
     for i in range(12, 20):
         rag.ingest(f"d{i}.txt", words(i, 80).encode())
-    after = {p.id: p.model_dump() for p in _pack_invariants(rag)}
+    after = {p.id: p.model_dump() for p in pack_invariants(rag)}
     for pid, dump in sealed.items():
         assert after[pid] == dump  # untouched: same members, tokens, version
 
@@ -124,7 +101,7 @@ def test_long_document_becomes_window_packs_with_mapping(rag):
     assert entry.document_id == doc.id and char == target
     assert layout.locate(pos + 2)[1] == target  # third byte of the same character
     assert layout.locate(0) is None and layout.locate(e.token_start) is None  # <bos>, <doc>
-    _pack_invariants(rag)
+    pack_invariants(rag)
 
 
 def test_layout_citations_round_trip_chunks(rag):
@@ -194,7 +171,7 @@ def test_delete_rebuilds_pack_and_removes_everything(rag):
     assert rag.blobs.exists(a.sha256)
     assert rag.r.get(rag.keys.doc_chunks(b.id)) is None
     assert rag.r.scard(rag.keys.blob_refs(b.sha256)) == 0
-    _pack_invariants(rag)
+    pack_invariants(rag)
     with pytest.raises(NotFound):
         rag.delete_document(b.id)
     rag.delete_document(a.id)

@@ -17,7 +17,7 @@ import pytest
 from rag_service.errors import BadRequest, DocumentTooLarge
 from rag_service.pipeline import RagPipeline
 from tests.rag_service.pdfs import make_pdf
-from tests.rag_service.test_chunk_pack import _pack_invariants, words
+from tests.rag_service.helpers import pack_invariants, words
 
 
 def test_settings_point_at_the_shared_test_server(settings, redis_url):
@@ -69,7 +69,7 @@ def test_two_processes_ingesting_at_once_keep_packs_consistent(settings):
     with RagPipeline(settings) as rag:
         docs = rag.list_documents()
         assert len(docs) == 25 and sum(d.name == "shared.txt" for d in docs) == 1
-        packs = _pack_invariants(rag)  # tokens add up, <= max_context, doc<->pack links agree
+        packs = pack_invariants(rag)  # tokens add up, <= max_context, doc<->pack links agree
         members = [m.document_id for p in packs for m in p.documents]
         assert sorted(members) == sorted(d.id for d in docs)  # each whole doc in exactly one pack
         assert len(rag.r.smembers(rag.keys.open_packs("default"))) <= settings.max_open_packs
@@ -109,7 +109,7 @@ def test_embedded_redis_survives_restart_and_kill(tmp_path, monkeypatch):
     with RagPipeline(s) as rag:
         assert [d.id for d in rag.list_documents()] == [a.id, b.id, c.id]
         assert rag.document_text(c.id) == "written just before the crash"
-        _pack_invariants(rag)
+        pack_invariants(rag)
 
 
 def test_a_concurrent_pack_change_forces_a_retry(settings):
@@ -134,4 +134,15 @@ def test_a_concurrent_pack_change_forces_a_retry(settings):
         pack = rag.get_pack(first.packs[0])
         assert [m.document_id for m in pack.documents] == [first.id, raced[0].id, mine.id]
         assert pack.tokens == 1 + sum(m.tokens for m in pack.documents)
-        _pack_invariants(rag)
+        pack_invariants(rag)
+
+
+def test_core_imports_neither_ray_nor_fastapi():
+    import subprocess
+    import sys
+
+    code = ("import sys, rag_service.pipeline, rag_service.kvstore, rag_service.layout; "
+            "bad = [m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 

@@ -9,7 +9,7 @@ import pytest
 
 from rag_service.errors import NotFound
 from rag_service.search import Bm25Index, terms
-from tests.rag_service.test_chunk_pack import words
+from tests.rag_service.helpers import words
 
 
 def test_terms_lowercase_words_without_stopwords():
