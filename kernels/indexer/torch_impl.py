@@ -36,11 +36,29 @@ def _t_chunk(H: int, s_block: int) -> int:
 
 
 def _block_scores(qm, k_blk, w, ks_blk, dt):
-    """qm [Tc*H, D] (dt), k_blk [Sb, D] any, w [Tc, H] fp32, ks_blk [Sb] or None -> fp32 [Tc, Sb]."""
+    """Differentiable version of _Scratch.scores (fresh tensors, no in-place on saved ones)."""
     Tc, H = w.shape
     x = torch.relu(qm @ k_blk.to(dt).t())  # [Tc*H, Sb]
     s = torch.bmm(w.to(dt)[:, None, :], x.view(Tc, H, -1))[:, 0].float()  # [Tc, Sb]
     return s if ks_blk is None else s * ks_blk
+
+
+class _Scratch:
+    """Buffers reused across blocks: fresh multi-MB tensors page-fault on every block."""
+
+    def __init__(self, tc, H, s_block, dt, device):
+        self.x = torch.empty(tc * H * s_block, dtype=dt, device=device)
+        self.s = torch.empty(tc * s_block, dtype=dt, device=device)
+        self.f = torch.empty(tc * s_block, dtype=torch.float32, device=device) if dt != torch.float32 else None
+
+    def scores(self, qm, k_blk, w, ks_blk, dt):
+        """qm [Tc*H, D] (dt), k_blk [Sb, D], w [Tc, H] fp32, ks_blk [Sb] or None -> fp32 [Tc, Sb] view."""
+        Tc, H = w.shape
+        Sb = k_blk.shape[0]
+        x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb)).relu_()
+        s = torch.bmm(w.to(dt)[:, None, :], x.view(Tc, H, Sb), out=self.s[: Tc * Sb].view(Tc, 1, Sb))
+        f = s.view(Tc, Sb) if self.f is None else self.f[: Tc * Sb].view(Tc, Sb).copy_(s.view(Tc, Sb))
+        return f if ks_blk is None else f.mul_(ks_blk)
 
 
 def _causal_mask_(s, q_pos0, s0):
@@ -67,6 +85,8 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
     w = w.float()
     out = torch.empty(T, S, dtype=torch.float32, device=q.device)
     tc = _t_chunk(H, s_block)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, w, k_scale))
+    block_scores = _block_scores if grad else _Scratch(min(tc, T), H, s_block, dt, q.device).scores
     for t0 in range(0, T, tc):
         t1 = min(t0 + tc, T)
         qm = q[t0:t1].reshape(-1, D).to(dt)
@@ -74,7 +94,7 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
         s_end = min(S, p_last + 1)
         for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
             ks = None if k_scale is None else k_scale[s0:s1]
-            s = _block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
+            s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
             out[t0:t1, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
         out[t0:t1, s_end:] = float("-inf")
     return out
@@ -88,6 +108,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
     w = w.float()
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
     tc = _t_chunk(H, s_block)
+    scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
     with torch.no_grad():
         for t0 in range(0, T, tc):
             t1 = min(t0 + tc, T)
@@ -97,7 +118,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
             idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
             for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
                 ks = None if k_scale is None else k_scale[s0:s1]
-                s = _block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
+                s = scratch.scores(qm, k[s0:s1], w[t0:t1], ks, dt)
                 if needs_mask:
                     _causal_mask_(s, p_first, s0)
                 vals, idx = _merge(vals, idx, s, s0, topk)
