@@ -145,4 +145,4 @@ def test_core_imports_neither_ray_nor_fastapi():
             "bad = [m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == 
+    assert out.stdout.strip() == ""
