@@ -1,0 +1,334 @@
+"""FastAPI routes (thin): documents, /v1/ask, the OpenAI-compatible API, health and metrics.
+
+    from rag_service.serve.app import create_app
+    from rag_service.serve.backend import InProcessBackend
+    app = create_app(InProcessBackend(ServeSettings(data_dir="/tmp/rag")))   # no Ray
+    # uvicorn: `python -m rag_service.cli serve --no-ray`; Ray Serve: rag_service/serve/deployments.py
+
+Routes call the backend (pipeline + engine in-process, or Ray Serve handles) and shape the
+response; no logic lives here. Errors of the core (`RagError`) map to their HTTP status with an
+OpenAI-style body {"error": {"message", "type", "code", ...}}, so the openai client raises a
+typed error that carries our message. The tenant is the `X-Tenant` header (default "default").
+
+    POST   /v1/documents            multipart, field `files` (repeatable) or `file` -> ids + per-file results
+    GET    /v1/documents            GET/DELETE /v1/documents/{id}
+    POST   /v1/ask                  {question, document_ids?, max_tokens, temperature, stream}
+    POST   /v1/chat/completions     POST /v1/completions     GET /v1/models[/{id}]
+    GET    /healthz  /readyz  /metrics
+
+Tests: `.venv/bin/python -m pytest -q tests/service/test_api.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, File, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from rag_service.errors import BadRequest, DocumentTooLarge, NotFound, RagError
+from rag_service.schemas import DocumentInfo, IngestResult
+from rag_service.serve import sse as S
+from rag_service.serve.fanout import ask, ask_events
+from rag_service.serve.metrics import Metrics
+from rag_service.serve.schemas_api import (
+    AskRequest, AskResponse, ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
+    CompletionChoice, CompletionRequest, CompletionResponse, DeleteResponse, DocumentList, ErrorResponse, Health,
+    ModelCard, ModelList, OpenAIUsage, PromptTokensDetails, UploadResponse,
+)
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable"}
+
+
+def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
+    detail = {"message": message, "type": _TYPES.get(status, "server_error"), "code": code}
+    detail.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse({"error": detail}, status_code=status)
+
+
+def _rag_error(e: RagError) -> JSONResponse:
+    return _error(e.status_code, e.code, str(e), filename=e.filename)
+
+
+class ModelNotFound(RagError):
+    status_code = 404
+    code = "model_not_found"
+
+
+def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app over `backend` (see backend.py). `backend.start()` runs at startup."""
+    s = backend.settings
+    metrics = metrics or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(
+        title="DSA long-document RAG", version="0.1.0", lifespan=lifespan,
+        description="Upload documents, ask questions answered by a DeepSeek Sparse Attention model from "
+                    "whole-document packs whose prefix KV caches are reused; OpenAI-compatible endpoints.",
+    )
+    app.state.backend, app.state.metrics = backend, metrics
+
+    # --- errors --------------------------------------------------------------------------------
+    @app.exception_handler(RagError)
+    async def _on_rag_error(request: Request, e: RagError):
+        return _rag_error(e)
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+        return _error(500, "internal_error", f"internal error ({type(e).__name__}); see the server log")
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        body = {"error": {"message": f"{where}: {first.get('msg', 'invalid request')}" if where else
+                          first.get("msg", "invalid request"), "type": "invalid_request_error",
+                          "code": "validation_error", "param": where or None},
+                "detail": [{k: v for k, v in x.items() if k in ("loc", "msg", "type")} for x in errs]}
+        return JSONResponse(body, status_code=422)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        resp = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(resp.status_code)).inc()
+        return resp
+
+    # --- documents ------------------------------------------------------------------------------
+    @app.post("/v1/documents", response_model=UploadResponse, responses=_ERRORS, tags=["documents"],
+              summary="Upload one or many documents (PDF, text, Markdown)")
+    async def upload(files: list[UploadFile] | None = File(None, description="repeat the field for several files"),
+                     file: UploadFile | None = File(None, description="a single file (alternative field name)"),
+                     x_tenant: str | None = Header(None)):
+        ups = list(files or []) + ([file] if file is not None else [])
+        if not ups:
+            raise BadRequest("no file in the upload; send multipart/form-data with one or more `files` fields")
+        if len(ups) > s.max_files_per_upload:
+            raise BadRequest(f"{len(ups)} files in one upload; the limit is {s.max_files_per_upload} "
+                             "(DSA_RAG_MAX_FILES_PER_UPLOAD)")
+        batch, too_big = [], {}
+        for i, up in enumerate(ups):
+            name = up.filename or f"upload-{i}"
+            data = await up.read(s.upload_max_bytes + 1)
+            if len(data) > s.upload_max_bytes:
+                too_big[i] = DocumentTooLarge(f"upload is over the limit of {s.upload_max_bytes} bytes "
+                                              "(DSA_RAG_UPLOAD_MAX_BYTES)", filename=name)
+            batch.append((name, data))
+        ok_batch = [(i, b) for i, b in enumerate(batch) if i not in too_big]
+        results = await backend.ingest([b for _, b in ok_batch], x_tenant or s.default_tenant) if ok_batch else []
+        by_index = dict(zip([i for i, _ in ok_batch], results))
+        out: list[IngestResult] = []
+        for i, (name, _) in enumerate(batch):
+            if i in too_big:
+                e = too_big[i]
+                out.append(IngestResult(name=name, ok=False, error=e.code, message=str(e), status_code=e.status_code))
+            else:
+                out.append(by_index[i])
+        body = UploadResponse(ids=[r.document.id for r in out if r.ok], data=out)
+        if not body.ids:  # every file failed: the first failure's status, with the per-file results
+            first = out[0]
+            return JSONResponse({"error": {"message": first.message, "type": _TYPES.get(first.status_code or 500,
+                                 "server_error"), "code": first.error, "filename": first.name},
+                                 **body.model_dump()}, status_code=first.status_code or 500)
+        return body
+
+    @app.get("/v1/documents", response_model=DocumentList, tags=["documents"])
+    async def list_documents(x_tenant: str | None = Header(None)):
+        return DocumentList(data=await backend.list_documents(x_tenant or s.default_tenant))
+
+    @app.get("/v1/documents/{document_id}", response_model=DocumentInfo, responses=_ERRORS, tags=["documents"])
+    async def get_document(document_id: str, x_tenant: str | None = Header(None)):
+        return await backend.get_document(document_id, x_tenant or s.default_tenant)
+
+    @app.delete("/v1/documents/{document_id}", response_model=DeleteResponse, responses=_ERRORS, tags=["documents"])
+    async def delete_document(document_id: str, x_tenant: str | None = Header(None)):
+        r = await backend.delete_document(document_id, x_tenant or s.default_tenant)
+        return DeleteResponse(id=document_id, **r)
+
+    # --- ask -------------------------------------------------------------------------------------
+    def _max_tokens(*vals) -> int:
+        for v in vals:
+            if v is not None:
+                return min(int(v), s.max_new_tokens)
+        return s.default_max_tokens
+
+    @app.post("/v1/ask", response_model=AskResponse, responses={**_ERRORS, 200: {
+        "content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}, tags=["ask"])
+    async def ask_route(req: AskRequest, x_tenant: str | None = Header(None)):
+        args = (req.question, req.document_ids, _max_tokens(req.max_tokens), req.temperature,
+                x_tenant or s.default_tenant, req.seed)
+        if not req.stream:
+            return AskResponse(**await ask(backend, metrics, *args))
+        events = ask_events(backend, metrics, *args)
+        await events.__anext__()  # pack selection: its errors become a proper HTTP status
+
+        async def body():
+            try:
+                async for ev in events:
+                    if ev["event"] == "token":
+                        if ev["text"]:
+                            yield S.sse({"type": "token", "text": ev["text"], "pack_id": ev["pack_id"],
+                                         "logprob": ev["logprob"]})
+                    elif ev["event"] == "done":
+                        done = AskResponse(**ev).model_dump(mode="json")
+                        yield S.sse({"type": "citations", **done})
+            except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+                yield S.sse({"type": "error", "error": _error_dict(e)})
+            yield S.DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=S.SSE_HEADERS)
+
+    # --- OpenAI-compatible ----------------------------------------------------------------------
+    def _check_model(model: str) -> None:
+        if model != s.model_id:
+            raise ModelNotFound(f"model {model!r} does not exist; this service serves {s.model_id!r} (GET /v1/models)")
+
+    def _usage(u: dict) -> OpenAIUsage:
+        return OpenAIUsage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                           total_tokens=u["prompt_tokens"] + u["completion_tokens"],
+                           prompt_tokens_details=PromptTokensDetails(cached_tokens=u["cached_tokens"]))
+
+    async def _openai(req, question: str, tenant: str, chat: bool):
+        _check_model(req.model)
+        if req.n != 1:
+            raise BadRequest("only n=1 is supported")
+        args = (question, req.document_ids, _max_tokens(req.max_completion_tokens, req.max_tokens),
+                req.temperature or 0.0, tenant, req.seed)
+        if not req.stream:
+            r = await ask(backend, metrics, *args)
+            if chat:
+                return ChatCompletionResponse(model=req.model, usage=_usage(r["usage"]), citations=r["citations"],
+                                              choices=[ChatChoice(message=ChatChoiceMessage(content=r["answer"]),
+                                                                  finish_reason=r["finish_reason"])])
+            return CompletionResponse(model=req.model, usage=_usage(r["usage"]), citations=r["citations"],
+                                      choices=[CompletionChoice(text=r["answer"], finish_reason=r["finish_reason"])])
+        events = ask_events(backend, metrics, *args)
+        await events.__anext__()
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(text: str | None, finish=None, first=False, **extra) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return S.sse({"id": cid, "object": obj, "created": created, "model": req.model,
+                          "choices": [choice], **extra})
+
+        async def body():
+            if chat:
+                yield chunk(None, first=True)
+            try:
+                async for ev in events:
+                    if ev["event"] == "token" and ev["text"]:
+                        yield chunk(ev["text"])
+                    elif ev["event"] == "done":
+                        cites = [c.model_dump(mode="json") for c in ev["citations"]]
+                        yield chunk(None, finish=ev["finish_reason"], citations=cites)
+                        if include_usage:
+                            yield S.sse({"id": cid, "object": obj, "created": created, "model": req.model,
+                                         "choices": [], "usage": _usage(ev["usage"]).model_dump()})
+            except Exception as e:  # noqa: BLE001
+                yield S.sse({"error": _error_dict(e)})
+            yield S.DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=S.SSE_HEADERS)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS, tags=["openai"],
+              summary="OpenAI chat completions; the stored corpus is the context, the last user message the question")
+    async def chat_completions(req: ChatCompletionRequest, x_tenant: str | None = Header(None)):
+        question = _last_user_text(req.messages)
+        return await _openai(req, question, x_tenant or s.default_tenant, chat=True)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, tags=["openai"],
+              summary="OpenAI completions; the prompt is the question over the stored corpus")
+    async def completions(req: CompletionRequest, x_tenant: str | None = Header(None)):
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise BadRequest("prompt must be a string or a list of exactly one string")
+            prompt = prompt[0]
+        if not prompt.strip():
+            raise BadRequest("prompt is empty")
+        if len(prompt) > 8192:
+            raise BadRequest(f"prompt has {len(prompt)} characters; the limit is 8192")
+        return await _openai(req, prompt, x_tenant or s.default_tenant, chat=False)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    async def models():
+        return ModelList(data=[ModelCard(id=s.model_id)])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
+    async def model(model_id: str):
+        _check_model(model_id)
+        return ModelCard(id=model_id)
+
+    # --- health / metrics -----------------------------------------------------------------------
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process serves HTTP")
+    async def healthz():
+        return Health(status="ok", checks=await backend.health())
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["ops"],
+             summary="Readiness: Redis reachable and model replicas loaded")
+    async def readyz():
+        try:
+            checks = await backend.ready()
+        except Exception as e:  # noqa: BLE001
+            checks = {"backend": f"error: {e}"}
+        ok = all(v == "ok" for v in checks.values())
+        h = Health(status="ok" if ok else "unavailable", checks=checks)
+        return JSONResponse(h.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    async def prom():
+        try:
+            metrics.replicas.set(await backend.replicas())
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the controller is busy
+            log.debug("replica count unavailable", exc_info=True)
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    return app
+
+
+def _last_user_text(messages) -> str:
+    for m in reversed(messages):
+        if m.role == "user":
+            c = m.content
+            text = c if isinstance(c, str) else " ".join(
+                p.get("text", "") for p in (c or []) if isinstance(p, dict) and p.get("type") == "text")
+            if text and text.strip():
+                if len(text) > 8192:
+                    raise BadRequest(f"the last user message has {len(text)} characters; the limit is 8192")
+                return text
+    raise BadRequest("messages hold no user message with text; the last user message is the question")
+
+
+def _error_dict(e: Exception) -> dict:
+    if isinstance(e, RagError):
+        return {"message": str(e), "type": _TYPES.get(e.status_code, "server_error"), "code": e.code}
+    log.exception("error while streaming an answer", exc_info=e)
+    return {"message": f"internal error ({type(e).__name__}: {e})", "type": "server_error", "code": "internal_error"}
+
+
+__all__ = ["create_app", "NotFound"]

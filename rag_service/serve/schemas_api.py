@@ -1,0 +1,206 @@
+"""Request and response models of the REST API (our /v1/ask and documents routes, and the
+OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models). Limits live in `Field(...)`
+so they show up in the OpenAPI schema and FastAPI rejects bad input with 422 before any work.
+
+The core's own models (DocumentInfo, Citation, IngestResult) are reused from `rag_service.schemas`.
+
+    .venv/bin/python -c "from rag_service.serve.schemas_api import AskRequest; print(AskRequest(question='hi'))"
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rag_service.schemas import Citation, DocumentInfo, IngestResult
+
+QUESTION_MAX_CHARS = 8192
+MAX_DOCUMENT_IDS = 256
+MAX_TOKENS_LIMIT = 32768  # the settings' max_new_tokens is the effective (lower) bound
+
+
+# ------------------------------------------------------------------ errors
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., description="error class, e.g. invalid_request_error, not_found")
+    code: str = Field(..., description="stable machine code, e.g. encrypted_document")
+    param: str | None = None
+    filename: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error body, so the openai client raises a typed error with our message."""
+
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------ documents
+class DocumentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DocumentInfo]
+
+
+class UploadResponse(BaseModel):
+    """One entry per uploaded file, in order; `ids` holds the ids of the files that succeeded."""
+
+    ids: list[str]
+    data: list[IngestResult]
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    object: Literal["document"] = "document"
+    deleted: bool = True
+    removed_packs: list[str] = Field(default_factory=list)
+    rebuilt_packs: list[str] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------ ask
+class AskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(..., min_length=1, max_length=QUESTION_MAX_CHARS)
+    document_ids: list[str] | None = Field(
+        None, max_length=MAX_DOCUMENT_IDS, description="restrict the answer to these documents"
+    )
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="tokens to generate per pack")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(0, ge=0, description="all packs' prompt prefixes + question tokens")
+    cached_tokens: int = Field(0, ge=0, description="prompt tokens served from a prefix cache")
+    completion_tokens: int = Field(0, ge=0)
+
+
+class PackAnswer(BaseModel):
+    """What one pack contributed: its answer, model score and citations."""
+
+    pack_id: str
+    answer: str
+    score: float = Field(..., description="mean log-prob of the answer tokens (higher is better)")
+    cache: Literal["memory", "store", "prefill"] = Field(..., description="where the prefix KV came from")
+    replica: str = ""
+    finish_reason: Literal["stop", "length"] = "stop"
+    citations: list[Citation] = Field(default_factory=list)
+
+
+class AskResponse(BaseModel):
+    answer: str
+    pack_id: str | None = Field(None, description="the pack the answer came from")
+    score: float | None = None
+    finish_reason: Literal["stop", "length"] = "stop"
+    citations: list[Citation] = Field(default_factory=list, description="best pack's first, then the others'")
+    packs: list[PackAnswer] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds: select, first_token, total")
+
+
+# ------------------------------------------------------------------ OpenAI-compatible
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = Field(None, description="text, or OpenAI content parts (text parts used)")
+    name: str | None = Field(None, max_length=256)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    # Unknown OpenAI fields (logit_bias, user, response_format, ...) are accepted and ignored so
+    # the openai client and LangChain's ChatOpenAI work unchanged.
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field("dsa-tiny", max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="accepted, not applied")
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stop: str | list[str] | None = Field(None, description="accepted; generation stops at <eos> or max_tokens")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    document_ids: list[str] | None = Field(None, max_length=MAX_DOCUMENT_IDS, description="extension: restrict the context")
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str] = Field(..., description="the question (a list must hold exactly one string)")
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"] | None = "stop"
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage
+    citations: list[Citation] = Field(default_factory=list, description="extension: where the answer came from")
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = "stop"
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage
+    citations: list[Citation] = Field(default_factory=list)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "dsa-rag"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ------------------------------------------------------------------ health
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

