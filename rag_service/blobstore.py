@@ -46,7 +46,9 @@ def temp_path_for(path: Path) -> Path:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp_path)` fills a temp file; it is then fsync'ed and atomically renamed to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():  # a new fan-out directory must itself survive a crash
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(path.parent.parent)
     tmp = temp_path_for(path)
     try:
         write(tmp)

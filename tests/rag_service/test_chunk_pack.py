@@ -146,6 +146,10 @@ def test_idempotent_upload(rag):
     other_tenant = rag.ingest("x.txt", data, tenant="acme")
     assert other_tenant.id != first.id and other_tenant.packs != first.packs
     assert [d.id for d in rag.list_documents("acme")] == [other_tenant.id]
+    rag.delete_document(first.id)  # the blob is still referenced by the other tenant's copy
+    assert rag.blobs.exists(first.sha256) and rag.document_text(other_tenant.id) == data.decode()
+    rag.delete_document(other_tenant.id, tenant="acme")
+    assert not rag.blobs.exists(first.sha256)
 
 
 def test_delete_rebuilds_pack_and_removes_everything(rag):
