@@ -140,9 +140,13 @@ class RagPipeline:
         with self._blob_locks({digest, text_digest}):
             self.blobs.put(data)
             self.blobs.put(text_bytes)
-            added, result = self.packs.add_document(
-                tenant, doc_id, name, plans, check=check, write=write, watch=(doc_key,)
-            )
+            try:
+                added, result = self.packs.add_document(
+                    tenant, doc_id, name, plans, check=check, write=write, watch=(doc_key,)
+                )
+            except BaseException:  # nothing committed: drop blobs no document references
+                self._collect_blobs({digest, text_digest}, locked=True)
+                raise
         if not added:  # a concurrent upload of the same bytes committed first
             return _doc_from_hash(result)
         return _doc_from_hash({**record, "packs": json.dumps(result)})
@@ -209,12 +213,15 @@ class RagPipeline:
         removed, rebuilt = self.packs.remove_document(info.tenant, doc_id, k.doc(doc_id), write=write)
         for pid in removed:
             self.kv.invalidate_pack(pid)
-        digests = {info.sha256, info.text_sha256}
-        with self._blob_locks(digests):
-            for d in digests:
-                if not self.r.scard(k.blob_refs(d)):
-                    self.blobs.delete(d)
+        self._collect_blobs({info.sha256, info.text_sha256})
         return {"removed_packs": removed, "rebuilt_packs": rebuilt}
+
+    def _collect_blobs(self, digests: set[str], locked: bool = False) -> None:
+        """Delete the blobs among `digests` that no document references (under their locks)."""
+        with ExitStack() if locked else self._blob_locks(digests):
+            for d in digests:
+                if not self.r.scard(self.keys.blob_refs(d)):
+                    self.blobs.delete(d)
 
     # --- packs -----------------------------------------------------------------------------------
     def list_packs(self, tenant: str = "default") -> list[PackInfo]:

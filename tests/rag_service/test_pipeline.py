@@ -146,3 +146,15 @@ def test_core_imports_neither_ray_nor_fastapi():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_failed_commit_leaves_no_orphan_blobs(rag):
+    kept = rag.ingest("kept.txt", b"already here")
+
+    def fail(*a, **k):
+        raise RuntimeError("redis went away mid-ingest")
+
+    rag.packs.add_document = fail
+    with pytest.raises(RuntimeError):
+        rag.ingest("lost.txt", b"never committed")
+    assert sorted(rag.blobs.digests()) == sorted({kept.sha256, kept.text_sha256})
