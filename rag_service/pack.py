@@ -177,7 +177,7 @@ class PackStore:
             if found is not None:
                 return False, found
             now = time.time()
-            opens = [self.get(pid, pipe) for pid in sorted(pipe.smembers(self.k.open_packs(tenant)))]
+            opens = self._open_packs(pipe, tenant)
             changed: list[PackInfo] = []
             created: list[PackInfo] = []
             if len(plans) == 1 and plans[0].windows == 1:
@@ -259,7 +259,7 @@ class PackStore:
             for other in others:
                 ids = json.loads(pipe.hget(self.k.doc(other), "packs") or "[]")
                 other_packs[other] = [renames.get(i, i) for i in ids]
-            opens = [self.get(pid, pipe) for pid in sorted(pipe.smembers(self.k.open_packs(tenant)))]
+            opens = self._open_packs(pipe, tenant)
             opens = [p for p in opens if p.id not in renames and p.id not in {r.id for r in removed}]
             opens += rebuilt
             changed: list[PackInfo] = []
@@ -294,6 +294,16 @@ class PackStore:
         return self.transact(tenant, body)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _open_packs(self, pipe, tenant: str) -> list[PackInfo]:
+        """The tenant's open packs, read inside the WATCHed transaction (ids whose hash is gone
+        are skipped rather than failing every later upload)."""
+        out = []
+        for pid in sorted(pipe.smembers(self.k.open_packs(tenant))):
+            h = pipe.hgetall(self.k.pack(pid))
+            if h:
+                out.append(_pack_from_hash(h))
+        return out
+
     def _draw_seqs(self, pipe, n: int) -> list[int]:
         """Reserve n creation sequence numbers (immediate mode, before MULTI; a retried
         transaction just leaves gaps), so creation order is total even within one instant."""
