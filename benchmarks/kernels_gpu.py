@@ -1,0 +1,130 @@
+"""GPU benchmark of the Triton DSA kernels: TFLOP/s of sparse_mla and FP8 indexer_logits.
+
+    .venv/bin/python benchmarks/kernels_gpu.py          # needs CUDA; exits 0 with a skip JSON otherwise
+
+Shapes follow the published anchors (reference/dsa-spec.md section 6):
+* sparse_mla prefill (FlashMLA template): T = 4096, H = 128, D = 576, v = 512, topk = 2048,
+  S = 8k, 32k, 64k, 128k; FLOPs = 2 * T * topk * H * (D + v). FlashMLA: ~640 TFLOP/s on H800.
+* sparse_mla decode: T = 128 sequences x 2 query tokens flattened (256 rows, one shared cache
+  here), H = 128, topk = 2048, S = 32k.
+* indexer_logits FP8 (DeepGEMM fp8_mqa_logits template): T = 2048, H = 64, D = 128,
+  S = 4k..64k; FLOPs = 2 * T * S * H * D (causal masking ignored: start_pos = S - T keeps all
+  but the last T x T triangle). DeepGEMM community figure: ~1000 TFLOP/s on H200.
+* indexer_topk at the same shapes (logits kernel + streaming torch.topk merge): seconds.
+Correctness gate first: every op vs naive.py on a medium shape; red gate -> no timings.
+Timing: CUDA events, median of 10 runs after 3 warm-ups. JSON is the last stdout line and is
+written to benchmarks/results/kernels_gpu.json.
+NOT RUN YET: no GPU was available when this was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["DSA_KERNEL_BACKEND"] = "triton"
+
+
+def rms_ratio(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def cuda_time(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fp8_inputs(T, S, H, D, dev):
+    q = torch.randn(T, H, D, device=dev)
+    k = torch.randn(S, D, device=dev)
+    ks = k.abs().amax(1).clamp_min(1e-4) / 448
+    w = torch.randn(T, H, device=dev) * H**-0.5
+    return ((q / q.abs().amax() * 448).to(torch.float8_e4m3fn), (k / ks[:, None]).to(torch.float8_e4m3fn), w, ks)
+
+
+def random_indices(T, S, K, dev):
+    return torch.rand(T, S, device=dev).argsort(dim=1)[:, :K].int() if S <= 65536 else \
+        torch.randint(0, S, (T, K), device=dev, dtype=torch.int32)  # (dups only affect timing)
+
+
+def gate(dev):
+    from kernels import indexer_logits, indexer_topk, sparse_mla
+    from kernels.indexer import naive as idx_naive
+    from kernels.sparse_mla import naive as mla_naive
+
+    checks = {}
+    q, k, w, ks = fp8_inputs(256, 4096, 64, 128, dev)
+    ref = idx_naive.indexer_logits(q, k, w, k_scale=ks, start_pos=4096 - 256)
+    out = indexer_logits(q, k, w, k_scale=ks, start_pos=4096 - 256)
+    fin = torch.isfinite(ref)
+    checks["indexer_logits_fp8"] = bool(torch.equal(fin, torch.isfinite(out))) and rms_ratio(out[fin], ref[fin]) < 1e-2
+    idx = indexer_topk(q, k, w, 2048, k_scale=ks, start_pos=4096 - 256)
+    got, want = ref.gather(1, idx.long()), ref.topk(2048, dim=1).values
+    checks["indexer_topk_fp8"] = rms_ratio(got, want) < 1e-2
+    qm = torch.randn(64, 128, 576, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(4096, 576, device=dev, dtype=torch.bfloat16)
+    ind = random_indices(64, 4096, 2048, dev)
+    ind[::7, 1000:] = -1
+    o_ref, l_ref = mla_naive.sparse_mla(qm, kv, ind, v_dim=512, scale=0.135)
+    o, lse = sparse_mla(qm, kv, ind, v_dim=512, scale=0.135)
+    checks["sparse_mla_bf16"] = rms_ratio(o.float(), o_ref.float()) < 1e-2 and rms_ratio(lse, l_ref) < 1e-3
+    return checks
+
+
+def main():
+    if not torch.cuda.is_available():
+        print(json.dumps({"skipped": "no CUDA device"}))
+        return
+    from kernels import indexer_logits, indexer_topk, sparse_mla
+
+    dev = "cuda"
+    checks = gate(dev)
+    if not all(checks.values()):
+        print(json.dumps({"gate": "red", "checks": checks}))
+        sys.exit(1)
+    res = {"gate": "green", "checks": checks, "device": torch.cuda.get_device_name(), "sparse_mla_prefill": [],
+           "sparse_mla_decode": [], "indexer_fp8": []}
+    H, D, V, K = 128, 576, 512, 2048
+    for S in (8192, 32768, 65536, 131072):
+        T = 4096
+        q = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(S, D, device=dev, dtype=torch.bfloat16)
+        ind = random_indices(T, S, K, dev)
+        t = cuda_time(lambda: sparse_mla(q, kv, ind, v_dim=V, scale=0.135))
+        res["sparse_mla_prefill"].append(dict(T=T, S=S, seconds=t, tflops=2 * T * K * H * (D + V) / t / 1e12))
+    T, S = 256, 32768
+    q = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(S, D, device=dev, dtype=torch.bfloat16)
+    ind = random_indices(T, S, K, dev)
+    t = cuda_time(lambda: sparse_mla(q, kv, ind, v_dim=V, scale=0.135))
+    res["sparse_mla_decode"].append(dict(T=T, S=S, seconds=t, tflops=2 * T * K * H * (D + V) / t / 1e12))
+    for S in (4096, 16384, 65536):
+        T, H_i, D_i = 2048, 64, 128
+        q, k, w, ks = fp8_inputs(T, S, H_i, D_i, dev)
+        t = cuda_time(lambda: indexer_logits(q, k, w, k_scale=ks, start_pos=S - T))
+        t_topk = cuda_time(lambda: indexer_topk(q, k, w, 2048, k_scale=ks, start_pos=S - T), reps=3)
+        res["indexer_fp8"].append(dict(T=T, S=S, logits_seconds=t, logits_tflops=2 * T * S * H_i * D_i / t / 1e12,
+                                       topk_seconds=t_topk))
+    out = ROOT / "benchmarks" / "results" / "kernels_gpu.json"
+    out.write_text(json.dumps(res) + "\n")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
