@@ -1,6 +1,6 @@
 """CPU benchmark of the DSA kernels' torch path: sparse vs dense attention, indexer top-k cost.
 
-    .venv/bin/python benchmarks/kernels_cpu.py            # full run (~5-10 min on 2 cores)
+    .venv/bin/python benchmarks/kernels_cpu.py            # full run (~5-10 min, 1 thread)
     .venv/bin/python benchmarks/kernels_cpu.py --quick    # L = 8k only, few rows (smoke test)
 
 1. Correctness gate: torch backend vs naive.py for indexer_logits / indexer_topk / sparse_mla
@@ -61,9 +61,10 @@ def rms_ratio(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
-def best_of(fn, reps=3):
-    """Min wall time of `reps` runs after one warm-up: the machine is shared, min is the least noisy."""
-    fn()
+def best_of(fn, reps=3, warmup=True):
+    """Min wall time of `reps` runs (after one warm-up): the machine is shared, min is the least noisy."""
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -137,7 +138,7 @@ def time_dense_rows(H, D, v, L, ends, g, gen):
         q = torch.randn(1, 1, g * H, D, generator=gen).bfloat16()
         k_ = kv[: r + 1].view(1, 1, r + 1, D)
         v_ = kv[: r + 1, :v].reshape(1, 1, r + 1, v)
-        total += best_of(lambda: F.scaled_dot_product_attention(q, k_, v_, scale=D**-0.5), reps=2)
+        total += best_of(lambda: F.scaled_dot_product_attention(q, k_, v_, scale=D**-0.5), reps=2, warmup=False)
     return total
 
 
@@ -146,7 +147,7 @@ def time_dense_full(H, D, v, L, gen):
     kv = torch.randn(L, D, generator=gen).bfloat16()
     k_ = kv.view(1, 1, L, D).expand(1, H, L, D)
     v_ = kv[:, :v].reshape(1, 1, L, v).expand(1, H, L, v)
-    return best_of(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True, scale=D**-0.5), reps=1)
+    return best_of(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True, scale=D**-0.5), reps=2, warmup=False)
 
 
 def indexer_inputs(iH, iD, fp8, T, S, gen):
@@ -164,7 +165,7 @@ def time_indexer(iH, iD, fp8, L, ends, g, gen):
     total = 0.0
     for p in ends:
         total += best_of(lambda: indexer_topk(q, k[: p + 1], w, TOPK, k_scale=None if ks is None else ks[: p + 1],
-                                              start_pos=p - g + 1), reps=1)
+                                              start_pos=p - g + 1), reps=2, warmup=False)
     return total
 
 
@@ -229,7 +230,9 @@ def plot(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="L = 8k only, few rows")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    # 1 thread by default: on this shared 2-core box, 2-thread OpenMP ops collapse (measured 5-25x
+    # slower) whenever another process holds a core; both sides of every ratio use the same count.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
