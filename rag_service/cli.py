@@ -1,0 +1,327 @@
+"""`dsa-rag`: run the service and talk to it.
+
+    dsa-rag serve                          # local Ray + embedded Redis + dsa-tiny; prints the URL
+    dsa-rag serve --no-ray                 # the same API in one process (uvicorn), for development
+    dsa-rag serve --config deploy/serve.yaml   # a Ray Serve config (applications, autoscaling, ...)
+    dsa-rag ingest report.pdf notes/       # upload files (directories: *.pdf *.txt *.md), progress bar
+    dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations
+    dsa-rag status                         # readiness, replicas, documents, prefix-cache counters
+
+Also `python -m rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
+flags override them. Client commands talk to --url (default $DSA_RAG_URL or
+http://127.0.0.1:8000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+DOC_SUFFIXES = {".pdf", ".txt", ".md", ".markdown", ".text"}
+
+
+def _default_url() -> str:
+    return os.environ.get("DSA_RAG_URL", "http://127.0.0.1:8000").rstrip("/")
+
+
+# ------------------------------------------------------------------ serve
+def _settings(a):
+    from rag_service.serve.settings import ServeSettings
+
+    over = {k: v for k, v in {
+        "host": a.host, "port": a.port, "model": a.model, "model_replicas": a.replicas,
+        "data_dir": a.data_dir, "ray_address": a.address, "ray_num_cpus": a.num_cpus,
+    }.items() if v is not None}
+    s = ServeSettings(**over)
+    updates = {"data_dir": Path(s.data_dir).expanduser().resolve()}  # Ray workers have another cwd
+    if s.port == 0:
+        updates["port"] = _free_port(s.host)
+    return s.model_copy(update=updates)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _announce(s) -> None:
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
+    print(f"dsa-rag serving on http://{host}:{s.port}  (OpenAPI: http://{host}:{s.port}/docs)", flush=True)
+
+
+def cmd_serve(a) -> int:
+    s = _settings(a)
+    if a.no_ray:
+        import uvicorn
+
+        from rag_service.serve.app import create_app
+        from rag_service.serve.backend import InProcessBackend
+
+        app = create_app(InProcessBackend(s))
+        config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning")
+        server = uvicorn.Server(config)
+        orig_startup = server.startup
+
+        async def startup(sockets=None):
+            await orig_startup(sockets)
+            _announce(s)
+
+        server.startup = startup
+        server.run()
+        return 0
+    return _serve_ray(s, a.config)
+
+
+def _serve_ray(s, config_path: str | None) -> int:
+    import ray
+    from ray import serve
+
+    from rag_service.redis_store import open_redis
+
+    redis_handle = None
+    if not s.redis_url:  # embedded Redis, owned by this process, shared by every replica via its socket
+        redis_handle = open_redis(s)
+        s = s.model_copy(update={"redis_url": f"unix://{redis_handle.client.socket_file}"})
+    ray.init(address=s.ray_address, num_cpus=s.ray_num_cpus if not s.ray_address else None,
+             include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    app_names = ["dsa-rag"]
+    try:
+        if config_path:
+            app_names = _deploy_config(s, config_path)
+        else:
+            from rag_service.serve.deployments import build_app
+
+            serve.start(http_options={"host": s.host, "port": s.port})
+            serve.run(build_app(s.model_dump(mode="json")), name="dsa-rag", route_prefix="/")
+        _announce(s)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            for n in app_names:
+                serve.delete(n)
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if redis_handle is not None:
+                redis_handle.close()
+    return 0
+
+
+def _deploy_config(s, path: str) -> list[str]:
+    """Deploy a Serve config file like `serve run` does; our apps get the runtime essentials
+    (redis_url, an absolute data_dir) unless the config sets them. Host/port come from the
+    config's http_options (flags / env override them when given)."""
+    import yaml
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    http = cfg.setdefault("http_options", {})
+    if "DSA_RAG_HOST" in os.environ or "host" not in http:
+        http["host"] = s.host
+    if "DSA_RAG_PORT" in os.environ or "port" not in http:
+        http["port"] = s.port
+    s = s.model_copy(update={"host": http["host"], "port": int(http["port"])})
+    for app in cfg.get("applications", []):
+        if app.get("import_path", "").startswith("rag_service."):
+            app["args"] = {"redis_url": s.redis_url, "data_dir": str(s.data_dir), "app_name": app.get("name"),
+                           **(app.get("args") or {})}
+    schema = ServeDeploySchema.model_validate(cfg)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=True)
+    names = [a.name for a in schema.applications]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = serve.status().applications
+        states = {n: st[n].status for n in names if n in st}
+        if all(v == "RUNNING" for v in states.values()) and len(states) == len(names):
+            break
+        if any(v in ("DEPLOY_FAILED", "UNHEALTHY") for v in states.values()):
+            raise SystemExit(f"deploying {path} failed: {[(n, st[n].message) for n in names if n in st]}")
+        time.sleep(1)
+    _announce(s)
+    return names
+
+
+# ------------------------------------------------------------------ client commands
+def _client(a):
+    import httpx
+
+    return httpx.Client(base_url=a.url, timeout=httpx.Timeout(600, connect=10),
+                        headers={"X-Tenant": a.tenant} if a.tenant else {})
+
+
+def _fail(r) -> int:
+    try:
+        msg = r.json()["error"]["message"]
+    except Exception:  # noqa: BLE001
+        msg = r.text[:500]
+    print(f"error {r.status_code}: {msg}", file=sys.stderr)
+    return 1
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DOC_SUFFIXES)
+        elif p.exists():
+            out.append(p)
+        else:
+            print(f"skipping {p}: no such file", file=sys.stderr)
+    return out
+
+
+def cmd_ingest(a) -> int:
+    from tqdm import tqdm
+
+    files = _expand(a.paths)
+    if not files:
+        print("nothing to upload", file=sys.stderr)
+        return 1
+    failed = 0
+    with _client(a) as c, tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                               desc="ingest", file=sys.stderr) as bar:
+        for f in files:
+            r = c.post("/v1/documents", files=[("files", (f.name, f.read_bytes()))])
+            bar.update(f.stat().st_size)
+            if r.status_code != 200:
+                failed += 1
+                bar.write(f"FAILED {f}: {r.json().get('error', {}).get('message', r.text[:200])}")
+                continue
+            for res in r.json()["data"]:
+                if res["ok"]:
+                    d = res["document"]
+                    bar.write(f"{d['id']}  {f}  ({d['pages']} pages, {d['tokens']} tokens)")
+                else:
+                    failed += 1
+                    bar.write(f"FAILED {f}: {res['message']}")
+    return 1 if failed else 0
+
+
+def cmd_ask(a) -> int:
+    body = {"question": a.question, "stream": not a.no_stream, "temperature": a.temperature}
+    if a.max_tokens:
+        body["max_tokens"] = a.max_tokens
+    if a.document_id:
+        body["document_ids"] = a.document_id
+    with _client(a) as c:
+        if a.no_stream:
+            r = c.post("/v1/ask", json=body)
+            if r.status_code != 200:
+                return _fail(r)
+            final = r.json()
+            print(final["answer"])
+        else:
+            final = None
+            with c.stream("POST", "/v1/ask", json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return _fail(r)
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    ev = json.loads(data)
+                    if ev["type"] == "token":
+                        print(ev["text"], end="", flush=True)
+                    elif ev["type"] == "citations":
+                        final = ev
+                    elif ev["type"] == "error":
+                        print(f"\nerror: {ev['error']['message']}", file=sys.stderr)
+                        return 1
+            print()
+    if final:
+        for i, ct in enumerate(final["citations"], 1):
+            page = f" p.{ct['page']}" if ct.get("page") else ""
+            snippet = ct["snippet"][:80].replace("\n", " ")
+            print(f"[{i}] {ct['name']}{page} chars {ct['char_start']}-{ct['char_end']}: {snippet}")
+        u = final["usage"]
+        print(f"(prompt {u['prompt_tokens']} tokens, {u['cached_tokens']} cached, {u['completion_tokens']} generated, "
+              f"{final['timings'].get('total_s', 0):.2f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_status(a) -> int:
+    with _client(a) as c:
+        try:
+            ready = c.get("/readyz")
+        except Exception as e:  # noqa: BLE001
+            print(f"{a.url}: not reachable ({e})", file=sys.stderr)
+            return 1
+        h = ready.json()
+        print(f"{a.url}: {h['status']}  " + ", ".join(f"{k}={v}" for k, v in h["checks"].items()))
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        docs = c.get("/v1/documents").json()["data"]
+        print(f"model: {', '.join(models)}   documents: {len(docs)}   tokens: {sum(d['tokens'] for d in docs)}")
+        wanted = ("dsa_rag_model_replicas", "dsa_rag_queue_depth", "vllm:prefix_cache_hits_total",
+                  "vllm:prefix_cache_queries_total", "dsa_rag_generation_tokens_total")
+        for line in c.get("/metrics").text.splitlines():
+            if line.split(" ")[0] in wanted:
+                print("  " + line)
+    return 0 if ready.status_code == 200 else 1
+
+
+# ------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsa-rag", description="Long-document RAG on DeepSeek Sparse Attention")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sv = sub.add_parser("serve", help="start the service (prints the URL)")
+    sv.add_argument("--host", help="listen address (default 127.0.0.1; DSA_RAG_HOST)")
+    sv.add_argument("--port", type=int, help="port (default 8000; 0 = a free one; DSA_RAG_PORT)")
+    sv.add_argument("--model", help="preset or checkpoint dir (default dsa-tiny)")
+    sv.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    sv.add_argument("--data-dir", help="blobs, KV cache, embedded Redis (default ./data)")
+    sv.add_argument("--config", help="a Ray Serve config YAML (e.g. deploy/serve.yaml)")
+    sv.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    sv.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
+    sv.add_argument("--no-ray", action="store_true", help="serve in one process (uvicorn), no Ray")
+    sv.set_defaults(func=cmd_serve)
+
+    def client_args(sp):
+        sp.add_argument("--url", default=_default_url(), help="service URL (default $DSA_RAG_URL or http://127.0.0.1:8000)")
+        sp.add_argument("--tenant", help="X-Tenant header")
+
+    ing = sub.add_parser("ingest", help="upload documents (files or directories)")
+    ing.add_argument("paths", nargs="+")
+    client_args(ing)
+    ing.set_defaults(func=cmd_ingest)
+
+    ask = sub.add_parser("ask", help="ask a question (streams the answer)")
+    ask.add_argument("question")
+    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--document-id", action="append", help="restrict to this document (repeatable)")
+    ask.add_argument("--no-stream", action="store_true")
+    client_args(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    st = sub.add_parser("status", help="readiness, replicas, documents, cache counters")
+    client_args(st)
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

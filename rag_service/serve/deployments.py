@@ -1,0 +1,254 @@
+"""Ray Serve deployments: thin shells around the pipeline and the pack worker.
+
+    Ingress       FastAPI app (app.py) via serve.ingress; fans questions out to packs
+    Ingestion     CPU: parse / chunk / pack uploads, documents CRUD, pack selection (RagPipeline)
+    ModelReplica  the engine + warm prefix caches (answer.PackWorker); num_gpus 1 where GPUs
+                  exist; routed by pack cache affinity (router.PackAffinityRouter)
+
+    python -m rag_service.cli serve                       # builds this graph on a local Ray
+    serve run deploy/serve.yaml                           # or from the Serve config (import_path
+                                                          #   rag_service.serve.deployments:build_app)
+
+`build_app(args)` takes the ServeSettings fields as args (plus `model_autoscaling_config`), so a
+Serve config's `applications[].args` sets them; per-deployment overrides (num_replicas,
+autoscaling_config, ray_actor_options, request_router_config) go in `applications[].deployments`
+by name. All replicas share Redis (`redis_url`: the embedded server's unix socket on one machine,
+an external Redis on a cluster) and the data directory (blobs + KV cache files: a shared
+filesystem on a cluster), so a pack prefilled on one node is restored on another.
+
+Tests: `.venv/bin/python -m pytest -q tests/service/test_ray.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from rag_service.errors import RagError
+from rag_service.serve.backend import iterate_in_thread
+from rag_service.serve.settings import ServeSettings
+
+log = logging.getLogger("ray.serve")
+
+ROUTER_CLASS = "rag_service.serve.router:PackAffinityRouter"
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """A RagError raised in a replica comes back wrapped (RayTaskError); give the route the
+    original, so it maps to its HTTP status."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, RagError) else e
+
+
+# ------------------------------------------------------------------ deployments
+@serve.deployment(name="Ingestion", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
+class Ingestion:
+    def __init__(self, settings: dict):
+        from rag_service.pipeline import RagPipeline
+
+        self.rag = RagPipeline(ServeSettings(**settings))
+
+    async def ingest_many(self, files: list[tuple[str, bytes]], tenant: str):
+        return await asyncio.to_thread(self.rag.ingest_many, files, tenant)
+
+    async def list_documents(self, tenant: str):
+        return await asyncio.to_thread(self.rag.list_documents, tenant)
+
+    async def get_document(self, doc_id: str, tenant: str):
+        return await asyncio.to_thread(self.rag.get_document, doc_id, tenant)
+
+    async def delete_document(self, doc_id: str, tenant: str):
+        return await asyncio.to_thread(self.rag.delete_document, doc_id, tenant)
+
+    async def select_packs(self, question: str, document_ids, tenant: str):
+        return await asyncio.to_thread(self.rag.select_packs, question, document_ids, tenant)
+
+    async def ping(self) -> str:
+        await asyncio.to_thread(self.rag.r.ping)
+        return "ok"
+
+
+@serve.deployment(
+    name="ModelReplica",
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=4,
+    request_router_config=RequestRouterConfig(
+        request_router_class=ROUTER_CLASS, request_router_kwargs={"max_queue": 2},
+        request_routing_stats_period_s=1, request_routing_stats_timeout_s=5,
+    ),
+    health_check_period_s=10,
+)
+class ModelReplica:
+    def __init__(self, settings: dict):
+        import ray
+        import torch
+
+        from rag_service.answer import PackWorker, _TorchPrefixEngine
+        from rag_service.pipeline import RagPipeline
+
+        s = ServeSettings(**settings)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.rag = RagPipeline(s)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.worker = PackWorker(self.rag, s.model, replica_id=self.replica_id, warm_packs=s.warm_packs_per_replica,
+                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens,
+                                 engine=_TorchPrefixEngine(s.model, device=device))
+
+    async def stream(self, pack_id: str, question: str, max_tokens: int, temperature: float, seed=None):
+        """Streamed per-pack answer events (see answer.PackWorker.stream). Call with the keyword
+        `pack_id`: the router reads it."""
+        async for ev in iterate_in_thread(lambda: self.worker.stream(pack_id, question, max_tokens, temperature, seed)):
+            ev["node"] = self.node_id
+            yield ev
+
+    async def warm(self, pack_id: str) -> str:
+        return await asyncio.to_thread(self.worker.warm, pack_id)
+
+    def record_routing_stats(self) -> dict:
+        """Polled by the controller; the router reads it as `replica.routing_stats`."""
+        return {"warm_packs": self.worker.warm_pack_ids()}
+
+    def stats(self) -> dict:
+        return {**self.worker.stats(), "node": self.node_id, "warm_pack_ids": self.worker.warm_pack_ids()}
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class Ingress:
+    """The FastAPI app (app.py) over a RayBackend; built in the replica after __init__."""
+
+    def __init__(self, settings: dict, app_name: str, ingestion: DeploymentHandle, model: DeploymentHandle):
+        self.backend = RayBackend(ServeSettings(**settings), app_name)
+        self.backend.attach(ingestion, model)
+
+    def __serve_build_asgi_app__(self):
+        from rag_service.serve.app import create_app
+
+        return create_app(self.backend)
+
+
+# ------------------------------------------------------------------ the backend the ingress uses
+class RayBackend:
+    """backend.Backend over deployment handles (attached in the Ingress replica's __init__)."""
+
+    def __init__(self, settings: ServeSettings, app_name: str = "dsa-rag"):
+        self.settings = settings
+        self.app_name = app_name
+        self.ingestion: DeploymentHandle | None = None
+        self.model: DeploymentHandle | None = None
+        self._replicas = (0.0, 0)
+
+    def attach(self, ingestion: DeploymentHandle, model: DeploymentHandle) -> None:
+        self.ingestion, self.model = ingestion, model
+
+    async def start(self):
+        return None
+
+    async def close(self):
+        return None
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.ingestion, method).remote(*args)
+        except Exception as e:  # noqa: BLE001
+            raise _unwrap(e) from None
+
+    async def ingest(self, files, tenant):
+        return await self._call("ingest_many", files, tenant)
+
+    async def list_documents(self, tenant):
+        return await self._call("list_documents", tenant)
+
+    async def get_document(self, doc_id, tenant):
+        return await self._call("get_document", doc_id, tenant)
+
+    async def delete_document(self, doc_id, tenant):
+        return await self._call("delete_document", doc_id, tenant)
+
+    async def select(self, question, document_ids, tenant):
+        return await self._call("select_packs", question, document_ids, tenant)
+
+    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed):
+        gen = self.model.options(stream=True).stream.remote(
+            pack_id=pack_id, question=question, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        try:
+            async for ev in gen:
+                yield ev
+        except Exception as e:  # noqa: BLE001
+            raise _unwrap(e) from None
+
+    async def prefetch(self, pack_ids):
+        await asyncio.gather(*(self.model.warm.remote(pack_id=p) for p in pack_ids))
+
+    async def health(self):
+        return {"process": "ok"}
+
+    async def ready(self):
+        checks = {}
+        try:
+            checks["redis"] = await asyncio.wait_for(self.ingestion.ping.remote(), 10)
+        except Exception as e:  # noqa: BLE001
+            checks["redis"] = f"error: {e}"
+        n = await self.replicas()
+        checks["model"] = "ok" if n > 0 else "no running model replica"
+        return checks
+
+    async def replicas(self) -> int:
+        """RUNNING ModelReplica replicas (from the controller; cached 5 s)."""
+        t, n = self._replicas
+        if time.monotonic() - t < 5:
+            return n
+
+        def count() -> int:
+            st = serve.status().applications.get(self.app_name)
+            if st is None:
+                return 0
+            dep = st.deployments.get("ModelReplica")
+            return int(dep.replica_states.get("RUNNING", 0)) if dep else 0
+
+        n = await asyncio.wait_for(asyncio.to_thread(count), 10)
+        self._replicas = (time.monotonic(), n)
+        return n
+
+
+# ------------------------------------------------------------------ the application
+def build_app(args: dict | None = None):
+    """Serve application builder (import path `rag_service.serve.deployments:build_app`).
+    args: ServeSettings fields, plus optional `model_autoscaling_config` (a dict) and
+    `app_name` (the Serve application name, for the replica count)."""
+    args = dict(args or {})
+    autoscaling = args.pop("model_autoscaling_config", None)
+    app_name = args.pop("app_name", "dsa-rag")
+    settings = ServeSettings(**args)
+    sdict = settings.model_dump(mode="json")
+    model_opts = {
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_router_kwargs={"max_queue": settings.router_max_queue},
+            request_routing_stats_period_s=1, request_routing_stats_timeout_s=5),
+        "max_ongoing_requests": settings.model_max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if _cluster_has_gpus() else 0},
+    }
+    if autoscaling:
+        model_opts["autoscaling_config"] = autoscaling
+    else:
+        model_opts["num_replicas"] = settings.model_replicas
+    model = ModelReplica.options(**model_opts).bind(sdict)
+    return Ingress.bind(sdict, app_name, Ingestion.bind(sdict), model)
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    try:
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:  # noqa: BLE001 - builders also run where the cluster is not reachable
+        return False
