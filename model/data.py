@@ -1,0 +1,274 @@
+"""Synthetic long-document question answering in the RULER style, written by this file (no
+downloads), formatted exactly as the service prompts the model:
+
+    <bos> (<doc> name \\n text </doc>)* <question> q <answer> answer <eos>
+
+Tasks (`TASKS`): niah_single, niah_multikey, niah_multivalue, niah_multiquery, variable tracking
+(vt) and fact questions over tables / key-value lists (fact). Facts are planted in varied natural
+templates ("The X of Y is Z.", "Y's X: Z", "Z is the X of Y", table rows, key-value lists) inside
+filler that a small grammar writes (several documents per context, varied vocabulary).
+
+    .venv/bin/python -m model.data --task niah_single --tokens 1024     # print one example
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+
+import torch
+
+from model.tokenizer import ByteTokenizer
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fact")
+
+# ---------------------------------------------------------------- vocabulary
+_SYL = ("ka", "lo", "mi", "ren", "tas", "vor", "qui", "bel", "dan", "sef", "ur", "ol", "tin", "gar", "pe", "nox",
+        "zu", "ha", "mer", "cal", "ith", "ro", "wen", "fa", "dor", "li", "sa", "bri", "ton", "ve", "ex", "ny")
+_ATTRS = ("access code", "budget", "serial number", "room number", "launch date", "owner", "password", "capital",
+          "favorite color", "head office", "project lead", "license key", "phone extension", "batch number",
+          "secret word", "founding year", "zip code", "flight number", "order id", "magic number", "codename",
+          "contract value", "tax id", "locker number", "mascot")
+_WORDS = ("amber", "falcon", "velvet", "harbor", "cobalt", "meadow", "orchid", "granite", "saffron", "willow",
+          "ember", "lantern", "quartz", "tundra", "juniper", "marble", "pepper", "sparrow", "violet", "canyon",
+          "maple", "thunder", "copper", "lotus", "glacier", "raven", "indigo", "cedar", "comet", "olive")
+_SUBJ = ("the committee", "our team", "the northern office", "a senior reviewer", "the survey", "the board",
+         "the engineers", "a local historian", "the finance group", "the auditors", "the project manager",
+         "several customers", "the new intern", "the research lab", "the city council", "the editor",
+         "most participants", "the legal department", "the field crew", "an outside consultant")
+_VERB = ("reported", "noted", "argued", "observed", "confirmed", "suggested", "explained", "recalled",
+         "announced", "estimated", "warned", "agreed", "mentioned", "concluded", "claimed")
+_TOPIC = ("quarterly revenue", "the shipping schedule", "the old bridge", "customer feedback", "the river valley",
+          "energy prices", "the spring festival", "the hiring plan", "the museum archive", "rainfall",
+          "the migration of birds", "supply costs", "the software release", "the harbor expansion",
+          "the school budget", "traffic on the main road", "the library renovation", "the wheat harvest",
+          "the annual audit", "the mountain trail", "the new warehouse", "the printing press", "the orchard")
+_CHANGE = ("grew", "fell", "stayed flat", "improved", "slowed down", "doubled", "recovered", "became uncertain",
+           "changed little", "rose sharply", "declined slowly", "was delayed", "moved ahead of plan")
+_WHEN = ("last spring", "during the winter", "in the third quarter", "after the storm", "over the past decade",
+         "before the merger", "this year", "in recent weeks", "at the start of the season", "since the reform")
+_ADV = ("quietly", "clearly", "again", "unexpectedly", "gradually", "once more", "in detail", "at length", "briefly")
+_OPEN = ("Meanwhile,", "However,", "In addition,", "As a result,", "At the same time,", "Later,", "By contrast,",
+         "For this reason,", "Even so,", "In short,")
+_NOUN = ("a map", "the letter", "an old ledger", "the blue folder", "a small garden", "the west wing", "a crate",
+         "the harbor office", "a wooden box", "the main hall", "a notebook", "the train station")
+_DOCNAMES = ("report", "notes", "minutes", "memo", "summary", "letter", "chapter", "log", "review", "brief")
+
+
+def _name(rng: random.Random, n: int | None = None) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(n or rng.randint(2, 3))).capitalize()
+
+
+def _entity(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.4:
+        return _name(rng)
+    if r < 0.7:
+        return f"{_name(rng)} {_name(rng)}"
+    return f"{rng.choice(('Project', 'Station', 'Team', 'Unit', 'Hotel', 'Lake', 'Fort'))} {_name(rng)}"
+
+
+def _value(rng: random.Random, kind: str | None = None) -> str:
+    kind = kind or rng.choice(("num", "num", "code", "word"))
+    if kind == "num":
+        return str(rng.randint(10 ** (rng.randint(3, 6)), 10 ** 7 - 1))
+    if kind == "code":
+        a = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+        return "".join(rng.choice(a) for _ in range(3)) + "-" + "".join(rng.choice(a) for _ in range(rng.randint(2, 4)))
+    return rng.choice(_WORDS) + ("" if rng.random() < 0.5 else "-" + rng.choice(_WORDS))
+
+
+def filler_sentence(rng: random.Random) -> str:
+    t = rng.randrange(6)
+    s, v, tp = rng.choice(_SUBJ), rng.choice(_VERB), rng.choice(_TOPIC)
+    if t == 0:
+        out = f"{s} {v} that {tp} {rng.choice(_CHANGE)} {rng.choice(_WHEN)}."
+    elif t == 1:
+        out = f"{rng.choice(_OPEN)} {s} {v} {rng.choice(_ADV)} about {tp}."
+    elif t == 2:
+        out = f"{tp} {rng.choice(_CHANGE)} {rng.choice(_WHEN)}, as {s} {v}."
+    elif t == 3:
+        out = f"{s} found {rng.choice(_NOUN)} near {rng.choice(_NOUN)} and {v} it to {rng.choice(_SUBJ)}."
+    elif t == 4:
+        out = f"{rng.choice(_WHEN)}, {s} {v} that nobody expected {tp} to matter so much."
+    else:
+        out = f"According to {s}, {tp} {rng.choice(_CHANGE)} while {rng.choice(_TOPIC)} {rng.choice(_CHANGE)}."
+    return out[0].upper() + out[1:]
+
+
+# ---------------------------------------------------------------- fact templates
+def render_fact(rng: random.Random, ent: str, attr: str, val: str, style: int | None = None) -> str:
+    """One fact in one of several natural surface forms."""
+    forms = (f"The {attr} of {ent} is {val}.",
+             f"{ent}'s {attr}: {val}.",
+             f"{val} is the {attr} of {ent}.",
+             f"For the record, the {attr} of {ent} is {val}.",
+             f"We were told that {ent}'s {attr} is {val}.",
+             f"- {ent} / {attr}: {val}",
+             f"Note: {ent} has {val} as its {attr}.")
+    return forms[rng.randrange(len(forms)) if style is None else style % len(forms)]
+
+
+def render_question(rng: random.Random, ent: str, attr: str) -> str:
+    forms = (f"What is the {attr} of {ent}?", f"What is {ent}'s {attr}?", f"Tell me the {attr} of {ent}.",
+             f"{ent}: what is its {attr}?", f"Which {attr} does {ent} have?")
+    return rng.choice(forms)
+
+
+def render_table(rng: random.Random, rows: list[tuple[str, str, str]]) -> str:
+    """rows (entity, attr, value) -> a markdown table or a key-value list."""
+    if rng.random() < 0.5:
+        lines = ["| name | field | value |", "|---|---|---|"] + [f"| {e} | {a} | {v} |" for e, a, v in rows]
+    else:
+        lines = [f"* {e}, {a} = {v}" for e, a, v in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- examples
+@dataclass
+class Example:
+    documents: list[tuple[str, str]]
+    question: str
+    answer: str
+    task: str
+
+    def ids(self, tok: ByteTokenizer) -> list[int]:
+        return tok.prompt_ids(self.documents, self.question) + tok.encode(self.answer) + [tok.eos_id]
+
+
+def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
+    """-> (needle snippets in document order, question, answer)."""
+    if task in ("niah_single", "niah_multikey"):
+        ent, attr, val = _entity(rng), rng.choice(_ATTRS), _value(rng)
+        needles = [render_fact(rng, ent, attr, val)]
+        if task == "niah_multikey":  # distractors: same attribute other entities, same entity other attributes
+            for _ in range(rng.randint(3, 6)):
+                e2 = ent if rng.random() < 0.25 else _entity(rng)
+                a2 = rng.choice([a for a in _ATTRS if a != attr]) if e2 == ent else attr
+                needles.append(render_fact(rng, e2, a2, _value(rng)))
+            rng.shuffle(needles)
+        return needles, render_question(rng, ent, attr), val
+    if task == "niah_multivalue":
+        ent, attr = _entity(rng), rng.choice(_ATTRS)
+        vals = [_value(rng) for _ in range(rng.randint(2, 4))]
+        needles = [f"One of the {attr} values of {ent} is {v}." if rng.random() < 0.5 else
+                   f"{ent} also lists {v} as a {attr}." for v in vals]
+        q = f"What are all the {attr} values of {ent}?"
+        return needles, q, ", ".join(vals)
+    if task == "niah_multiquery":
+        attr = rng.choice(_ATTRS)
+        facts = [(_entity(rng), attr, _value(rng)) for _ in range(rng.randint(2, 3))]
+        needles = [render_fact(rng, *f) for f in facts]
+        order = list(range(len(facts)))
+        rng.shuffle(order)
+        names = [facts[i][0] for i in order]
+        q = f"What are the {attr} values of {', '.join(names[:-1])} and {names[-1]}?"
+        ans = ", ".join(facts[i][2] for i in order)
+        rng.shuffle(needles)
+        return needles, q, ans
+    if task == "vt":
+        val = str(rng.randint(10000, 99999))
+        names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(rng.randint(2, 4))]
+        needles = [f"VAR {names[0]} = {val}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))]
+        # a distractor chain with another value
+        d = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(2)]
+        needles += [f"VAR {d[0]} = {rng.randint(10000, 99999)}.", f"VAR {d[1]} = VAR {d[0]}."]
+        q = f"Which variables are assigned the value {val}? List them in order."
+        return needles, q, ", ".join(names)
+    if task == "fact":
+        rows = [(_entity(rng), rng.choice(_ATTRS), _value(rng)) for _ in range(rng.randint(3, 6))]
+        e, a, v = rows[rng.randrange(len(rows))]
+        return [render_table(rng, rows)], render_question(rng, e, a), v
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenizer | None = None,
+                 depth: float | None = None) -> Example:
+    """An example whose prompt + answer is about n_tokens tokens (bytes) long. Needles go in order
+    (ordered tasks keep their order), at a random depth, or the first one at `depth` (0..1)."""
+    tok = tok or ByteTokenizer()
+    needles, question, answer = _needles(rng, task)
+    n_docs = max(1, min(rng.randint(1, 4), n_tokens // 200 or 1))
+    overhead = 1 + len(question) + 2 + len(answer) + 1 + n_docs * 24 + sum(len(n) + 1 for n in needles)
+    budget = max(0, n_tokens - overhead)
+    # Filler sentences for the whole context, then needles dropped between sentences.
+    sents, size = [], 0
+    while size < budget:
+        s = filler_sentence(rng)
+        sents.append(s)
+        size += len(s) + 1
+    if sents and size > budget:  # trim the last sentence so the total length is close to n_tokens
+        cut = len(sents[-1]) - (size - budget)
+        sents[-1] = sents[-1][: max(0, cut)]
+        if not sents[-1]:
+            sents.pop()
+    n = len(sents)
+    if depth is not None:
+        first = int(depth * n)
+        slots = sorted([first] + [rng.randint(first, n) for _ in needles[1:]])
+    else:
+        slots = sorted(rng.randint(0, n) for _ in needles)
+    items = list(sents)
+    for k, (slot, nd) in enumerate(zip(slots, needles)):
+        items.insert(slot + k, nd)
+    # Split into documents at sentence boundaries, paragraphs every few sentences.
+    cuts = sorted(rng.sample(range(1, len(items)), min(n_docs - 1, max(0, len(items) - 1)))) if len(items) > 1 else []
+    docs, prev = [], 0
+    for i, c in enumerate(cuts + [len(items)]):
+        part = items[prev:c]
+        prev = c
+        text, para, prev_s = "", 0, ""
+        for s in part:
+            listy = s.startswith(("|", "*", "- ")) or prev_s.startswith(("|", "*", "- "))
+            sep = "" if not text else ("\n" if listy else ("\n\n" if para >= rng.randint(3, 7) else " "))
+            para = 0 if sep == "\n\n" else para + 1
+            text, prev_s = text + sep + s, s
+        docs.append((f"{rng.choice(_DOCNAMES)}_{i + 1}.{rng.choice(('txt', 'md'))}", text))
+    return Example(docs, question, answer, task)
+
+
+def encode(ex: Example, tok: ByteTokenizer) -> tuple[list[int], int]:
+    """-> (ids, answer_start): ids[answer_start:] is the answer + <eos> (what the loss weights most)."""
+    prompt = tok.prompt_ids(ex.documents, ex.question)
+    return prompt + tok.encode(ex.answer) + [tok.eos_id], len(prompt)
+
+
+def batch(rng: random.Random, n_tokens: int, batch_tokens: int, tasks=TASKS, weights=None,
+          tok: ByteTokenizer | None = None, doc_weight: float = 0.1):
+    """One task per batch (rows of similar length, little padding), as many rows of about n_tokens
+    as fit in batch_tokens (at least one). -> (input_ids [B, T], targets [B, T], loss_w [B, T]):
+    answer tokens weigh 1, document tokens doc_weight, padding 0."""
+    tok = tok or ByteTokenizer()
+    task = rng.choices(tasks, weights=weights)[0]
+    rows, used = [], 0
+    while not rows or used + max(len(r[0]) for r in rows) <= batch_tokens:
+        ids, a0 = encode(make_example(rng, task, n_tokens, tok), tok)
+        rows.append((ids, a0))
+        used = len(rows) * max(len(r[0]) for r in rows)
+    if len(rows) > 1 and used > batch_tokens:
+        rows.pop()
+    T = max(len(r[0]) for r in rows) - 1
+    x = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    w = torch.zeros(len(rows), T)
+    for b, (ids, a0) in enumerate(rows):
+        n = len(ids) - 1
+        x[b, :n] = torch.tensor(ids[:-1])
+        y[b, :n] = torch.tensor(ids[1:])
+        w[b, :n] = doc_weight
+        w[b, a0 - 1: n] = 1.0  # targets at positions a0-1.. are the answer tokens and <eos>
+    return x, y, w
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="niah_single", choices=TASKS)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    tk = ByteTokenizer()
+    ex = make_example(random.Random(a.seed), a.task, a.tokens, tk)
+    ids, a0 = encode(ex, tk)
+    print(tk.decode(ids, skip_special=False))
+    print(f"\n[{len(ids)} tokens, answer starts at {a0}: {ex.answer!r}]")

@@ -1,0 +1,326 @@
+"""Train dsa-tiny with the DSA recipe of the DeepSeek-V3.2 report, at small scale, on the synthetic
+long-document QA of model/data.py:
+
+  stage 0  dense training at short context (the indexer is unused), LM loss;
+  stage 1  indexer warm-up: dense attention, everything frozen but the indexer, which learns
+           KL(p_t || softmax(I_t)), p_t = attention summed over heads, L1-normalized;
+  stage 2  sparse training: top-k selection by the indexer, indexer input detached; the indexer
+           learns the KL restricted to the selected set, the rest of the model the LM loss.
+
+LM loss = mean CE over the answer tokens (+ <eos>) + doc_coef * mean CE over the document tokens
+(a little LM loss on the documents helps the copying/induction heads form). The training attention
+is written here from the model's own modules (MLA.wq_a/q_norm/wq_b/wkv_a/kv_norm/wkv_b, Indexer.
+queries/keys, the RoPE functions) with explicit [B, H, T, T] scores, so model/model.py stays
+inference-only; `model.load.save_checkpoint` writes the result in the HF layout.
+
+One stage per call; resumable (`<out>/ckpt.pt` is written every --ckpt-every steps and at the end;
+run the same command again to continue). Logs: <out>/log.jsonl and <out>/log.csv.
+
+    # tiny CPU smoke run
+    .venv/bin/python -m model.train --stage 0 --steps 3 --out tmp/smoke --tokens 512 --len 128:256 --tiny
+    # the dsa-tiny recipe: see model/weights/dsa-tiny/MODEL_CARD.md for the exact commands
+    .venv/bin/python -m model.train --stage 0 --steps 3000 --out tmp/run/s0 --len 256:1024
+    .venv/bin/python -m model.train --stage 1 --steps 200 --init tmp/run/s0 --out tmp/run/s1 --len 1024:1024
+    .venv/bin/python -m model.train --stage 2 --steps 600 --init tmp/run/s1 --out tmp/run/s2 --len 512:2048 \\
+        --export model/weights/dsa-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import data
+from model.config import preset
+from model.load import build_model, load_model, save_checkpoint
+from model.model import Transformer, rope_half, rope_interleaved
+from model.tokenizer import ByteTokenizer
+
+
+# ---------------------------------------------------------------- training-time attention
+def index_scores(idx_mod, x, qr, cos, sin):
+    """Lightning-indexer scores I [B, T, S] (no mask) from the Indexer module's own pieces."""
+    q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
+    k, _ = idx_mod.keys(x, cos, sin)  # [B, S, D]
+    s = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu()
+    return torch.einsum("bths,bth->bts", s, w.float())
+
+
+def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict):
+    """MLA forward for training. x [B, T, dim]; causal [T, T] bool. Adds indexer KL terms to
+    stats['kl'] (stages 1, 2) and selection recall bookkeeping."""
+    B, T, _ = x.shape
+    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
+    qr = attn.q_norm(attn.wq_a(x))
+    q = attn.wq_b(qr).view(B, T, H, dn + dr)
+    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1).transpose(1, 2)  # [B, H, T, dqk]
+    kv = attn.wkv_a(x)
+    c_kv = attn.kv_norm(kv[..., :r])
+    k_pe = rope_interleaved(kv[..., r:], cos, sin)  # [B, T, dr]
+    kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
+    k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)  # [B, H, T, dqk]
+    v = kvb[..., dn:].transpose(1, 2)  # [B, H, T, dv]
+    if stage == 0:
+        return attn.wo(_sdpa(q, k, v, None, attn.scale).transpose(1, 2).reshape(B, T, H * dv))
+
+    # Indexer on detached inputs: it learns from its KL only, never moves the main model.
+    I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))
+    topk = attn.cfg.index_topk
+    if stage == 2 and T > topk:
+        sel = torch.zeros_like(I, dtype=torch.bool).scatter_(-1, I.detach().topk(topk, -1)[1], True) & causal
+    else:
+        sel = causal.expand(B, T, T)
+    # Target: attention summed over heads, L1-normalized (over the selected set in stage 2). The
+    # target is detached, so it is computed without a graph; the output goes through SDPA.
+    with torch.no_grad():
+        logits = torch.einsum("bhtd,bhsd->bhts", q, k).float() * attn.scale
+        p = logits.masked_fill(~sel[:, None], float("-inf")).softmax(-1).sum(1)
+        del logits
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    logq = I.masked_fill(~sel, float("-inf")).log_softmax(-1)
+    kl = torch.where(sel & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)  # [B, T]
+    stats.setdefault("kl", []).append(kl)
+    if stats.get("want_recall"):
+        rec, mass = topk_recall(p, I.detach(), causal, topk)
+        stats.setdefault("recall", []).append(rec)
+        stats.setdefault("mass", []).append(mass)
+    o = _sdpa(q, k, v, None if stage == 1 or T <= topk else sel[:, None], attn.scale)
+    return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
+
+
+def _sdpa(q, k, v, mask, scale):
+    """Causal (mask None) or masked attention. v is zero-padded to q's head dim so the CPU flash
+    kernel applies (it needs equal head dims; ~3-8x faster than the math path with backward)."""
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return o[..., :dv]
+
+
+@torch.no_grad()
+def topk_recall(p, I, causal, topk):
+    """Over queries with more than topk causal keys: (mean |topk(I) & topk(p)| / topk, mean
+    attention mass p that topk(I) covers). p, I [B, T, S]; nan when no query has > topk keys."""
+    B, T, S = p.shape
+    rows = causal.sum(-1) > topk
+    if not rows.any():
+        return float("nan"), float("nan")
+    pr = p[:, rows]
+    pi = pr.masked_fill(~causal[rows], -1.0).topk(topk, -1)[1]
+    ii = I[:, rows].topk(topk, -1)[1]
+    a = torch.zeros_like(pr, dtype=torch.bool).scatter_(-1, pi, True)
+    b = torch.zeros_like(a).scatter_(-1, ii, True)
+    return float((a & b).sum(-1).float().mean() / topk), float(pr.gather(-1, ii).sum(-1).mean())
+
+
+def forward_train(model: Transformer, x, stage: int, stats: dict):
+    """input_ids [B, T] -> logits [B, T, vocab] fp32, with the training attention."""
+    B, T = x.shape
+    pos = torch.arange(T, device=x.device)[None].expand(B, T)
+    h = model.embed(x)
+    cos, sin = model.rotary(pos, h.dtype)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    for blk in model.layers:
+        h = h + mla_train(blk.attn, blk.attn_norm(h), cos, sin, stage, causal, stats)
+        h = h + blk.ffn(blk.ffn_norm(h))
+    return model.head(model.norm(h).float())
+
+
+def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False):
+    stats = {"want_recall": want_recall}
+    logits = forward_train(model, x, stage, stats)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    ans, doc = w >= 1, (w > 0) & (w < 1)
+    lm = ce[ans].mean() + doc_coef * (ce[doc].mean() if doc.any() else 0.0)
+    # Exact match of the answer under teacher forcing == greedy decoding gets the whole answer right.
+    ok = ((logits.argmax(-1) == y) | ~ans).all(-1).float().mean()
+    out = {"lm": lm, "ans_ce": ce[ans].mean().detach(), "doc_ce": ce[doc].mean().detach() if doc.any() else torch.tensor(0.0),
+           "ans_acc": ok}
+    if "kl" in stats:
+        valid = (w > 0).float()
+        out["kl"] = sum((k * valid).sum() / valid.sum() for k in stats["kl"]) / len(stats["kl"])
+    if stats.get("recall"):
+        out["recall"] = sum(stats["recall"]) / len(stats["recall"])
+        out["mass"] = sum(stats["mass"]) / len(stats["mass"])
+    return out
+
+
+# ---------------------------------------------------------------- driver
+def parse_len(s: str) -> tuple[int, int]:
+    a, _, b = s.partition(":")
+    return int(a), int(b or a)
+
+
+def tiny_cfg():
+    return preset("dsa-tiny", hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, index_topk=64)
+
+
+def lr_at(step, total, base, warmup):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def make_model(args, device):
+    if args.init:
+        p = Path(args.init)
+        if (p / "ckpt.pt").exists():  # a previous stage's run dir
+            ck = torch.load(p / "ckpt.pt", map_location="cpu", weights_only=False)
+            model = build_model(ck["cfg"], device)
+            model.load_state_dict(ck["model"])
+            return model
+        return load_model(p, device=device).train()
+    cfg = tiny_cfg() if args.tiny else preset(args.preset)
+    return build_model(cfg, device).init_weights(seed=args.seed)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=(0, 1, 2), required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--out", required=True, help="run dir (ckpt.pt, log.jsonl, log.csv)")
+    ap.add_argument("--init", default=None, help="previous stage's run dir or a weights dir (default: random init)")
+    ap.add_argument("--preset", default="dsa-tiny")
+    ap.add_argument("--tiny", action="store_true", help="a very small config (tests)")
+    ap.add_argument("--len", default="256:1024", help="context length range lo:hi; hi ramps up over the first 60%% of steps")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = rows of the step's length that fit)")
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 (stage 0, 1), 3e-4 (stage 2)")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--doc-coef", type=float, default=0.2)
+    ap.add_argument("--tasks", default=",".join(data.TASKS))
+    ap.add_argument("--task-weights", default="3,2,1,1,1,2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU/GPU)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", default=None, help="save_checkpoint the final weights here (+ tokenizer_config.json)")
+    args = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    tok = ByteTokenizer()
+    tasks = args.tasks.split(",")
+    tw = [float(v) for v in args.task_weights.split(",")][: len(tasks)] if args.task_weights else None
+    lo, hi = parse_len(args.len)
+    base_lr = args.lr or (3e-4 if args.stage == 2 else 1e-3)
+
+    if ckpt_path.exists() and json.loads((out / "state.json").read_text()).get("stage") == args.stage:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model = build_model(ck["cfg"], device)
+        model.load_state_dict(ck["model"])
+        start, resumed = ck["step"], True
+    else:
+        torch.manual_seed(args.seed)
+        model = make_model(args, device)
+        ck, start, resumed = None, 0, False
+    model.train()
+    # Stage 1: only the indexer trains. Stages 0, 2: everything (stage 0 never touches the indexer).
+    for n, p in model.named_parameters():
+        p.requires_grad_((".indexer." in n) if args.stage == 1 else not n.endswith("gate.bias"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.95), weight_decay=0.1 if args.stage != 1 else 0.0)
+    if ck is not None:
+        opt.load_state_dict(ck["opt"])
+    rng = random.Random(args.seed * 1000 + args.stage)
+    if ck is not None:
+        rng.setstate(ck["rng"])
+
+    fields = ["step", "stage", "len", "batch", "loss", "lm", "ans_ce", "doc_ce", "ans_acc", "kl", "recall", "mass", "lr",
+              "tok_s", "elapsed_s"]
+    new_csv = not (out / "log.csv").exists() or not resumed
+    fcsv = open(out / "log.csv", "a" if resumed else "w", newline="")
+    wcsv = csv.DictWriter(fcsv, fieldnames=fields, extrasaction="ignore")
+    if new_csv:
+        wcsv.writeheader()
+    fjs = open(out / "log.jsonl", "a" if resumed else "w")
+    (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv, "device": device}, indent=1))
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, desc=f"stage {args.stage}", file=sys.stderr, mininterval=5)
+    except ImportError:  # pragma: no cover
+        bar = None
+    t_start, tokens_seen, acc = time.time(), 0, {}
+    amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def save(step):
+        tmp = out / "ckpt.pt.tmp"
+        torch.save({"cfg": model.cfg, "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "rng": rng.getstate()}, tmp)
+        os.replace(tmp, ckpt_path)
+        (out / "state.json").write_text(json.dumps({"stage": args.stage, "step": step}))
+
+    for step in range(start, args.steps):
+        ramp = min(1.0, step / max(1, 0.6 * args.steps))
+        cur_hi = int(lo + (hi - lo) * ramp)
+        n = rng.randint(lo, max(lo, cur_hi))
+        x, y, w = data.batch(rng, n, args.tokens, tasks, tw, tok, doc_weight=0.5)
+        bsz = x.shape[0]
+        x, y, w = x.to(device), y.to(device), w.to(device)
+        lr = lr_at(step, args.steps, base_lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        want_recall = args.stage == 1 and (step + 1) % args.log_every == 0
+        with amp:
+            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall)
+        loss = L["kl"] if args.stage == 1 else (L["lm"] + L["kl"] if args.stage == 2 else L["lm"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tokens_seen += x.numel()
+        for k_, v_ in L.items():
+            acc.setdefault(k_, []).append(float(v_.detach() if torch.is_tensor(v_) else v_))
+        acc.setdefault("loss", []).append(float(loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", ans=f"{float(L['ans_acc']):.2f}", len=n)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            el = time.time() - t_start
+            rec = {"step": step + 1, "stage": args.stage, "len": n, "batch": bsz, "lr": lr,
+                   "tok_s": tokens_seen / el, "elapsed_s": el}
+            rec.update({k_: sum(v_) / len(v_) for k_, v_ in acc.items() if not all(math.isnan(u) for u in v_)})
+            acc = {}
+            fjs.write(json.dumps(rec) + "\n")
+            fjs.flush()
+            wcsv.writerow({k_: (round(v_, 5) if isinstance(v_, float) else v_) for k_, v_ in rec.items()})
+            fcsv.flush()
+            if bar is None:
+                print(json.dumps(rec), flush=True)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save(step + 1)
+    if bar is not None:
+        bar.close()
+    if args.export:
+        export(model, args.export)
+    return model
+
+
+def export(model: Transformer, path: str | Path):
+    """Weights dir the service loads: config.json + model.safetensors + tokenizer_config.json."""
+    model = model.eval()
+    d = save_checkpoint(model, path)
+    (Path(d) / "tokenizer_config.json").write_text(json.dumps(ByteTokenizer().to_json(), indent=1))
+    return d
+
+
+if __name__ == "__main__":
+    main()
