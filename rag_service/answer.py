@@ -1,123 +1,58 @@
 """Answering: pack prompt -> prefix KV (replica memory, else the KV store, else prefill) ->
 question -> streamed answer with a model score and citations from the sparse attention trace.
 
-    from rag_service.answer import PackWorker, answer
-    worker = PackWorker(rag, "dsa-tiny")                # one per model replica (heavy: loads weights)
-    out = answer(rag, worker, "What was the revenue?")  # {"answer", "citations", "usage", "timings", ...}
-    for ev in worker.stream(pack_id, "question", max_tokens=32):   # the per-pack stream
+    from rag_service.answer import PackWorker, answer, make_engine
+    worker = PackWorker(rag, make_engine("dsa-tiny"))     # one per model replica (loads weights)
+    out = answer(rag, worker, "What was the revenue?")    # {"answer", "citations", "usage", "timings", ...}
+    async for ev in worker.stream(pack_id, "question", max_tokens=32):   # the per-pack stream
         ...  # {"event": "start"|"token"|"end", ...}
 
-Per pack (`PackWorker.stream`):
-  1. key = KVStore.key_for(model fingerprint, tenant, pack prompt ids);
-  2. the prefix cache comes from the replica's memory (LRU of `warm_packs`), else from the KV store
-     (safetensors in the blob dir, metadata in Redis: another replica or node prefilled it), else
-     it is prefilled here, snapshotted and stored for everyone;
-  3. a private copy (fork) of the prefix gets the question tokens, then decode: greedy at
-     temperature 0, seeded sampling otherwise; stops at <eos> or max_tokens;
-  4. score = mean log-prob of the answer tokens under the model (untempered);
-     citations = prompt positions with the most attention mass (summed over layers, heads and
-     answer tokens, from the indexer-selected keys the sparse attention read), mapped through the
-     pack layout to (document, name, page, char span, snippet).
+Per pack (`PackWorker.stream`), on `model.engine.Engine` through its `AsyncEngine` (one engine
+thread; concurrent questions on a replica decode together, continuous batching):
+  1. key = KVStore.key_for(engine fingerprint, tenant, pack prompt ids);
+  2. the prefix handle comes from the replica's memory (LRU of `warm_packs` handles), else from
+     the KV store (safetensors in the data dir, metadata in Redis: another replica or node
+     prefilled it; `Engine.restore` checks the model fingerprint), else it is prefilled here,
+     snapshotted and stored for everyone. Concurrent questions over one cold pack prefill it once;
+  3. the question forks the handle (shared blocks, no copy) and decodes: greedy at temperature 0,
+     seeded sampling otherwise; stops at <eos>, a stop string or max_tokens;
+  4. score = mean model log-prob of the generated tokens (untempered; <eos> included);
+     citations = prompt positions with the most attention mass (the engine's per-token trace:
+     top positions the sparse attention read, averaged over heads and layers; summed over the
+     answer's tokens), mapped through the pack layout to (document, name, page, char span, snippet).
 `merge` picks the best pack answer by score, keeps every pack's citations (best pack's first)
 and sums usage {prompt_tokens, cached_tokens, completion_tokens}.
 
-The engine behind `PackWorker` is `_TorchPrefixEngine`, a minimal prefill / snapshot / restore /
-fork / decode loop over `model.model.Transformer` and `model.cache`; it imports neither FastAPI
-nor Ray. Tests: `.venv/bin/python -m pytest -q tests/service`.
+Imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/service`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
 import logging
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AsyncIterator
 
-import torch
-
-from model.tokenizer import IncrementalDecoder
 from rag_service.layout import PackLayout
 from rag_service.schemas import Citation
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds the [T, S] indexer logits
+TRACE_TOP = 32  # positions per generated token in the engine's attention trace
+CITE_POSITIONS = 64  # most-attended prompt positions turned into citations
 
 
-# ------------------------------------------------------------------ engine
-class _TorchPrefixEngine:
-    """Prefill / snapshot / restore / fork / decode of one sequence at a time over the model's
-    contiguous per-layer caches. Thread-safe: every forward runs under `lock`."""
+def make_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=None):
+    """Load a model (preset or checkpoint dir) into a `model.engine.Engine`."""
+    import torch
 
-    def __init__(self, model_name: str = "dsa-tiny", device: str = "cpu"):
-        from model.load import load_model
+    from model.engine import Engine
+    from model.load import load_model
 
-        self.model = load_model(model_name, device=device)
-        self.cfg = self.model.cfg
-        self.device = device
-        self.lock = threading.RLock()
-        self.fingerprint = _fingerprint(model_name, self.model)
-
-    def _new_caches(self):
-        from model.cache import new_sequence_cache
-
-        return new_sequence_cache(self.cfg.num_hidden_layers)
-
-    @torch.no_grad()
-    def forward(self, ids: list[int], start: int, caches, trace=None) -> torch.Tensor:
-        """Append `ids` at `start` to `caches` -> logits of the last token [vocab] (fp32)."""
-        logits = None
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            part = torch.tensor([ids[i:i + PREFILL_CHUNK]], device=self.device)
-            with self.lock:
-                logits = self.model(part, start + i, [caches], trace=trace, last_only=True)
-        return logits[0, -1]
-
-    def prefill(self, ids: list[int]):
-        caches = self._new_caches()
-        self.forward(ids, 0, caches)
-        return caches
-
-    @staticmethod
-    def snapshot(caches, n: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, c in enumerate(caches):
-            out[f"layers.{i}.kv"] = c.kv(n).contiguous().clone()
-            out[f"layers.{i}.index_k"] = c.index_k(n).contiguous().clone()
-            s = c.index_scale(n)
-            if s is not None:
-                out[f"layers.{i}.index_scale"] = s.contiguous().clone()
-        return out
-
-    def restore(self, tensors: dict[str, torch.Tensor]):
-        caches = self._new_caches()
-        for i, c in enumerate(caches):
-            kv = tensors[f"layers.{i}.kv"].to(self.device)
-            c.write(0, kv, tensors[f"layers.{i}.index_k"].to(self.device),
-                    None if f"layers.{i}.index_scale" not in tensors else tensors[f"layers.{i}.index_scale"].to(self.device))
-        return caches
-
-    def fork(self, caches, n: int):
-        new = self._new_caches()
-        for src, dst in zip(caches, new):
-            dst.write(0, src.kv(n), src.index_k(n), src.index_scale(n))
-        return new
-
-
-def _fingerprint(name: str, model) -> str:
-    """Model identity for prefix-cache keys: config + a sample of every weight tensor."""
-    import dataclasses
-
-    h = hashlib.sha256(name.encode())
-    h.update(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
-    for k, t in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(t.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Engine(load_model(model, device=device), tokenizer)
 
 
 # ------------------------------------------------------------------ per-pack answers
@@ -147,148 +82,163 @@ class PackResult:
 
 
 class PackWorker:
-    """The model side of one replica: engine, warm prefix caches (memory LRU), the KV store."""
+    """The model side of one replica: engine, warm prefix handles (memory LRU), the KV store.
+    Async: call it from one event loop (a Ray replica's, or the app's)."""
 
-    def __init__(self, rag, model: str = "dsa-tiny", *, replica_id: str = "local", warm_packs: int = 8,
-                 citations: int = 5, max_new_tokens: int = 512, engine=None):
+    def __init__(self, rag, engine, *, replica_id: str = "local", warm_packs: int = 8, citations: int = 5,
+                 max_new_tokens: int = 512):
+        from model.engine import AsyncEngine
+
         self.rag = rag
-        self.engine = engine or _TorchPrefixEngine(model)
+        self.engine = engine
+        self.aengine = AsyncEngine(engine)
         self.replica_id = replica_id
         self.warm_limit = warm_packs
         self.citations = citations
         self.max_new_tokens = max_new_tokens
-        self._warm: OrderedDict[str, tuple] = OrderedDict()  # cache key -> (caches, n tokens)
+        self._warm: OrderedDict[str, object] = OrderedDict()  # cache key -> PrefixHandle
         self._prompts: OrderedDict[str, tuple] = OrderedDict()  # pack id -> (ids, layout, key)
-        self._lock = threading.Lock()
+        self._loading: dict[str, asyncio.Future] = {}  # cache key -> in-flight prefill / restore
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
 
     @property
     def fingerprint(self) -> str:
         return self.engine.fingerprint
 
+    def close(self) -> None:
+        self.aengine.close()
+
     # --- prompts and prefix caches -----------------------------------------------------------------
-    def _prompt(self, pack_id: str) -> tuple[list[int], PackLayout, str]:
-        with self._lock:
-            hit = self._prompts.get(pack_id)
-            if hit is not None:
-                self._prompts.move_to_end(pack_id)
-                return hit
-        ids, layout = self.rag.pack_prompt(pack_id)  # pack ids are immutable: a rebuild gets a new id
-        key = self.rag.kv.key_for(self.fingerprint, self.rag.get_pack(pack_id).tenant, ids)
-        with self._lock:
-            self._prompts[pack_id] = (ids, layout, key)
-            while len(self._prompts) > max(4 * self.warm_limit, 16):
-                self._prompts.popitem(last=False)
-        return ids, layout, key
+    async def _prompt(self, pack_id: str) -> tuple[list[int], PackLayout, str]:
+        hit = self._prompts.get(pack_id)
+        if hit is not None:
+            self._prompts.move_to_end(pack_id)
+            return hit
 
-    def prefix(self, pack_id: str) -> tuple[object, list[int], PackLayout, str]:
-        """-> (prefix caches, ids, layout, source) with source memory | store | prefill."""
-        ids, layout, key = self._prompt(pack_id)
-        with self._lock:
-            warm = self._warm.get(key)
-            if warm is not None:
-                self._warm.move_to_end(key)
-                self.counters["memory"] += 1
-                return warm[0], ids, layout, "memory"
-        entry = self.rag.kv.get(key)
-        if entry is not None and int(entry.metadata.get("tokens", -1)) == len(ids):
-            caches, source = self.engine.restore(entry.tensors), "store"
-        else:
-            caches, source = self.engine.prefill(ids), "prefill"
+        def load():  # pack ids are immutable (a rebuilt pack gets a new id), so this is cacheable
+            ids, layout = self.rag.pack_prompt(pack_id)
+            return ids, layout, self.rag.kv.key_for(self.fingerprint, self.rag.get_pack(pack_id).tenant, ids)
+
+        out = await asyncio.to_thread(load)
+        self._prompts[pack_id] = out
+        while len(self._prompts) > max(4 * self.warm_limit, 16):
+            self._prompts.popitem(last=False)
+        return out
+
+    async def prefix(self, pack_id: str):
+        """-> (PrefixHandle, ids, layout, source) with source memory | store | prefill."""
+        ids, layout, key = await self._prompt(pack_id)
+        handle = self._warm.get(key)
+        if handle is not None:
+            self._warm.move_to_end(key)
+            self.counters["memory"] += 1
+            return handle, ids, layout, "memory"
+        pending = self._loading.get(key)
+        if pending is not None:  # another question is loading this pack right now: share its work
+            handle, _ = await asyncio.shield(pending)
+            self.counters["memory"] += 1
+            return handle, ids, layout, "memory"
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            handle, source = await self._load(pack_id, ids, key)
+            fut.set_result((handle, source))
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            self._loading.pop(key, None)
+        self.counters[source] += 1
+        if self.warm_limit:
+            self._warm[key] = handle
+            while len(self._warm) > self.warm_limit:
+                _, old = self._warm.popitem(last=False)
+                await self.aengine.call(self.engine.release, old)  # running forks keep their blocks
+        return handle, ids, layout, source
+
+    async def _load(self, pack_id: str, ids: list[int], key: str):
+        entry = await asyncio.to_thread(self.rag.kv.get, key)
+        if entry is not None:
             try:
-                self.rag.kv.put(key, self.engine.snapshot(caches, len(ids)),
-                                {"tokens": str(len(ids)), "model": self.fingerprint},
-                                pack_id=pack_id, model=self.fingerprint, tokens=len(ids))
-            except Exception:  # the answer does not depend on the store; the next replica re-prefills
-                log.exception("storing the prefix cache of pack %s failed", pack_id)
-        with self._lock:
-            self.counters[source] += 1
-            if self.warm_limit:
-                self._warm[key] = (caches, len(ids))
-                while len(self._warm) > self.warm_limit:
-                    self._warm.popitem(last=False)
-        return caches, ids, layout, source
+                return await self.aengine.call(self.engine.restore, entry.tensors, entry.metadata), "store"
+            except ValueError as e:  # another model / a broken file: drop it and prefill
+                log.warning("KV entry for pack %s not restorable (%s); prefilling", pack_id, e)
+                await asyncio.to_thread(self.rag.kv.remove, key, "stale")
+        handle = await self.aengine.call(self.engine.prefill_prefix, ids)
+        snap = await self.aengine.call(self.engine.snapshot, handle)
+        try:
+            await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
+                                    model=self.fingerprint, tokens=len(ids))
+        except Exception:  # the answer does not depend on the store; the next replica re-prefills
+            log.exception("storing the prefix cache of pack %s failed", pack_id)
+        return handle, "prefill"
 
-    def warm(self, pack_id: str) -> str:
+    async def warm(self, pack_id: str) -> str:
         """Make the pack's prefix warm in this replica (background prefill). -> cache source."""
-        return self.prefix(pack_id)[3]
+        return (await self.prefix(pack_id))[3]
 
     def warm_pack_ids(self) -> list[str]:
-        with self._lock:
-            keys = set(self._warm)
-            return [p for p, (_, _, k) in self._prompts.items() if k in keys]
+        keys = set(self._warm)
+        return [p for p, (_, _, k) in self._prompts.items() if k in keys]
 
     def stats(self) -> dict:
-        with self._lock:
-            return {"replica": self.replica_id, "warm_packs": len(self._warm), **self.counters}
+        return {"replica": self.replica_id, "warm_packs": len(self._warm), **self.counters}
 
     # --- one pack, streamed ---------------------------------------------------------------------
-    def stream(self, pack_id: str, question: str, max_tokens: int = 64, temperature: float = 0.0,
-               seed: int | None = None) -> Iterator[dict]:
+    async def stream(self, pack_id: str, question: str, max_tokens: int = 64, temperature: float = 0.0,
+                     seed: int | None = None, stop: list[str] | None = None, top_p: float = 1.0
+                     ) -> AsyncIterator[dict]:
         """Events: start {pack_id, cache, prompt_tokens, cached_tokens, replica}; token {text,
         token_id, logprob} per generated token; end {text, score, citations, usage, timings}."""
+        from model.engine import SamplingParams
+
         t0 = time.perf_counter()
         self.counters["requests"] += 1
-        max_tokens = max(1, min(int(max_tokens), self.max_new_tokens))
-        prefix, ids, layout, source = self.prefix(pack_id)
+        params = SamplingParams(max_tokens=max(1, min(int(max_tokens), self.max_new_tokens)),
+                                temperature=float(temperature), top_p=float(top_p), seed=seed,
+                                stop=tuple(stop or ()), trace=True, trace_top=TRACE_TOP)
+        handle, ids, layout, source = await self.prefix(pack_id)
         n = len(ids)
         t_prefix = time.perf_counter()
-        tok = self.rag.tok
-        q_ids = tok.question_ids(question)
+        q_ids = self.rag.tok.question_ids(question)
         cached = n if source != "prefill" else 0
         yield {"event": "start", "pack_id": pack_id, "cache": source, "prompt_tokens": n + len(q_ids),
                "cached_tokens": cached, "replica": self.replica_id}
-
-        caches = self.engine.fork(prefix, n)
-        mass = torch.zeros(n, dtype=torch.float32)
-
-        def trace(layer, row, idx, m):  # idx [T, k] prompt positions (-1 = none), m [T, k]
-            sel = (idx >= 0) & (idx < n)
-            if sel.any():
-                mass.index_add_(0, idx[sel].long().cpu(), m[sel].float().cpu())
-
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        dec = IncrementalDecoder(tok)
-        logits = self.engine.forward(q_ids, n, caches, trace=trace)
-        pos, logps, out_ids, text, finish = n + len(q_ids), [], [], [], "length"
-        t_first = None
-        for _ in range(max_tokens):
-            lp = torch.log_softmax(logits.float(), -1)
-            if temperature <= 0:
-                t = int(torch.argmax(lp))
-            else:
-                t = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
-            if t == tok.eos_id:
-                finish = "stop"
+        mass: dict[int, float] = {}
+        logps, text, finish, n_out, t_first = [], [], "length", 0, None
+        async for ev in self.aengine.generate(q_ids, params, prefix=handle):
+            if ev.token_id < 0:  # aborted
+                finish = ev.finish_reason or "stop"
                 break
-            out_ids.append(t)
-            logps.append(float(lp[t]))
-            piece = dec.push(t)
-            text.append(piece)
+            n_out += 1
+            if ev.logprob is not None:
+                logps.append(ev.logprob)
+            if ev.trace is not None:
+                for p, m in zip(ev.trace.positions, ev.trace.mass):
+                    if p < n:
+                        mass[p] = mass.get(p, 0.0) + m
             if t_first is None:
                 t_first = time.perf_counter()
-            yield {"event": "token", "pack_id": pack_id, "text": piece, "token_id": t, "logprob": logps[-1]}
-            if len(out_ids) == max_tokens:
-                break
-            logits = self.engine.forward([t], pos, caches, trace=trace)
-            pos += 1
-        tail = dec.flush()
-        if tail:
-            text.append(tail)
-            yield {"event": "token", "pack_id": pack_id, "text": tail, "token_id": -1, "logprob": 0.0}
+            if ev.text:
+                text.append(ev.text)
+            yield {"event": "token", "pack_id": pack_id, "text": ev.text, "token_id": ev.token_id,
+                   "logprob": ev.logprob}
+            if ev.finished:
+                finish = "length" if ev.finish_reason == "length" else "stop"
         t_end = time.perf_counter()
-        top = torch.topk(mass, min(64, n)).indices.tolist() if mass.sum() > 0 else []
-        citations = layout.cite(top, max_citations=self.citations) if self.citations else []
+        top = sorted(mass, key=mass.get, reverse=True)[:CITE_POSITIONS]
+        citations = layout.cite(top, max_citations=self.citations) if self.citations and top else []
         decode_s = t_end - (t_first or t_end)
         yield {
             "event": "end", "pack_id": pack_id, "text": "".join(text),
             "score": sum(logps) / len(logps) if logps else float("-inf"), "cache": source,
             "replica": self.replica_id, "finish_reason": finish,
             "citations": [c.model_dump() for c in citations],
-            "usage": {"prompt_tokens": n + len(q_ids), "cached_tokens": cached, "completion_tokens": len(out_ids)},
+            "usage": {"prompt_tokens": n + len(q_ids), "cached_tokens": cached, "completion_tokens": n_out},
             "timings": {
                 "prefix_s": t_prefix - t0, "first_token_s": (t_first or t_end) - t0, "total_s": t_end - t0,
-                "tokens_per_s": (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0,
+                "tokens_per_s": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
             },
         }
 
@@ -323,20 +273,32 @@ def merge(results: list[PackResult]) -> dict:
     }
 
 
-def answer(rag, worker: PackWorker, question: str, document_ids: list[str] | None = None, *,
-           max_tokens: int = 64, temperature: float = 0.0, tenant: str = "default", seed: int | None = None) -> dict:
-    """The whole question path in one process (no Ray, no HTTP): select packs, answer each, merge."""
+async def answer_async(rag, worker: PackWorker, question: str, document_ids: list[str] | None = None, *,
+                       max_tokens: int = 64, temperature: float = 0.0, tenant: str = "default",
+                       seed: int | None = None) -> dict:
+    """The whole question path in one process (no Ray, no HTTP): select packs, answer them
+    concurrently (one decode batch), merge."""
     t0 = time.perf_counter()
-    selections = rag.select_packs(question, document_ids, tenant)
+    selections = await asyncio.to_thread(rag.select_packs, question, document_ids, tenant)
     t_sel = time.perf_counter()
-    results, first = [], None
-    for sel in selections:
-        for ev in worker.stream(sel.pack_id, question, max_tokens, temperature, seed):
-            if ev["event"] == "token" and first is None:
-                first = time.perf_counter()
+    first: list[float] = []
+
+    async def one(pack_id: str) -> PackResult:
+        async for ev in worker.stream(pack_id, question, max_tokens, temperature, seed):
+            if ev["event"] == "token" and not first:
+                first.append(time.perf_counter())
             if ev["event"] == "end":
-                results.append(PackResult.from_end_event(ev))
-    out = merge(results)
+                return PackResult.from_end_event(ev)
+        raise RuntimeError(f"pack {pack_id}: answer stream ended without a result")
+
+    results = await asyncio.gather(*(one(s.pack_id) for s in selections))
+    out = merge(list(results))
     t_end = time.perf_counter()
-    out["timings"] = {"select_s": t_sel - t0, "first_token_s": (first or t_end) - t0, "total_s": t_end - t0}
+    out["timings"] = {"select_s": t_sel - t0, "first_token_s": (first[0] if first else t_end) - t0,
+                      "total_s": t_end - t0}
     return out
+
+
+def answer(rag, worker: PackWorker, question: str, document_ids: list[str] | None = None, **kw) -> dict:
+    """Sync form of `answer_async` (notebooks, scripts); not from inside a running event loop."""
+    return asyncio.run(answer_async(rag, worker, question, document_ids, **kw))

@@ -209,8 +209,9 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
         _check_model(req.model)
         if req.n != 1:
             raise BadRequest("only n=1 is supported")
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
         args = (question, req.document_ids, _max_tokens(req.max_completion_tokens, req.max_tokens),
-                req.temperature or 0.0, tenant, req.seed)
+                req.temperature or 0.0, tenant, req.seed, stop, req.top_p or 1.0)
         if not req.stream:
             r = await ask(backend, metrics, *args)
             if chat:

@@ -2,7 +2,8 @@
 health) with two implementations behind one interface:
 
 - `InProcessBackend`: the pipeline and one `PackWorker` in this process (fast tests,
-  `dsa-rag serve --no-ray`); CPU-bound work runs in worker threads, never on the event loop;
+  `dsa-rag serve --no-ray`); blocking work runs in threads (the engine in its own), never on
+  the event loop;
 - `RayBackend` (rag_service/serve/deployments.py): the same calls through Ray Serve handles.
 
     backend = InProcessBackend(ServeSettings(data_dir="/tmp/rag"))
@@ -14,8 +15,7 @@ Tests: `.venv/bin/python -m pytest -q tests/service`.
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import AsyncIterator, Iterator, Protocol
+from typing import AsyncIterator, Protocol
 
 from rag_service.schemas import DocumentInfo, IngestResult, PackSelection
 from rag_service.serve.settings import ServeSettings
@@ -32,48 +32,11 @@ class Backend(Protocol):
     async def delete_document(self, doc_id: str, tenant: str) -> dict: ...
     async def select(self, question: str, document_ids: list[str] | None, tenant: str) -> list[PackSelection]: ...
     def stream_pack(self, pack_id: str, question: str, max_tokens: int, temperature: float,
-                    seed: int | None) -> AsyncIterator[dict]: ...
+                    seed: int | None, stop: list[str] | None = None, top_p: float = 1.0) -> AsyncIterator[dict]: ...
     async def health(self) -> dict[str, str]: ...
     async def ready(self) -> dict[str, str]: ...
     async def replicas(self) -> int: ...
     async def prefetch(self, pack_ids: list[str]) -> None: ...
-
-
-async def iterate_in_thread(make_iter, cancel: threading.Event | None = None) -> AsyncIterator:
-    """Run a blocking iterator in a thread and yield its items on the event loop. Closing the
-    async generator (client went away) sets `cancel`, which the thread checks between items."""
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
-    cancel = cancel or threading.Event()
-    done = object()
-
-    def run():
-        try:
-            it: Iterator = make_iter()
-            for item in it:
-                loop.call_soon_threadsafe(q.put_nowait, (True, item))
-                if cancel.is_set():
-                    close = getattr(it, "close", None)
-                    if close:
-                        close()
-                    break
-        except BaseException as e:  # re-raised on the loop
-            loop.call_soon_threadsafe(q.put_nowait, (False, e))
-        finally:
-            loop.call_soon_threadsafe(q.put_nowait, (True, done))
-
-    thread = threading.Thread(target=run, daemon=True, name="pack-stream")
-    thread.start()
-    try:
-        while True:
-            ok, item = await q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        cancel.set()
 
 
 class InProcessBackend:
@@ -82,7 +45,7 @@ class InProcessBackend:
     def __init__(self, settings: ServeSettings, *, rag=None, worker=None):
         self.settings = settings
         self.rag, self.worker = rag, worker
-        self._own = rag is None
+        self._own, self._own_worker = rag is None, worker is None
         self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -97,15 +60,18 @@ class InProcessBackend:
     def _load_worker(self) -> None:
         import torch
 
-        from rag_service.answer import PackWorker
+        from rag_service.answer import PackWorker, make_engine
 
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        self.worker = PackWorker(self.rag, s.model, replica_id="local", warm_packs=s.warm_packs_per_replica,
-                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
+        self.worker = PackWorker(self.rag, make_engine(s.model, tokenizer=self.rag.tok), replica_id="local",
+                                 warm_packs=s.warm_packs_per_replica, citations=s.citations_per_pack,
+                                 max_new_tokens=s.max_new_tokens)
 
     async def close(self) -> None:
+        if self._own_worker and self.worker is not None:
+            self.worker.close()
         if self._own and self.rag is not None:
             await asyncio.to_thread(self.rag.close)
             self.rag = None
@@ -125,15 +91,13 @@ class InProcessBackend:
     async def select(self, question, document_ids, tenant):
         return await asyncio.to_thread(self.rag.select_packs, question, document_ids, tenant)
 
-    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed):
-        async for ev in iterate_in_thread(
-            lambda: self.worker.stream(pack_id, question, max_tokens, temperature, seed)
-        ):
+    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed, stop=None, top_p=1.0):
+        async for ev in self.worker.stream(pack_id, question, max_tokens, temperature, seed, stop, top_p):
             yield ev
 
     async def prefetch(self, pack_ids):
         for pid in pack_ids:
-            await asyncio.to_thread(self.worker.warm, pid)
+            await self.worker.warm(pid)
 
     async def health(self):
         return {"process": "ok"}

@@ -30,7 +30,6 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from rag_service.errors import RagError
-from rag_service.serve.backend import iterate_in_thread
 from rag_service.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -88,7 +87,7 @@ class ModelReplica:
         import ray
         import torch
 
-        from rag_service.answer import PackWorker, _TorchPrefixEngine
+        from rag_service.answer import PackWorker, make_engine
         from rag_service.pipeline import RagPipeline
 
         s = ServeSettings(**settings)
@@ -98,20 +97,20 @@ class ModelReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rag = RagPipeline(s)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.worker = PackWorker(self.rag, s.model, replica_id=self.replica_id, warm_packs=s.warm_packs_per_replica,
-                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens,
-                                 engine=_TorchPrefixEngine(s.model, device=device))
+        self.worker = PackWorker(self.rag, make_engine(s.model, tokenizer=self.rag.tok), replica_id=self.replica_id,
+                                 warm_packs=s.warm_packs_per_replica, citations=s.citations_per_pack,
+                                 max_new_tokens=s.max_new_tokens)
 
-    async def stream(self, pack_id: str, question: str, max_tokens: int, temperature: float, seed=None):
+    async def stream(self, pack_id: str, question: str, max_tokens: int, temperature: float, seed=None,
+                     stop=None, top_p: float = 1.0):
         """Streamed per-pack answer events (see answer.PackWorker.stream). Call with the keyword
         `pack_id`: the router reads it."""
-        async for ev in iterate_in_thread(lambda: self.worker.stream(pack_id, question, max_tokens, temperature, seed)):
+        async for ev in self.worker.stream(pack_id, question, max_tokens, temperature, seed, stop, top_p):
             ev["node"] = self.node_id
             yield ev
 
     async def warm(self, pack_id: str) -> str:
-        return await asyncio.to_thread(self.worker.warm, pack_id)
+        return await self.worker.warm(pack_id)
 
     def record_routing_stats(self) -> dict:
         """Polled by the controller; the router reads it as `replica.routing_stats`."""
@@ -177,9 +176,10 @@ class RayBackend:
     async def select(self, question, document_ids, tenant):
         return await self._call("select_packs", question, document_ids, tenant)
 
-    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed):
+    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed, stop=None, top_p=1.0):
         gen = self.model.options(stream=True).stream.remote(
-            pack_id=pack_id, question=question, max_tokens=max_tokens, temperature=temperature, seed=seed)
+            pack_id=pack_id, question=question, max_tokens=max_tokens, temperature=temperature, seed=seed,
+            stop=stop, top_p=top_p)
         try:
             async for ev in gen:
                 yield ev

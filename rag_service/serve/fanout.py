@@ -29,7 +29,8 @@ class NoDocuments(RagError):
 
 
 async def ask_events(backend, metrics, question: str, document_ids: list[str] | None, max_tokens: int,
-                     temperature: float, tenant: str, seed: int | None = None) -> AsyncIterator[dict]:
+                     temperature: float, tenant: str, seed: int | None = None, stop: list[str] | None = None,
+                     top_p: float = 1.0) -> AsyncIterator[dict]:
     t0 = time.perf_counter()
     selections = await backend.select(question, document_ids, tenant)
     if not selections:
@@ -47,7 +48,7 @@ async def ask_events(backend, metrics, question: str, document_ids: list[str] | 
         t_start = time.perf_counter()
         first = None
         try:
-            async for ev in backend.stream_pack(pack_id, question, max_tokens, temperature, seed):
+            async for ev in backend.stream_pack(pack_id, question, max_tokens, temperature, seed, stop, top_p):
                 if ev["event"] == "start" and metrics is not None:
                     metrics.observe_prefix(ev["prompt_tokens"], ev["cached_tokens"], ev["cache"])
                 elif ev["event"] == "token" and first is None:

@@ -121,9 +121,9 @@ class _OpenAIBase(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="accepted, not applied")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    stop: str | list[str] | None = Field(None, description="accepted; generation stops at <eos> or max_tokens")
+    stop: str | list[str] | None = Field(None, max_length=4, description="up to 4 stop strings (trimmed from the output)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

@@ -40,10 +40,10 @@ def redis_url(redis_server) -> str:
 def engine():
     import torch
 
-    from rag_service.answer import _TorchPrefixEngine
+    from rag_service.answer import make_engine
 
     torch.set_num_threads(1)
-    return _TorchPrefixEngine("dsa-tiny")
+    return make_engine("dsa-tiny", device="cpu")
 
 
 @pytest.fixture
@@ -68,9 +68,10 @@ def backend(settings, engine):
     from rag_service.serve.backend import InProcessBackend
 
     rag = RagPipeline(settings)
-    worker = PackWorker(rag, engine=engine, warm_packs=settings.warm_packs_per_replica,
+    worker = PackWorker(rag, engine, warm_packs=settings.warm_packs_per_replica,
                         citations=settings.citations_per_pack, max_new_tokens=settings.max_new_tokens)
     yield InProcessBackend(settings, rag=rag, worker=worker)
+    worker.close()
     rag.close()
 
 

@@ -144,7 +144,7 @@ def test_fanout_over_several_packs(make_settings, engine):
 
     s = make_settings(max_context=512, pack_overlap=32)
     with RagPipeline(s) as rag:
-        b = InProcessBackend(s, rag=rag, worker=PackWorker(rag, engine=engine))
+        b = InProcessBackend(s, rag=rag, worker=PackWorker(rag, engine))
         with TestClient(create_app(b)) as c:
             ids = upload(c, ("rome.txt", ROME[:380], "text/plain"), ("paris.md", PARIS[:380].encode(), "text/markdown")).json()["ids"]
             a = c.post("/v1/ask", json={"question": "Rome or Paris?", "max_tokens": 2}).json()
@@ -193,3 +193,22 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def test_answer_in_python_and_restore_on_another_replica(backend, engine):
+    """The pipeline path without HTTP; a second worker (another replica) restores the pack from
+    the KV store instead of prefilling it."""
+    from rag_service.answer import PackWorker, answer
+
+    rag = backend.rag
+    rag.ingest("rome.txt", ROME)
+    a = answer(rag, backend.worker, "Where was it signed?", max_tokens=2)
+    assert [p["cache"] for p in a["packs"]] == ["prefill"] and a["usage"]["cached_tokens"] == 0
+    other = PackWorker(rag, engine, replica_id="other")
+    try:
+        b = answer(rag, other, "Where was it signed?", max_tokens=2)
+    finally:
+        other.close()
+    assert [p["cache"] for p in b["packs"]] == ["store"] and b["usage"]["cached_tokens"] > 0
+    assert b["answer"] == a["answer"]  # greedy: the restored prefix gives the same tokens
+    assert rag.kv.stats()["hits"] == 1
