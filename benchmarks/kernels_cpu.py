@@ -19,7 +19,8 @@
                against full-sequence SDPA(is_causal=True, kv broadcast to H heads) at L = 2048
                in the same run: dense_calibrated = dense_sampled * calibration, calibration =
                full / sampled-extrapolated (< 1 means the sampled method overstates dense cost).
-               Speedups are reported against calibrated dense.
+               Headline speedups use the faster of the two dense estimates (dense_s_best);
+               speedup_with_indexer_vs_literal_sdpa_causal uses the literal SDPA(is_causal) one.
 3. indexer_topk at L = 128k for the last T = 1024 queries (start_pos = L - 1024): time and peak
    RSS increase (ru_maxrss delta in a fresh subprocess), vs the 512 MiB a materialized fp32
    [T, S] score matrix would take; full-prefill time extrapolated as t * (L / T) / 2 (causal).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -170,19 +170,28 @@ def time_indexer(iH, iD, fp8, L, ends, g, gen):
 
 
 # ---------------------------------------------------------------- indexer memory (subprocess)
-def indexer_child(iH, iD, fp8, L, T):
-    import resource
+def _rss_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def indexer_child(iH, iD, fp8, L, T):
+    """Peak RSS increase of one indexer_topk call. Linux: writing 5 to /proc/self/clear_refs
+    resets the peak (VmHWM) to the current RSS, so the inputs' creation peak is not counted."""
     gen = torch.Generator().manual_seed(0)
     q, k, w, ks = indexer_inputs(iH, iD, fp8, T, L, gen)
     indexer_topk(q[:16], k[:8192], w[:16], TOPK, k_scale=None if ks is None else ks[:8192], start_pos=8192 - 16)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS")
     t = time.perf_counter()
     idx = indexer_topk(q, k, w, TOPK, k_scale=ks, start_pos=L - T)
     dt = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _rss_kib("VmHWM")
     assert idx.shape == (T, TOPK) and (idx >= 0).all()
-    print(json.dumps({"seconds": dt, "peak_rss_increase_mib": (after - before) / 1024}))
+    print(json.dumps({"seconds": dt, "peak_rss_increase_mib": (peak - before) / 1024,
+                      "inputs_mib": sum(x.numel() * x.element_size() for x in (q, k, w)) / 2**20}))
 
 
 def indexer_at_128k(name, cfg, L, T):
@@ -211,7 +220,8 @@ def plot(result, path):
     fig, axes = plt.subplots(1, len(result["attention"]), figsize=(11, 4))
     for ax, (name, rows) in zip(axes, result["attention"].items()):
         Ls = [r["L"] for r in rows]
-        ax.loglog(Ls, [r["dense_s_calibrated"] for r in rows], "o-", label="dense causal SDPA")
+        ax.loglog(Ls, [r["dense_s_calibrated"] for r in rows], "o:", label="dense SDPA(is_causal), kv broadcast")
+        ax.loglog(Ls, [r["dense_s_best"] for r in rows], "o-", label="dense (best of two forms)")
         ax.loglog(Ls, [r["sparse_s"] for r in rows], "s-", label="sparse_mla (k=2048)")
         ax.loglog(Ls, [r["sparse_with_indexer_s"] for r in rows], "^-", label="sparse_mla + indexer_topk")
         for r in rows:
@@ -251,7 +261,7 @@ def main():
     lengths = [8192] if args.quick else [8192, 32768, 131072]
     rows_cfg = {"dsa-tiny": (16, 16), "v3.2": (16, 4)} if not args.quick else {"dsa-tiny": (4, 4), "v3.2": (4, 1)}
     result = {"gate": "green", "checks": checks, "threads": torch.get_num_threads(), "topk": TOPK,
-              "torch": torch.__version__, "attention": {}, "indexer_topk_128k": {}}
+              "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "attention": {}, "indexer_topk_128k": {}}
     for name, cfg in SHAPES.items():
         H, D, v = cfg["H"], cfg["D"], cfg["v"]
         G, g = rows_cfg[name]
@@ -273,8 +283,12 @@ def main():
                 L=L, sampled_rows=G * g, indexer_sampled_rows=8 * ig,
                 sparse_s=sparse, indexer_topk_s=idx_t, sparse_with_indexer_s=sparse + idx_t,
                 dense_s_sampled=dense, dense_s_calibrated=dense * calibration,
-                speedup_sparse_only=dense * calibration / sparse,
-                speedup_with_indexer=dense * calibration / (sparse + idx_t),
+                # headline speedups use the FASTER dense estimate (folded per-group SDPA or literal
+                # full SDPA(is_causal) as calibrated), so the claim never rests on a slow baseline
+                dense_s_best=dense * min(1.0, calibration),
+                speedup_sparse_only=dense * min(1.0, calibration) / sparse,
+                speedup_with_indexer=dense * min(1.0, calibration) / (sparse + idx_t),
+                speedup_with_indexer_vs_literal_sdpa_causal=dense * calibration / (sparse + idx_t),
             ))
             print(json.dumps({name: rows[-1]}), file=sys.stderr)
         result["attention"][name] = rows
@@ -284,8 +298,9 @@ def main():
             print(json.dumps({name: result["indexer_topk_128k"][name]}), file=sys.stderr)
     result["method"] = (
         "times are full-prefill seconds extrapolated from sampled query rows (G groups of g contiguous rows "
-        "spread over [0, L), scaled by L/rows); dense = per-group SDPA (g rows x H heads folded into queries, keys [0,pos]) times the "
-        "calibration factor measured against full-sequence SDPA(is_causal=True) at L=2048; bf16 everywhere, "
+        "spread over [0, L), scaled by L/rows); dense_s_sampled = per-group SDPA (g rows x H heads folded into queries, keys [0,pos]); "
+        "dense_s_calibrated = that times (full-sequence SDPA(is_causal=True, kv broadcast to H) / sampled) measured at "
+        "L=2048; speedups use dense_s_best = the faster of the two; bf16 everywhere, "
         "indexer FP8 for v3.2; min-of-N wall times on a shared 2-core CPU"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
