@@ -18,7 +18,8 @@ the first included, comes out of the same [B, 1] decode call (rows at different 
 the same numerics and the same trace. Then every request with its prompt cached decodes one token
 together: indexer -> top-k -> sparse MQA over the paged latent cache (model/paged.py).
 
-Prefixes: `prefill_prefix(ids)` / `restore(snapshot)` give a PrefixHandle whose blocks are
+Prefixes: `prefill_prefix(ids)` (or `add_prefix` + `take_prefix`, prefilled by step() between
+other requests' decode tokens) / `restore(snapshot)` give a PrefixHandle whose blocks are
 read-only; `add_request(question, params, prefix=handle)` forks it (refcounts, no copy; the
 partially filled last block is copied on the first write), so many questions share one 128k pack.
 
@@ -148,14 +149,20 @@ def model_fingerprint(model) -> str:
 
 # ---------------------------------------------------------------- requests
 class _Request:
-    def __init__(self, rid, tokens, params, seq, cached, tokenizer, eos):
+    def __init__(self, rid, tokens, params, seq, cached, tokenizer, eos, prefix_only=False):
         self.rid, self.tokens, self.params, self.seq = rid, tokens, params, seq
+        self.prefix_only = prefix_only  # cache every token, sample nothing, end as a PrefixHandle
         self.n_prompt, self.cached = len(tokens), cached
         self.out_ids: list[int] = []
         self.generator = make_generator(params)
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopMatcher(params.stop)
         self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eos])
+
+    @property
+    def target(self) -> int:
+        """Tokens to have in the cache before sampling: all but the last (fed by the decode batch)."""
+        return len(self.tokens) if self.prefix_only else len(self.tokens) - 1
 
 
 class Engine:
@@ -183,6 +190,7 @@ class Engine:
         self.running: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._outbox: dict[int, deque[TokenEvent]] = {}
+        self._prefixes: dict[int, PrefixHandle] = {}  # finished add_prefix requests, until taken
         self._fingerprint: str | None = None
 
     @property
@@ -242,12 +250,15 @@ class Engine:
         for r in list(self.running.values()):
             if budget <= 0:
                 break
-            todo = len(r.tokens) - 1 - r.seq.length
+            todo = r.target - r.seq.length
             if todo > 0:
                 n = min(todo, budget)
                 self._forward_chunk(r.seq, r.tokens, r.seq.length, n)
                 budget -= n
-        ready = [r for r in self.running.values() if r.seq.length == len(r.tokens) - 1][: self.max_batch]
+            if r.prefix_only and r.seq.length == r.target:
+                self._prefixes[r.rid] = PrefixHandle(r.seq, r.tokens)
+                del self.running[r.rid]
+        ready = [r for r in self.running.values() if not r.prefix_only and r.seq.length == r.target][: self.max_batch]
         events = self._decode(ready) if ready else []
         for ev in events:
             if ev.request_id in self._outbox:
@@ -365,18 +376,35 @@ class Engine:
                           [e.trace for e in evs], last.finish_reason if last else None, n_prompt, cached)
 
     # --- prefixes, snapshots ---------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
-        """Cache every token of `ids` (continuing `prefix` if given) in prefill_chunk pieces;
-        returns a read-only handle to fork questions from. Runs now, not through step()."""
+    def add_prefix(self, ids, prefix: PrefixHandle | None = None, request_id: int | None = None) -> int:
+        """Queue the prefill of a prefix (continuing `prefix` if given) through step(), in chunks
+        interleaved with other requests' decoding; take it with `take_prefix(rid)` when ready."""
         ids = [int(t) for t in (ids.tolist() if torch.is_tensor(ids) else ids)]
         tokens = (list(prefix.tokens) if prefix is not None else []) + ids
         if not tokens or len(tokens) > self.cfg.max_position_embeddings:
             raise ValueError(f"prefix of {len(tokens)} tokens: expected 1 .. {self.cfg.max_position_embeddings}")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prefix token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        if prefix is not None and prefix.seq.freed:
+            raise ValueError("the prefix handle was released; restore or prefill it again")
         seq = prefix.seq.fork() if prefix is not None else PagedSequence(self.pool)
-        for s in range(seq.length, len(tokens), self.prefill_chunk):
-            self._forward_chunk(seq, tokens, s, min(self.prefill_chunk, len(tokens) - s))
-        return PrefixHandle(seq, tokens)
+        rid = self.new_request_id() if request_id is None else request_id
+        self.running[rid] = _Request(rid, tokens, SamplingParams(), seq, seq.length, self.tokenizer, self.eos_id,
+                                     prefix_only=True)
+        return rid
+
+    def take_prefix(self, rid: int) -> PrefixHandle | None:
+        """The PrefixHandle of a finished add_prefix request (once), or None while it prefills."""
+        return self._prefixes.pop(rid, None)
+
+    def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
+        """Cache every token of `ids` (continuing `prefix` if given); returns a read-only handle
+        to fork questions from. Steps the engine until done, so running requests keep decoding."""
+        rid = self.add_prefix(ids, prefix)
+        while (h := self.take_prefix(rid)) is None:
+            self.step()
+        return h
 
     def release(self, handle: PrefixHandle) -> None:
         handle.seq.free()
@@ -510,6 +538,16 @@ class AsyncEngine:
             self._queues.pop(rid, None)
             if rid in self.engine.running:
                 await self.call(self.engine.abort, rid)
+
+    async def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
+        """Prefill a pack without stalling open streams: chunks interleave with their decoding."""
+        rid = await self.call(self.engine.add_prefix, ids, prefix)
+        while (h := await self.call(self.engine.take_prefix, rid)) is None:
+            if self._driver is None or self._driver.done():
+                await self.call(self.engine.step)
+            else:
+                await asyncio.sleep(0.005)
+        return h
 
     async def _drive(self):
         while self._queues and self.engine.has_unfinished():

@@ -174,6 +174,29 @@ def test_forks_share_blocks_while_running(model):
         eng.step()
 
 
+def test_prefix_prefill_interleaves_with_decoding_and_continues(model):
+    """A pack prefill goes through step() in chunks while a running request keeps getting one
+    token per step; a prefix grown in two parts continues like one prefilled at once."""
+    eng = engine(model, prefill_chunk=16)
+    part1, part2, q = ids_of(29, 1), ids_of(30, 2), ids_of(5, 3)
+    p = SamplingParams(max_tokens=12, **GREEDY)
+    want = eng.complete(part1 + part2 + q, p).token_ids
+    rid = eng.add_request(ids_of(10, 4), SamplingParams(max_tokens=6, **GREEDY))
+    pid = eng.add_prefix(part1)
+    per_step = []
+    while (h1 := eng.take_prefix(pid)) is None:
+        per_step.append(sum(ev.request_id == rid for ev in eng.step()))
+    assert len(per_step) >= 2 and all(n == 1 for n in per_step[1:])  # decoding never stalled
+    h2 = eng.prefill_prefix(part2, prefix=h1)
+    eng.release(h1)
+    assert h2.tokens == part1 + part2 and h2.seq.length == 59
+    assert eng.complete(q, p, prefix=h2).token_ids == want
+    while eng.has_unfinished():
+        eng.step()
+    eng.release(h2)
+    assert eng.stats()["blocks_used"] == 0
+
+
 def test_stop_conditions(model):
     eng = engine(model)
     ids = ids_of(30, 40)
