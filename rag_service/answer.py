@@ -63,6 +63,7 @@ class PackResult:
     score: float = float("-inf")
     cache: str = "prefill"
     replica: str = ""
+    node: str = ""
     finish_reason: str = "stop"
     citations: list[Citation] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -74,7 +75,7 @@ class PackResult:
     def from_end_event(cls, ev: dict) -> "PackResult":
         return cls(
             pack_id=ev["pack_id"], text=ev["text"], score=ev["score"], cache=ev["cache"],
-            replica=ev.get("replica", ""), finish_reason=ev["finish_reason"],
+            replica=ev.get("replica", ""), node=ev.get("node", ""), finish_reason=ev["finish_reason"],
             citations=[Citation(**c) for c in ev["citations"]], prompt_tokens=ev["usage"]["prompt_tokens"],
             cached_tokens=ev["usage"]["cached_tokens"], completion_tokens=ev["usage"]["completion_tokens"],
             timings=ev.get("timings", {}),
@@ -165,7 +166,10 @@ class PackWorker:
             except ValueError as e:  # another model / a broken file: drop it and prefill
                 log.warning("KV entry for pack %s not restorable (%s); prefilling", pack_id, e)
                 await asyncio.to_thread(self.rag.kv.remove, key, "stale")
-        handle = await self.aengine.call(self.engine.prefill_prefix, ids)
+        if hasattr(self.aengine, "prefill_prefix"):  # chunks interleave with other streams' decoding
+            handle = await self.aengine.prefill_prefix(ids)
+        else:
+            handle = await self.aengine.call(self.engine.prefill_prefix, ids)
         snap = await self.aengine.call(self.engine.snapshot, handle)
         try:
             await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
@@ -263,7 +267,7 @@ def merge(results: list[PackResult]) -> dict:
         "answer": best.text, "pack_id": best.pack_id, "score": best.score if best.score > float("-inf") else None,
         "finish_reason": best.finish_reason, "citations": cites,
         "packs": [{"pack_id": r.pack_id, "answer": r.text, "score": r.score if r.score > float("-inf") else -1e9,
-                   "cache": r.cache, "replica": r.replica, "finish_reason": r.finish_reason,
+                   "cache": r.cache, "replica": r.replica, "node": r.node, "finish_reason": r.finish_reason,
                    "citations": r.citations} for r in results],
         "usage": {
             "prompt_tokens": sum(r.prompt_tokens for r in results),

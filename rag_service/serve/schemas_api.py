@@ -85,7 +85,8 @@ class PackAnswer(BaseModel):
     answer: str
     score: float = Field(..., description="mean log-prob of the answer tokens (higher is better)")
     cache: Literal["memory", "store", "prefill"] = Field(..., description="where the prefix KV came from")
-    replica: str = ""
+    replica: str = Field("", description="the model replica that answered")
+    node: str = Field("", description="the Ray node it runs on (empty without Ray)")
     finish_reason: Literal["stop", "length"] = "stop"
     citations: list[Citation] = Field(default_factory=list)
 

@@ -1,0 +1,150 @@
+"""The service on Ray Serve, end to end over loopback HTTP, on a two-node Ray cluster on this
+machine (ray.cluster_utils.Cluster: two raylets), started ONCE for the module:
+
+- one ModelReplica per node, shared Redis (one redis-server, unix socket) and data dir;
+- upload -> ask -> stream through Ray's HTTP proxy; the openai client on /v1/chat/completions;
+- routing follows the cache: the second question over a pack goes to the replica that prefilled it;
+- the load guard: with the holder busy, a question over the same pack spills to the replica on the
+  other node, which restores the pack's prefix from the shared KV store (no prefill there);
+- the CLI client commands against the running service.
+
+    .venv/bin/python -m pytest -q tests/service/test_ray.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import httpx
+import pytest
+
+from rag_service.serve.sse import parse_sse
+
+pytestmark = pytest.mark.slow
+
+DOC = ("The treaty of Rome was signed in 1957 by six countries. " * 8).encode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_url):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from rag_service.serve.deployments import build_app
+    from tests.service.conftest import SMALL
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                           "resources": {"node_a": 1}})
+    cluster.add_node(num_cpus=2, resources={"node_b": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        args = dict(SMALL, data_dir=str(tmp_path_factory.mktemp("ray-data")), redis_url=redis_url,
+                    redis_prefix="r" + uuid.uuid4().hex[:8], model_replicas=2, router_max_queue=1,
+                    default_max_tokens=12, max_new_tokens=24)
+        app = build_app(args)
+        # one model replica per node (the deployment's own options, as a serve config would set)
+        model = app._bound_deployment._replica_config.init_args[3]
+        model._bound_deployment = model._bound_deployment.options(max_replicas_per_node=1)
+        serve.run(app, name="dsa-rag", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _ask(url, q, **kw):
+    r = httpx.post(f"{url}/v1/ask", json={"question": q, **kw}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_end_to_end_over_ray(service):
+    url = service
+    r = httpx.post(f"{url}/v1/documents", files=[("files", ("rome.txt", DOC, "text/plain"))], timeout=60)
+    assert r.status_code == 200, r.text
+    (doc_id,) = r.json()["ids"]
+    assert httpx.get(f"{url}/readyz", timeout=30).json() == {"status": "ok", "checks": {"redis": "ok", "model": "ok"}}
+
+    first = _ask(url, "When was the treaty signed?", max_tokens=2)
+    (p1,) = first["packs"]
+    assert p1["cache"] == "prefill" and p1["replica"] and p1["node"]
+    assert first["citations"] and all(c["document_id"] == doc_id for c in first["citations"])
+    second = _ask(url, "Who signed the treaty?", max_tokens=2)
+    (p2,) = second["packs"]
+    # routing follows the cache: same replica, prefix from its memory
+    assert (p2["replica"], p2["cache"]) == (p1["replica"], "memory")
+    assert second["usage"]["cached_tokens"] == second["usage"]["prompt_tokens"] - len("Who signed the treaty?") - 2
+
+    # streaming through Ray's proxy: tokens, then citations, then [DONE]
+    with httpx.stream("POST", f"{url}/v1/ask", json={"question": "When?", "max_tokens": 3, "stream": True},
+                      timeout=120) as s:
+        body = s.read().decode()
+    events = parse_sse(body)
+    assert events[-1] == "[DONE]" and events[-2]["type"] == "citations"
+    assert events[-2]["packs"][0]["replica"] == p1["replica"]
+
+    openai = pytest.importorskip("openai")
+    oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    chat = oc.chat.completions.create(model="dsa-tiny", messages=[{"role": "user", "content": "When?"}], max_tokens=2)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens_details.cached_tokens > 0
+
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert "dsa_rag_model_replicas 2.0" in metrics
+
+
+def test_hot_pack_spills_and_is_restored_on_the_other_node(service):
+    """max_queue=1: while the holder answers one question, the next question over the same pack
+    goes to the other node's replica, which restores the prefix from the shared store."""
+    url = service
+    r = httpx.post(f"{url}/v1/documents", files=[("files", ("paris.txt", DOC.replace(b"Rome", b"Paris"), "text/plain"))],
+                   timeout=60)
+    doc_id = r.json()["ids"][0]
+    first = _ask(url, "Where?", document_ids=[doc_id], max_tokens=2)["packs"][0]
+    assert first["cache"] == "prefill"
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def one(q, n):
+                r = await c.post(f"{url}/v1/ask", json={"question": q, "document_ids": [doc_id], "max_tokens": n})
+                assert r.status_code == 200, r.text
+                return r.json()["packs"][0]
+
+            slow = asyncio.create_task(one("A long answer please", 20))
+            await asyncio.sleep(0.5)  # the holder is now busy with `slow`
+            fast = await one("Quick?", 2)
+            return await slow, fast
+
+    slow, spilled = asyncio.run(both())
+    assert slow["replica"] == first["replica"] and slow["cache"] == "memory"
+    assert spilled["replica"] != first["replica"] and spilled["node"] != first["node"]
+    assert spilled["cache"] == "store"  # restored on the other node, not prefilled
+    # now both replicas hold the pack: later questions are served from memory wherever they land
+    again = _ask(url, "Again?", document_ids=[doc_id], max_tokens=2)["packs"][0]
+    assert again["cache"] == "memory"
+
+
+def test_cli_client_commands(service, capsys, tmp_path):
+    from rag_service.cli import main
+
+    f = tmp_path / "notes.md"
+    f.write_text("# Notes\n\nThe meeting is on Tuesday at noon.\n" * 5)
+    assert main(["ingest", str(f), "--url", service]) == 0
+    assert main(["ask", "When is the meeting?", "--max-tokens", "3", "--url", service]) == 0
+    out = capsys.readouterr().out
+    assert "[1] " in out or "notes.md" in out or out.strip()  # streamed text, then citations
+    assert main(["status", "--url", service]) == 0
+    status = capsys.readouterr().out
+    assert ": ok" in status and "dsa_rag_model_replicas 2.0" in status
