@@ -72,18 +72,38 @@ def correctness_gate(model) -> dict:
 
 
 # ---------------------------------------------------------------- 3. decode / prefill probes
-def decode_ms(eng: Engine, handle, steps: int, dense: bool, vocab: int) -> float:
-    eng.model.cfg.dense_attention = dense
-    try:
-        rid = eng.add_request(ids_of(1, 7, vocab), SamplingParams(max_tokens=steps + 1, **GREEDY), prefix=handle)
-        times = []
-        while rid in eng.running:
-            t0 = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times[1:])  # step 0 warms up (the fork's first block)
-    finally:
-        eng.model.cfg.dense_attention = False
+def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int) -> tuple[float, float]:
+    """Median decode step (ms) of DSA and of dense over the same cache. Rounds alternate DSA and
+    dense (a fresh fork each, first step = warm-up, not timed), so a shared machine's load
+    changes hit both alike."""
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for dense in (False, True):
+            eng.model.cfg.dense_attention = dense
+            try:
+                rid = eng.add_request(ids_of(1, 7, vocab), SamplingParams(max_tokens=steps + 1, **GREEDY), prefix=handle)
+                first = True
+                while rid in eng.running:
+                    t0 = time.perf_counter()
+                    eng.step()
+                    if not first:
+                        times[dense].append(time.perf_counter() - t0)
+                    first = False
+            finally:
+                eng.model.cfg.dense_attention = False
+    return 1e3 * statistics.median(times[False]), 1e3 * statistics.median(times[True])
+
+
+def synthetic_prefix(eng: Engine, L: int, vocab: int):
+    """A prefix handle over random cache values (restored from a synthetic snapshot): what the
+    decode / probe / TTFT timings need when a real prefill to L does not fit the time budget
+    (their cost depends on the cache length, not its values)."""
+    c, g = eng.cfg, torch.Generator().manual_seed(L)
+    t = {"tokens": torch.tensor(ids_of(L, 0, vocab), dtype=torch.int64)}
+    for i in range(c.num_hidden_layers):
+        t[f"layer.{i}.kv"] = torch.randn(L, c.kv_lora_rank + c.qk_rope_head_dim, generator=g)
+        t[f"layer.{i}.index_k"] = torch.randn(L, c.index_head_dim, generator=g)
+    return eng.restore(t)
 
 
 def chunk_seconds(eng: Engine, handle, L: int, probe: int, dense: bool) -> float:
@@ -127,7 +147,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per model call)")
-    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--decode-steps", type=int, default=4, help="timed decode steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating DSA / dense decode rounds")
+    ap.add_argument("--prefill-max", type=int, default=None,
+                    help="real DSA prefill up to this L (default: all); beyond, synthetic caches + extrapolation")
     ap.add_argument("--probe", type=int, default=512, help="tokens per dense prefill probe chunk")
     ap.add_argument("--dense-full-max", type=int, default=16384, help="measure dense prefill in full up to here")
     ap.add_argument("--question", type=int, default=32)
@@ -136,7 +159,8 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.quick:
-        a.lengths, a.chunk, a.probe, a.dense_full_max, a.decode_steps = [1024, 2048, 4096], 1024, 256, 2048, 4
+        a.lengths, a.chunk, a.probe, a.dense_full_max, a.decode_steps, a.rounds = [1024, 2048, 4096], 1024, 256, 2048, 3, 2
+        a.prefill_max = a.prefill_max or 2048
     if a.threads:
         torch.set_num_threads(a.threads)
     stem = a.out or f"benchmarks/results/engine_bench{'_quick' if a.quick else ''}"
@@ -155,20 +179,27 @@ def main():
     ids = ids_of(Ls[-1], 0, V)
     # room for the prefix and its restored copy, so no pool growth (a copy) lands inside a timing
     eng = Engine(model, prefill_chunk=a.chunk, n_blocks=2 * -(-Ls[-1] // 64) + 64)
+    pmax = a.prefill_max or Ls[-1]
     rows, h, cum = [], None, 0.0
     for L in Ls:
         prev = h.length if h else 0
-        t0 = time.perf_counter()
-        nh = eng.prefill_prefix(ids[prev:L], prefix=h)
-        seg = time.perf_counter() - t0
+        r = {"L": L}
+        if L <= pmax:
+            t0 = time.perf_counter()
+            nh = eng.prefill_prefix(ids[prev:L], prefix=h)
+            seg = time.perf_counter() - t0
+            cum += seg
+            r.update(cache="real DSA prefill", dsa_prefill_measured_s=round(cum, 2),
+                     dsa_segment_tok_s=round((L - prev) / seg, 1))
+        else:
+            nh = synthetic_prefix(eng, L, V)
+            r["cache"] = "synthetic (random values, restored)"
         if h is not None:
             eng.release(h)
-        h, cum = nh, cum + seg
-        r = {"L": L, "dsa_prefill_s": round(cum, 2), "dsa_prefill_tok_s": round(L / cum, 1),
-             "dsa_segment_tok_s": round((L - prev) / seg, 1),
-             "dsa_decode_ms": round(decode_ms(eng, h, a.decode_steps, False, V), 2),
-             "dense_decode_ms": round(decode_ms(eng, h, a.decode_steps, True, V), 2)}
-        r["decode_speedup"] = round(r["dense_decode_ms"] / r["dsa_decode_ms"], 2)
+        h = nh
+        dsa_ms, dense_ms = decode_pair(eng, h, a.rounds, a.decode_steps, V)
+        r.update(dsa_decode_ms=round(dsa_ms, 2), dense_decode_ms=round(dense_ms, 2),
+                 decode_speedup=round(dense_ms / dsa_ms, 2))
         probe = min(a.probe, L // 2)
         r["probe_tokens"] = probe
         r["dsa_probe_ms_per_tok"] = round(1e3 * chunk_seconds(eng, h, L, probe, False) / probe, 3)
@@ -179,6 +210,18 @@ def main():
         r["pool_gb"] = round(eng.pool.nbytes() / 2**30, 3)
         rows.append(r)
         print(json.dumps(r), flush=True)
+
+    # DSA prefill beyond --prefill-max: the same fit-and-integrate as dense, calibrated on the
+    # largest really prefilled L
+    ps = [r["L"] - r["probe_tokens"] / 2 for r in rows]
+    da, db = fit_line(ps, [r["dsa_probe_ms_per_tok"] / 1e3 for r in rows])
+    real = [r for r in rows if "dsa_prefill_measured_s" in r]
+    dcal = real[-1]["dsa_prefill_measured_s"] / (da * real[-1]["L"] + db * real[-1]["L"] ** 2 / 2)
+    for r in rows:
+        L = r["L"]
+        r["dsa_prefill_s"] = r.get("dsa_prefill_measured_s", round(dcal * (da * L + db * L * L / 2), 2))
+        r["dsa_prefill_method"] = "measured" if "dsa_prefill_measured_s" in r else "extrapolated"
+        r["dsa_prefill_tok_s"] = round(L / r["dsa_prefill_s"], 1)
 
     # dense prefill at every L: fitted per-token cost, integrated, calibrated on the largest measured L
     ps = [r["L"] - r["probe_tokens"] / 2 for r in rows]
@@ -226,7 +269,7 @@ def main():
 
     ttft_q, ev = first_token(restored)
     ttft_q2, _ = first_token(restored)  # a second question on the same pack
-    full_ttft = rows[-1]["dsa_prefill_s"] + ttft_q
+    full_ttft = rows[-1]["dsa_prefill_s"] + ttft_q  # measured, or extrapolated beyond --prefill-max
     ttft = {"L": L, "question_tokens": a.question, "snapshot_bytes": snap_bytes, "save_s": round(save_s, 3),
             "load_s": round(load_s, 3), "restore_s": round(restore_s, 3),
             "ttft_restored_warm_s": round(ttft_q, 3), "ttft_restored_warm_second_question_s": round(ttft_q2, 3),
@@ -234,7 +277,8 @@ def main():
             "ttft_full_prefill_s": round(full_ttft, 2),
             "speedup_warm": round(full_ttft / ttft_q, 1),
             "speedup_cold": round(full_ttft / (load_s + restore_s + ttft_q), 1),
-            "method": "full = cumulative DSA prefill of the L-token prefix (chunked, measured above) + the "
+            "method": "full = cumulative DSA prefill of the L-token prefix (chunked; measured, or extrapolated "
+                      "beyond --prefill-max, see runs[-1].dsa_prefill_method) + the "
                       "question on that cache; warm = the question on a restored handle (replica memory); "
                       "cold = safetensors load + restore + question"}
     print(json.dumps(ttft), flush=True)
@@ -245,7 +289,8 @@ def main():
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype": str(model.embed.weight.dtype), "chunk": a.chunk, "index_topk": cfg.index_topk,
         "block_size": eng.pool.block_size, "gate": gate, "runs": rows, "ttft": ttft,
-        "dense_fit": {"a_s_per_tok": ca, "b_s_per_tok_per_pos": cb, "calibration": calib}, "dense_fit_check": fit_check,
+        "dense_fit": {"a_s_per_tok": ca, "b_s_per_tok_per_pos": cb, "calibration": calib},
+        "dsa_fit": {"a_s_per_tok": da, "b_s_per_tok_per_pos": db, "calibration": dcal, "prefill_max": pmax}, "dense_fit_check": fit_check,
         "peak_rss_gb": round(rss_gb(), 3),
         "targets": {"decode_speedup_at_max_L": last["decode_speedup"], "decode_target": 10.0,
                     "decode_met": last["decode_speedup"] >= 10.0,
@@ -254,13 +299,17 @@ def main():
         "method": {
             "prefill": "one chunked DSA prefill grown through every L (prefill_prefix continuing the previous "
                        "handle); tok/s at L = L / cumulative seconds",
-            "decode": "median step time of a greedy request forked off the L-token prefix (decode batch of 1); "
-                      "dense = the same weights with cfg.dense_attention=True over the SAME cache written by the "
+            "decode": "median step time of a greedy request forked off the L-token prefix (decode batch of 1), "
+                      "rounds alternating DSA and dense; dense = the same weights with cfg.dense_attention=True over the SAME cache written by the "
                       "DSA prefill (decode cost depends on the cache length, not its values)",
             "dense_prefill": f"measured in full for L <= {a.dense_full_max}; beyond, per-token cost of a "
                              f"{a.probe}-token chunk recomputed in dense mode at the end of each context, fitted "
                              "c(p) = a + b p over all L, integrated (a L + b L^2 / 2) and scaled by measured / "
                              "integrated at the largest fully measured L (`dense_fit.calibration`)",
+            "dsa_prefill_beyond_prefill_max": f"L > {pmax}: caches are synthetic (random values restored "
+                      "from a snapshot: decode, probe and TTFT costs depend on the cache length, not its values); "
+                      "the DSA prefill time there is extrapolated like dense (fit of the DSA probe costs, "
+                      "integrated, calibrated on the largest really prefilled L: `dsa_fit`)",
             "peak_rss": "ru_maxrss of the whole process (includes the dense probes and the restored copy)",
         },
         "command": " ".join(["python"] + sys.argv),
@@ -282,7 +331,8 @@ def write_md(res, path):
              "| L | DSA prefill tok/s | dense prefill tok/s | DSA decode ms/tok | dense decode ms/tok | decode speedup | peak RSS GB |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
-        lines.append(f"| {r['L']} | {r['dsa_prefill_tok_s']} | {r['dense_prefill_tok_s']} ({r['dense_prefill_method']}) | "
+        lines.append(f"| {r['L']} | {r['dsa_prefill_tok_s']} ({r['dsa_prefill_method']}) | "
+                     f"{r['dense_prefill_tok_s']} ({r['dense_prefill_method']}) | "
                      f"{r['dsa_decode_ms']} | {r['dense_decode_ms']} | {r['decode_speedup']}x | {r['peak_rss_gb']} |")
     lines += ["", f"TTFT of a {t['question_tokens']}-token question at L={t['L']}: full prefill {t['ttft_full_prefill_s']} s; "
               f"restored snapshot cold (load {t['load_s']} s + restore {t['restore_s']} s + question) "
@@ -305,7 +355,7 @@ def plot(res, path):
     rows = res["runs"]
     Ls = [r["L"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax[0].plot(Ls, [r["dsa_prefill_tok_s"] for r in rows], "o-", label="DSA (measured)")
+    ax[0].plot(Ls, [r["dsa_prefill_tok_s"] for r in rows], "o-", label="DSA (measured; extrapolated beyond --prefill-max)")
     ax[0].plot(Ls, [r["dense_prefill_tok_s"] for r in rows], "s--",
                label="dense (measured small L, extrapolated beyond)")
     ax[0].set(xscale="log", yscale="log", xlabel="context L (tokens)", ylabel="prefill tokens/s",
