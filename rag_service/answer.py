@@ -98,7 +98,7 @@ class PackWorker:
         self.citations = citations
         self.max_new_tokens = max_new_tokens
         self._warm: OrderedDict[str, object] = OrderedDict()  # cache key -> PrefixHandle
-        self._prompts: OrderedDict[str, tuple] = OrderedDict()  # pack id -> (ids, layout, key)
+        self._prompts: OrderedDict[str, tuple] = OrderedDict()  # pack id -> (ids, layout, key, (tokens, version))
         self._loading: dict[str, asyncio.Future] = {}  # cache key -> in-flight prefill / restore
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
 
@@ -111,39 +111,44 @@ class PackWorker:
 
     # --- prompts and prefix caches -----------------------------------------------------------------
     async def _prompt(self, pack_id: str) -> tuple[list[int], PackLayout, str]:
+        """The pack's prompt ids, layout and cache key. An open pack grows under the same id
+        (documents are appended), so the cached prompt is checked against its token count."""
+        pack = await asyncio.to_thread(self.rag.get_pack, pack_id)
+        stamp = (pack.tokens, pack.version)
         hit = self._prompts.get(pack_id)
-        if hit is not None:
+        if hit is not None and hit[3] == stamp:
             self._prompts.move_to_end(pack_id)
-            return hit
+            return hit[:3]
 
-        def load():  # pack ids are immutable (a rebuilt pack gets a new id), so this is cacheable
+        def load():
             ids, layout = self.rag.pack_prompt(pack_id)
-            return ids, layout, self.rag.kv.key_for(self.fingerprint, self.rag.get_pack(pack_id).tenant, ids)
+            return ids, layout, self.rag.kv.key_for(self.fingerprint, pack.tenant, ids)
 
-        out = await asyncio.to_thread(load)
-        self._prompts[pack_id] = out
+        ids, layout, key = await asyncio.to_thread(load)
+        self._prompts[pack_id] = (ids, layout, key, (len(ids), layout.version))
         while len(self._prompts) > max(4 * self.warm_limit, 16):
             self._prompts.popitem(last=False)
-        return out
+        return ids, layout, key
 
     async def prefix(self, pack_id: str):
-        """-> (PrefixHandle, ids, layout, source) with source memory | store | prefill."""
+        """-> (PrefixHandle, ids, layout, source, cached tokens) with source memory | store |
+        prefill (cached > 0 there when a grown pack extended its older warm prefix)."""
         ids, layout, key = await self._prompt(pack_id)
         handle = self._warm.get(key)
         if handle is not None:
             self._warm.move_to_end(key)
             self.counters["memory"] += 1
-            return handle, ids, layout, "memory"
+            return handle, ids, layout, "memory", len(ids)
         pending = self._loading.get(key)
         if pending is not None:  # another question is loading this pack right now: share its work
-            handle, _ = await asyncio.shield(pending)
+            handle, _, _ = await asyncio.shield(pending)
             self.counters["memory"] += 1
-            return handle, ids, layout, "memory"
+            return handle, ids, layout, "memory", len(ids)
         fut = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
-            handle, source = await self._load(pack_id, ids, key)
-            fut.set_result((handle, source))
+            handle, source, cached = await self._load(pack_id, ids, key)
+            fut.set_result((handle, source, cached))
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
@@ -156,27 +161,31 @@ class PackWorker:
             while len(self._warm) > self.warm_limit:
                 _, old = self._warm.popitem(last=False)
                 await self.aengine.call(self.engine.release, old)  # running forks keep their blocks
-        return handle, ids, layout, source
+        return handle, ids, layout, source, cached
 
     async def _load(self, pack_id: str, ids: list[int], key: str):
         entry = await asyncio.to_thread(self.rag.kv.get, key)
         if entry is not None:
             try:
-                return await self.aengine.call(self.engine.restore, entry.tensors, entry.metadata), "store"
+                return await self.aengine.call(self.engine.restore, entry.tensors, entry.metadata), "store", len(ids)
             except ValueError as e:  # another model / a broken file: drop it and prefill
                 log.warning("KV entry for pack %s not restorable (%s); prefilling", pack_id, e)
                 await asyncio.to_thread(self.rag.kv.remove, key, "stale")
+        # An open pack that grew: its previous prompt is a prefix of this one, extend it.
+        base = max((h for h in self._warm.values() if len(h.tokens) < len(ids) and ids[:len(h.tokens)] == h.tokens),
+                   key=lambda h: len(h.tokens), default=None)
+        rest, reused = (ids[len(base.tokens):], len(base.tokens)) if base is not None else (ids, 0)
         if hasattr(self.aengine, "prefill_prefix"):  # chunks interleave with other streams' decoding
-            handle = await self.aengine.prefill_prefix(ids)
+            handle = await self.aengine.prefill_prefix(rest, base)
         else:
-            handle = await self.aengine.call(self.engine.prefill_prefix, ids)
+            handle = await self.aengine.call(self.engine.prefill_prefix, rest, base)
         snap = await self.aengine.call(self.engine.snapshot, handle)
         try:
             await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
                                     model=self.fingerprint, tokens=len(ids))
         except Exception:  # the answer does not depend on the store; the next replica re-prefills
             log.exception("storing the prefix cache of pack %s failed", pack_id)
-        return handle, "prefill"
+        return handle, "prefill", reused
 
     async def warm(self, pack_id: str) -> str:
         """Make the pack's prefix warm in this replica (background prefill). -> cache source."""
@@ -202,11 +211,10 @@ class PackWorker:
         params = SamplingParams(max_tokens=max(1, min(int(max_tokens), self.max_new_tokens)),
                                 temperature=float(temperature), top_p=float(top_p), seed=seed,
                                 stop=tuple(stop or ()), trace=True, trace_top=TRACE_TOP)
-        handle, ids, layout, source = await self.prefix(pack_id)
+        handle, ids, layout, source, cached = await self.prefix(pack_id)
         n = len(ids)
         t_prefix = time.perf_counter()
         q_ids = self.rag.tok.question_ids(question)
-        cached = n if source != "prefill" else 0
         yield {"event": "start", "pack_id": pack_id, "cache": source, "prompt_tokens": n + len(q_ids),
                "cached_tokens": cached, "replica": self.replica_id}
         mass: dict[int, float] = {}

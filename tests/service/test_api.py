@@ -212,3 +212,19 @@ def test_answer_in_python_and_restore_on_another_replica(backend, engine):
     assert [p["cache"] for p in b["packs"]] == ["store"] and b["usage"]["cached_tokens"] > 0
     assert b["answer"] == a["answer"]  # greedy: the restored prefix gives the same tokens
     assert rag.kv.stats()["hits"] == 1
+
+
+def test_a_growing_open_pack_extends_its_warm_prefix(client):
+    """Documents are appended to an open pack under the same id: the next question must see the
+    new document, and only the appended tokens are prefilled."""
+    upload(client, ("rome.txt", ROME[:200], "text/plain"))
+    a = client.post("/v1/ask", json={"question": "Where?", "max_tokens": 1}).json()
+    (pa,) = a["packs"]
+    ids = upload(client, ("paris.md", PARIS[:200].encode(), "text/markdown")).json()["ids"]
+    b = client.post("/v1/ask", json={"question": "Where?", "max_tokens": 1}).json()
+    (pb,) = b["packs"]
+    assert pb["pack_id"] == pa["pack_id"], "the second document should join the open pack"
+    assert b["usage"]["prompt_tokens"] > a["usage"]["prompt_tokens"]  # the new document is in the prompt
+    assert pb["cache"] == "prefill" and b["usage"]["cached_tokens"] == a["usage"]["prompt_tokens"] - len("Where?") - 2
+    c = client.post("/v1/ask", json={"question": "Where?", "max_tokens": 1, "document_ids": ids}).json()
+    assert c["packs"][0]["cache"] == "memory"
