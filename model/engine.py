@@ -73,7 +73,7 @@ class TokenEvent:
     """One generated token. text: the text this token releases (may be "" while a UTF-8
     character or a possible stop string is incomplete); position: its index in the sequence.
     finish_reason: "stop" (EOS / stop token / stop string), "length" (max_tokens or the model's
-    context), "abort"."""
+    context), "abort", "error" (see `error`; e.g. the block pool is full)."""
 
     request_id: int
     token_id: int
@@ -83,6 +83,7 @@ class TokenEvent:
     trace: Trace | None = None
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # finish_reason "error": what went wrong (the engine keeps serving others)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int  # prefix + prompt
     cached_tokens: int  # of which came from a prefix handle (not recomputed)
+    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -190,7 +192,7 @@ class Engine:
         self.running: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._outbox: dict[int, deque[TokenEvent]] = {}
-        self._prefixes: dict[int, PrefixHandle] = {}  # finished add_prefix requests, until taken
+        self._prefixes: dict[int, PrefixHandle | BaseException] = {}  # finished add_prefix requests, until taken
         self._fingerprint: str | None = None
 
     @property
@@ -247,23 +249,40 @@ class Engine:
         """Prefill chunks within the budget, then one decode token for every request whose
         prompt is cached, all rows in one model call. Returns this step's token events."""
         budget = self.prefill_chunk
+        events: list[TokenEvent] = []
         for r in list(self.running.values()):
             if budget <= 0:
                 break
             todo = r.target - r.seq.length
             if todo > 0:
                 n = min(todo, budget)
-                self._forward_chunk(r.seq, r.tokens, r.seq.length, n)
+                try:
+                    self._forward_chunk(r.seq, r.tokens, r.seq.length, n)
+                except (MemoryError, RuntimeError, ValueError) as e:  # this request fails, the others go on
+                    events.append(self._fail(r, e))
+                    continue
                 budget -= n
             if r.prefix_only and r.seq.length == r.target:
                 self._prefixes[r.rid] = PrefixHandle(r.seq, r.tokens)
                 del self.running[r.rid]
         ready = [r for r in self.running.values() if not r.prefix_only and r.seq.length == r.target][: self.max_batch]
-        events = self._decode(ready) if ready else []
+        if ready:
+            try:
+                events += self._decode(ready)
+            except (MemoryError, RuntimeError, ValueError) as e:
+                events += [self._fail(r, e) for r in ready if r.rid in self.running]
         for ev in events:
             if ev.request_id in self._outbox:
                 self._outbox[ev.request_id].append(ev)
         return events
+
+    def _fail(self, r: _Request, e: BaseException) -> TokenEvent:
+        self.running.pop(r.rid, None)
+        r.seq.free()
+        msg = f"{type(e).__name__}: {e}"
+        if r.prefix_only:
+            self._prefixes[r.rid] = e  # take_prefix raises it
+        return TokenEvent(r.rid, -1, "", None, len(r.tokens) - 1, None, True, "error", msg)
 
     def _forward_chunk(self, seq, tokens, start, n, last_only=True):
         ids = torch.tensor([tokens[start: start + n]], device=self.device)
@@ -373,7 +392,8 @@ class Engine:
         evs = [e for e in self._outbox[rid] if e.token_id >= 0]
         last = self._outbox[rid][-1] if self._outbox[rid] else None
         return Completion(rid, [e.token_id for e in evs], "".join(e.text for e in evs), [e.logprob for e in evs],
-                          [e.trace for e in evs], last.finish_reason if last else None, n_prompt, cached)
+                          [e.trace for e in evs], last.finish_reason if last else None, n_prompt, cached,
+                          last.error if last else None)
 
     # --- prefixes, snapshots ---------------------------------------------------------------
     def add_prefix(self, ids, prefix: PrefixHandle | None = None, request_id: int | None = None) -> int:
@@ -395,8 +415,12 @@ class Engine:
         return rid
 
     def take_prefix(self, rid: int) -> PrefixHandle | None:
-        """The PrefixHandle of a finished add_prefix request (once), or None while it prefills."""
-        return self._prefixes.pop(rid, None)
+        """The PrefixHandle of a finished add_prefix request (once), or None while it prefills.
+        Raises what made its prefill fail (e.g. MemoryError: the block pool is full)."""
+        h = self._prefixes.pop(rid, None)
+        if isinstance(h, BaseException):
+            raise h
+        return h
 
     def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
         """Cache every token of `ids` (continuing `prefix` if given); returns a read-only handle

@@ -289,6 +289,19 @@ def test_restore_rejects_foreign_or_broken_snapshots(model):
         eng.add_request([1000])
 
 
+def test_a_full_block_pool_fails_one_request_not_the_engine(model):
+    eng = engine(model, n_blocks=4, max_blocks=8)  # 64 tokens of cache in all
+    p = SamplingParams(max_tokens=4, **GREEDY)
+    small, big = ids_of(20, 1), ids_of(70, 2)
+    outs = eng.run_batch([(small, p), (big, p)])
+    assert outs[1].finish_reason == "error" and "max_blocks" in outs[1].error and outs[1].token_ids == []
+    assert outs[0].token_ids == greedy_full(model, small, 4)
+    with pytest.raises(MemoryError, match="block pool exhausted"):
+        eng.prefill_prefix(big)
+    assert eng.stats()["blocks_used"] == 0
+    assert eng.complete(small, p).token_ids == outs[0].token_ids  # still serving
+
+
 def test_generate_closed_early_aborts_and_frees(model):
     eng = engine(model)
     it = eng.generate(ids_of(30, 3), SamplingParams(max_tokens=50, **GREEDY))
