@@ -62,3 +62,15 @@ def test_stages_resume_and_eval(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["accuracy"]) == {"dsa", "dense"} and saved["recall"][0]["topk"] == 64
     assert 0.0 <= res["recall"][0]["recall"] <= 1.0
+
+
+def test_sparse_training_attention_is_the_inference_dsa():
+    """Above index_topk the training attention (top-k mask over explicit scores) computes what the
+    inference path (indexer_topk + sparse_mla) computes. 16 indexer heads: no exact-zero score ties."""
+    import dataclasses
+
+    cfg = dataclasses.replace(train.tiny_cfg(), index_n_heads=16).validate()
+    m = build_model(cfg).init_weights(seed=0, std=0.08).eval()
+    x = torch.randint(8, 200, (1, 150))
+    with torch.no_grad():
+        assert torch.allclose(train.forward_train(m, x, 2, {}), m(x), atol=1e-3)
