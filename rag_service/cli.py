@@ -76,10 +76,11 @@ def cmd_serve(a) -> int:
         server.startup = startup
         server.run()
         return 0
-    return _serve_ray(s, a.config)
+    explicit = {k for k in ("host", "port") if getattr(a, k) is not None or f"DSA_RAG_{k.upper()}" in os.environ}
+    return _serve_ray(s, a.config, explicit)
 
 
-def _serve_ray(s, config_path: str | None) -> int:
+def _serve_ray(s, config_path: str | None, explicit: set[str] = frozenset()) -> int:
     import ray
     from ray import serve
 
@@ -94,7 +95,7 @@ def _serve_ray(s, config_path: str | None) -> int:
     app_names = ["dsa-rag"]
     try:
         if config_path:
-            app_names = _deploy_config(s, config_path)
+            app_names, s = _deploy_config(s, config_path, explicit)
         else:
             from rag_service.serve.deployments import build_app
 
@@ -119,10 +120,11 @@ def _serve_ray(s, config_path: str | None) -> int:
     return 0
 
 
-def _deploy_config(s, path: str) -> list[str]:
+def _deploy_config(s, path: str, explicit: set[str]):
     """Deploy a Serve config file like `serve run` does; our apps get the runtime essentials
     (redis_url, an absolute data_dir) unless the config sets them. Host/port come from the
-    config's http_options (flags / env override them when given)."""
+    config's http_options; --host/--port (or DSA_RAG_HOST/PORT) override them.
+    -> (application names, settings with the host/port actually used)."""
     import yaml
     from ray import serve
     from ray.serve._private import api as serve_api
@@ -130,10 +132,9 @@ def _deploy_config(s, path: str) -> list[str]:
 
     cfg = yaml.safe_load(Path(path).read_text())
     http = cfg.setdefault("http_options", {})
-    if "DSA_RAG_HOST" in os.environ or "host" not in http:
-        http["host"] = s.host
-    if "DSA_RAG_PORT" in os.environ or "port" not in http:
-        http["port"] = s.port
+    for k in ("host", "port"):
+        if k in explicit or k not in http:
+            http[k] = getattr(s, k)
     s = s.model_copy(update={"host": http["host"], "port": int(http["port"])})
     for app in cfg.get("applications", []):
         if app.get("import_path", "").startswith("rag_service."):
@@ -152,8 +153,7 @@ def _deploy_config(s, path: str) -> list[str]:
         if any(v in ("DEPLOY_FAILED", "UNHEALTHY") for v in states.values()):
             raise SystemExit(f"deploying {path} failed: {[(n, st[n].message) for n in names if n in st]}")
         time.sleep(1)
-    _announce(s)
-    return names
+    return names, s
 
 
 # ------------------------------------------------------------------ client commands
@@ -320,7 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return a.func(a)
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - client commands: one line, not a traceback
+        import httpx
+
+        if isinstance(e, httpx.TransportError):
+            print(f"cannot reach {getattr(a, 'url', 'the service')}: {e}; is `dsa-rag serve` running? "
+                  "(--url / DSA_RAG_URL)", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
