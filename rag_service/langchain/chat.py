@@ -1,0 +1,215 @@
+"""`DSARagChatModel`: a LangChain chat model over the service's OpenAI-compatible
+`/v1/chat/completions` (the route that carries citations, both whole and streamed).
+
+    from rag_service.langchain import DSARagChatModel
+    llm = DSARagChatModel(base_url="http://127.0.0.1:8000", document_ids=["doc_..."], max_tokens=128)
+    msg = llm.invoke("When was the treaty signed?")
+    msg.content                              # the answer
+    msg.usage_metadata                       # {"input_tokens", "output_tokens", "total_tokens",
+                                             #  "input_token_details": {"cache_read": ...}}
+    msg.response_metadata["model_name"]      # "dsa-tiny"
+    msg.response_metadata["citations"]       # [{"document_id", "name", "page", "char_start", "char_end", "snippet"}]
+    for chunk in llm.stream("..."): ...      # tokens as they decode; the last chunk carries usage + citations
+
+The stored corpus is the context and the **last user message is the question**: the service reads
+no other turn today (earlier turns and system messages are still sent, so a service that uses them
+gets them). Text content only; no tools, no structured output, no images.
+
+Sync, async, streaming (SSE `data:` lines up to `data: [DONE]`), stop sequences, retries: see
+client.py. Tests: `.venv/bin/python -m pytest -q tests/langchain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Iterator
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import (
+    AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import Field
+
+from rag_service.langchain.client import DSARagParams, usage_metadata
+
+PROVIDER = "dsa_rag"
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "developer"}
+_CHAT_ROLES = {"user", "assistant", "system", "tool", "developer"}
+
+
+def _text(message: BaseMessage) -> str:
+    """The text of a message; non-text blocks (images, files, audio) are refused, not dropped."""
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict):
+            kind = block.get("type")
+            if kind == "text":
+                parts.append(block.get("text", ""))
+            elif kind in ("reasoning", "thinking") and isinstance(message, AIMessage):
+                continue  # a model's own reasoning is not part of the conversation text
+            else:
+                raise ValueError(f"DSARagChatModel takes text only; a {message.type} message holds a "
+                                 f"{kind!r} content block")
+    return "".join(parts)
+
+
+def to_openai_messages(messages: list[BaseMessage]) -> list[dict]:
+    out = []
+    for m in messages:
+        if isinstance(m, ChatMessage):
+            role = m.role if m.role in _CHAT_ROLES else "user"
+        else:
+            role = _ROLES.get(m.type)
+            if role is None:
+                raise ValueError(f"DSARagChatModel cannot send a {type(m).__name__}")
+        msg: dict[str, Any] = {"role": role, "content": _text(m)}
+        if m.name and isinstance(m, (HumanMessage, AIMessage, SystemMessage, ChatMessage)):
+            msg["name"] = m.name
+        if isinstance(m, ToolMessage):
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+class StreamState:
+    """What the stream's non-token events carry, folded into the final chunk."""
+
+    def __init__(self):
+        self.finish = self.model = self.id = None
+        self.citations: list = []
+        self.usage: dict | None = None
+
+    def token(self, ev: dict) -> str | None:
+        self.model = ev.get("model") or self.model
+        self.id = ev.get("id") or self.id
+        if ev.get("usage"):
+            self.usage = ev["usage"]
+        if "citations" in ev:
+            self.citations = ev["citations"]
+        for choice in ev.get("choices") or []:
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                return text
+        return None
+
+
+class DSARagChatModel(BaseChatModel, DSARagParams):
+    """Chat model on the DSA long-document RAG service: answers over the uploaded documents,
+    with citations to the passages the sparse attention read.
+
+    Options (besides the connection ones in `DSARagParams`: `base_url`, `api_key`, `tenant`,
+    `document_ids`, `timeout`, `max_retries`, `retry_backoff_s`, `default_headers`):
+    `model`, `temperature`, `max_tokens`, `top_p`, `seed`, `stop`, `streaming`."""
+
+    model: str = Field("dsa-tiny", alias="model_name", description="the id GET /v1/models reports")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="None = the service default (greedy)")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; None = the service default")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
+    streaming: bool = Field(False, description="invoke() streams from the service and aggregates")
+
+    @property
+    def _llm_type(self) -> str:
+        return "dsa-rag-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
+                "document_ids": self.document_ids, "tenant": self.tenant}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,
+                                 ls_model_type="chat")
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop := (stop or self.stop):
+            params["ls_stop"] = stop
+        return params
+
+    # ---------------------------------------------------------------- request / response
+    def _body(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, **kwargs: Any) -> dict:
+        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(messages), "stream": stream}
+        for key in ("temperature", "max_tokens", "top_p", "seed", "document_ids"):
+            if (v := getattr(self, key)) is not None:
+                body[key] = v
+        if stop := (stop if stop is not None else self.stop):
+            body["stop"] = list(stop)
+        for key in ("model", "temperature", "max_tokens", "top_p", "seed", "document_ids"):
+            if kwargs.get(key) is not None:
+                body[key] = kwargs[key]
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _metadata(self, body: dict, resp_model: str | None, finish: str | None, citations: list,
+                  response_id: str | None) -> dict:
+        return {"model_name": resp_model or body["model"], "model_provider": PROVIDER, "finish_reason": finish,
+                "citations": citations, "id": response_id}
+
+    def _result(self, body: dict, data: dict) -> ChatResult:
+        choice = data["choices"][0]
+        usage = usage_metadata(data.get("usage"))
+        meta = self._metadata(body, data.get("model"), choice.get("finish_reason"), data.get("citations", []),
+                              data.get("id"))
+        msg = AIMessage(content=choice["message"].get("content") or "", usage_metadata=usage,
+                        response_metadata=meta, id=data.get("id"))
+        gen = ChatGeneration(message=msg, generation_info={"finish_reason": choice.get("finish_reason")})
+        return ChatResult(generations=[gen], llm_output={"model_name": meta["model_name"],
+                                                         "token_usage": data.get("usage"),
+                                                         "citations": meta["citations"]})
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        body = self._body(messages, stop, False, **kwargs)
+        return self._result(body, self.http().post("/v1/chat/completions", body))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        body = self._body(messages, stop, False, **kwargs)
+        return self._result(body, await self.http().apost("/v1/chat/completions", body))
+
+    # ---------------------------------------------------------------- streaming
+    def _last_chunk(self, body: dict, acc: StreamState) -> ChatGenerationChunk:
+        meta = self._metadata(body, acc.model, acc.finish, acc.citations, acc.id)
+        msg = AIMessageChunk(content="", usage_metadata=usage_metadata(acc.usage), response_metadata=meta,
+                             chunk_position="last")
+        return ChatGenerationChunk(message=msg, generation_info={"finish_reason": acc.finish})
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        body = self._body(messages, stop, True, **kwargs)
+        acc = StreamState()
+        for ev in self.http().stream("/v1/chat/completions", body):
+            if (text := acc.token(ev)) is not None:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        yield self._last_chunk(body, acc)
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        body = self._body(messages, stop, True, **kwargs)
+        acc = StreamState()
+        async for ev in self.http().astream("/v1/chat/completions", body):
+            if (text := acc.token(ev)) is not None:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        yield self._last_chunk(body, acc)

@@ -1,0 +1,182 @@
+"""`DSARagLLM`: a LangChain text-completion LLM over the service's `/v1/completions` (the prompt
+is the question over the stored documents).
+
+    from rag_service.langchain import DSARagLLM
+    llm = DSARagLLM(base_url="http://127.0.0.1:8000", max_tokens=64)
+    llm.invoke("When was the treaty signed?")                  # -> str
+    res = llm.generate(["When was the treaty signed?"])
+    res.generations[0][0].generation_info                      # {"finish_reason", "citations", "usage_metadata", "model_name"}
+    res.llm_output                                             # {"model_name", "token_usage"} (summed over prompts)
+    for piece in llm.stream("..."): ...                        # text pieces as they decode
+
+Sync, async, streaming, stop sequences and retries as in `DSARagChatModel` (client.py). In a
+stream, the last `GenerationChunk` carries the finish reason, citations and usage in its
+`generation_info` (see `astream_events` / callbacks to read them). Tests:
+`.venv/bin/python -m pytest -q tests/langchain/test_llm.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Iterator
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import Field
+
+from rag_service.langchain.client import DSARagParams, usage_metadata
+
+PROVIDER = "dsa_rag"
+
+
+class DSARagLLM(LLM, DSARagParams):
+    """Completion LLM on the DSA long-document RAG service (`/v1/completions`), with citations.
+
+    Options besides the connection ones of `DSARagParams`: `model`, `temperature`, `max_tokens`,
+    `top_p`, `seed`, `stop`, `streaming` (generate() streams from the service and aggregates)."""
+
+    model: str = Field("dsa-tiny", alias="model_name")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
+    streaming: bool = False
+
+    @property
+    def _llm_type(self) -> str:
+        return "dsa-rag"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
+                "document_ids": self.document_ids, "tenant": self.tenant}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,
+                                 ls_model_type="llm")
+        if (t := kwargs.get("temperature", self.temperature)) is not None:
+            params["ls_temperature"] = t
+        if (m := kwargs.get("max_tokens", self.max_tokens)) is not None:
+            params["ls_max_tokens"] = m
+        if stop := (stop or self.stop):
+            params["ls_stop"] = stop
+        return params
+
+    def _body(self, prompt: str, stop: list[str] | None, stream: bool, **kwargs: Any) -> dict:
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "stream": stream}
+        for key in ("temperature", "max_tokens", "top_p", "seed", "document_ids"):
+            if (v := getattr(self, key)) is not None:
+                body[key] = v
+        if stop := (stop if stop is not None else self.stop):
+            body["stop"] = list(stop)
+        for key in ("model", "temperature", "max_tokens", "top_p", "seed", "document_ids"):
+            if kwargs.get(key) is not None:
+                body[key] = kwargs[key]
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    @staticmethod
+    def _info(model: str, finish: str | None, citations: list, usage: dict | None) -> dict:
+        return {"finish_reason": finish, "citations": citations, "usage_metadata": usage_metadata(usage),
+                "token_usage": usage, "model_name": model}
+
+    @staticmethod
+    def _llm_output(model: str, usages: list[dict | None]) -> dict:
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cached_tokens": 0}
+        for u in usages:
+            if u:
+                for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                    total[k] += int(u.get(k, 0))
+                total["cached_tokens"] += int((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+        return {"model_name": model, "token_usage": total}
+
+    def _generation(self, body: dict, data: dict) -> Generation:
+        choice = data["choices"][0]
+        return Generation(text=choice.get("text") or "", generation_info=self._info(
+            data.get("model") or body["model"], choice.get("finish_reason"), data.get("citations", []),
+            data.get("usage")))
+
+    # ---------------------------------------------------------------- whole answers
+    def _call(self, prompt: str, stop: list[str] | None = None,
+              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+        return self._generate([prompt], stop, run_manager, **kwargs).generations[0][0].text
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        gens = []
+        for prompt in prompts:
+            if self.streaming:
+                full: GenerationChunk | None = None
+                for chunk in self._stream(prompt, stop, run_manager, **kwargs):
+                    full = chunk if full is None else full + chunk
+                gens.append(Generation(text=full.text, generation_info=full.generation_info) if full else
+                            Generation(text=""))
+            else:
+                body = self._body(prompt, stop, False, **kwargs)
+                gens.append(self._generation(body, self.http().post("/v1/completions", body)))
+        model = kwargs.get("model") or self.model
+        return LLMResult(generations=[[g] for g in gens], llm_output=self._llm_output(
+            model, [(g.generation_info or {}).get("token_usage") for g in gens]))
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        gens = []
+        for prompt in prompts:
+            if self.streaming:
+                full: GenerationChunk | None = None
+                async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
+                    full = chunk if full is None else full + chunk
+                gens.append(Generation(text=full.text, generation_info=full.generation_info) if full else
+                            Generation(text=""))
+            else:
+                body = self._body(prompt, stop, False, **kwargs)
+                gens.append(self._generation(body, await self.http().apost("/v1/completions", body)))
+        model = kwargs.get("model") or self.model
+        return LLMResult(generations=[[g] for g in gens], llm_output=self._llm_output(
+            model, [(g.generation_info or {}).get("token_usage") for g in gens]))
+
+    # ---------------------------------------------------------------- streaming
+    @staticmethod
+    def _fold(ev: dict, state: dict) -> str | None:
+        state["model"] = ev.get("model") or state.get("model")
+        if ev.get("usage"):
+            state["usage"] = ev["usage"]
+        if "citations" in ev:
+            state["citations"] = ev["citations"]
+        for choice in ev.get("choices") or []:
+            if choice.get("finish_reason"):
+                state["finish"] = choice["finish_reason"]
+            if choice.get("text"):
+                return choice["text"]
+        return None
+
+    def _last(self, body: dict, state: dict) -> GenerationChunk:
+        return GenerationChunk(text="", generation_info=self._info(
+            state.get("model") or body["model"], state.get("finish"), state.get("citations", []), state.get("usage")))
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        body, state = self._body(prompt, stop, True, **kwargs), {}
+        for ev in self.http().stream("/v1/completions", body):
+            if (text := self._fold(ev, state)) is not None:
+                chunk = GenerationChunk(text=text)
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        yield self._last(body, state)
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        body, state = self._body(prompt, stop, True, **kwargs), {}
+        async for ev in self.http().astream("/v1/completions", body):
+            if (text := self._fold(ev, state)) is not None:
+                chunk = GenerationChunk(text=text)
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        yield self._last(body, state)

@@ -1,0 +1,81 @@
+"""One live service for the LangChain tests: the real FastAPI app over an in-process backend
+(pipeline + the default `dsa-tiny` engine + the embedded Redis the service starts itself),
+served by uvicorn in a thread on 127.0.0.1 and a free port, with a PDF and a Markdown file
+uploaded. Started once per test session (fixture `live_service` in conftest.py).
+
+    .venv/bin/python -m pytest -q tests/langchain
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+# Small packs and short answers: the tests check structure, streaming, usage, metadata and
+# citations, never the (untrained tiny model's) answer text.
+SETTINGS = dict(max_context=1024, pack_reserve_tokens=0, pack_overlap=64, chunk_tokens=64, chunk_overlap=8,
+                pack_seal_free_tokens=16, parse_timeout_s=20, default_max_tokens=8, max_new_tokens=32,
+                torch_threads=1, redis_appendfsync="everysec")
+MAX_TOKENS = 8  # what the LangChain objects ask for in the tests
+
+TREATY = ("# The Treaty of Rome\n\nThe treaty was signed in Rome in 1957 by six countries. "
+          "It created the European Economic Community.\n\n") * 4
+PDF_PAGES = ["The annual report: revenue grew to 12 million euros in 2023.",
+             "Page two: the Paris office opened in March and employs forty people."]
+
+
+@dataclass
+class LiveService:
+    base_url: str = "http://127.0.0.1:9"  # unit tests never connect
+    documents: dict[str, str] = field(default_factory=dict)  # name -> id
+    started: bool = False
+
+
+LIVE = LiveService()  # the standard-test classes read it from their (fixture-less) properties
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(data_dir) -> tuple[LiveService, callable]:
+    import uvicorn
+
+    from rag_service.serve.app import create_app
+    from rag_service.serve.backend import InProcessBackend
+    from rag_service.serve.settings import ServeSettings
+    from tests.rag_service.pdfs import make_pdf
+
+    port = _free_port()
+    settings = ServeSettings(data_dir=data_dir, host="127.0.0.1", port=port, **SETTINGS)
+    server = uvicorn.Server(uvicorn.Config(create_app(InProcessBackend(settings)), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="dsa-rag-live", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live service did not start (see the log above)")
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    base = f"http://127.0.0.1:{port}"
+    files = [("files", ("report.pdf", make_pdf(PDF_PAGES), "application/pdf")),
+             ("files", ("treaty.md", TREATY.encode(), "text/markdown"))]
+    r = httpx.post(f"{base}/v1/documents", files=files, timeout=120)
+    if r.status_code != 200:
+        stop()
+        raise RuntimeError(f"upload to the live service failed: {r.status_code} {r.text}")
+    LIVE.base_url = base
+    LIVE.documents = {d["name"]: d["document"]["id"] for d in r.json()["data"]}
+    LIVE.started = True
+    return LIVE, stop
