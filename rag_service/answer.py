@@ -193,7 +193,7 @@ class PackWorker:
 
     def warm_pack_ids(self) -> list[str]:
         keys = set(self._warm)
-        return [p for p, (_, _, k) in self._prompts.items() if k in keys]
+        return [p for p, (_, _, k, _) in self._prompts.items() if k in keys]
 
     def stats(self) -> dict:
         return {"replica": self.replica_id, "warm_packs": len(self._warm), **self.counters}

@@ -26,7 +26,9 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, File, Header, Request, UploadFile
+import asyncio
+
+from fastapi import FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -82,6 +84,12 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                     "whole-document packs whose prefix KV caches are reused; OpenAI-compatible endpoints.",
     )
     app.state.backend, app.state.metrics = backend, metrics
+    background: set[asyncio.Task] = set()  # strong refs to prefill tasks until they finish
+
+    def _prefetch_done(task: asyncio.Task) -> None:
+        background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background prefill failed: %s", task.exception())
 
     # --- errors --------------------------------------------------------------------------------
     @app.exception_handler(RagError)
@@ -116,6 +124,8 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
               summary="Upload one or many documents (PDF, text, Markdown)")
     async def upload(files: list[UploadFile] | None = File(None, description="repeat the field for several files"),
                      file: UploadFile | None = File(None, description="a single file (alternative field name)"),
+                     prefill: bool = Query(False, description="prefill the new documents' packs in the background "
+                                                              "(on the replicas questions will be routed to)"),
                      x_tenant: str | None = Header(None)):
         ups = list(files or []) + ([file] if file is not None else [])
         if not ups:
@@ -142,6 +152,11 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
             else:
                 out.append(by_index[i])
         body = UploadResponse(ids=[r.document.id for r in out if r.ok], data=out)
+        if prefill and body.ids:
+            packs = list(dict.fromkeys(p for r in out if r.ok for p in r.document.packs))
+            task = asyncio.get_running_loop().create_task(backend.prefetch(packs))
+            background.add(task)
+            task.add_done_callback(_prefetch_done)
         if not body.ids:  # every file failed: the first failure's status, with the per-file results
             first = out[0]
             return JSONResponse({"error": {"message": first.message, "type": _TYPES.get(first.status_code or 500,

@@ -112,6 +112,10 @@ class ModelReplica:
     async def warm(self, pack_id: str) -> str:
         return await self.worker.warm(pack_id)
 
+    async def check_health(self) -> None:
+        """Ray Serve's replica health check: Redis reachable (the engine lives in this process)."""
+        await asyncio.wait_for(asyncio.to_thread(self.rag.r.ping), 10)
+
     def record_routing_stats(self) -> dict:
         """Polled by the controller; the router reads it as `replica.routing_stats`."""
         return {"warm_packs": self.worker.warm_pack_ids()}
@@ -187,6 +191,7 @@ class RayBackend:
             raise _unwrap(e) from None
 
     async def prefetch(self, pack_ids):
+        # routed like questions (pack_id keyword): the chosen replica becomes the pack's holder
         await asyncio.gather(*(self.model.warm.remote(pack_id=p) for p in pack_ids))
 
     async def health(self):

@@ -8,6 +8,8 @@ shapes, usage counters, cache hits and citations are.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rag_service.serve.sse import parse_sse
@@ -228,3 +230,40 @@ def test_a_growing_open_pack_extends_its_warm_prefix(client):
     assert pb["cache"] == "prefill" and b["usage"]["cached_tokens"] == a["usage"]["prompt_tokens"] - len("Where?") - 2
     c = client.post("/v1/ask", json={"question": "Where?", "max_tokens": 1, "document_ids": ids}).json()
     assert c["packs"][0]["cache"] == "memory"
+
+
+def test_upload_with_background_prefill(client):
+    r = client.post("/v1/documents?prefill=true", files=[("files", ("rome.txt", ROME, "text/plain"))])
+    assert r.status_code == 200
+    pack = r.json()["data"][0]["document"]["packs"][0]
+    backend = client.app.state.backend
+    for _ in range(200):  # the prefill runs after the response
+        if pack in backend.worker.warm_pack_ids():
+            break
+        time.sleep(0.05)
+    a = client.post("/v1/ask", json={"question": "Where?", "max_tokens": 1}).json()
+    assert a["packs"][0]["cache"] == "memory" and a["usage"]["cached_tokens"] > 0
+
+
+@pytest.mark.gpu
+def test_ask_on_gpu(make_settings):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fastapi.testclient import TestClient
+
+    from rag_service.answer import PackWorker, make_engine
+    from rag_service.pipeline import RagPipeline
+    from rag_service.serve.app import create_app
+    from rag_service.serve.backend import InProcessBackend
+
+    s = make_settings()
+    with RagPipeline(s) as rag:
+        worker = PackWorker(rag, make_engine("dsa-tiny", device="cuda", tokenizer=rag.tok))
+        with TestClient(create_app(InProcessBackend(s, rag=rag, worker=worker))) as c:
+            upload(c, ("rome.txt", ROME, "text/plain"))
+            a = c.post("/v1/ask", json={"question": "Where?", "max_tokens": 4}).json()
+            b = c.post("/v1/ask", json={"question": "Where?", "max_tokens": 4}).json()
+            assert a["packs"][0]["cache"] == "prefill" and b["packs"][0]["cache"] == "memory"
+            assert a["answer"] == b["answer"] and a["citations"]
+        worker.close()

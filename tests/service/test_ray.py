@@ -104,6 +104,28 @@ def test_end_to_end_over_ray(service):
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
     assert "dsa_rag_model_replicas 2.0" in metrics
 
+    # what the router reads from the replicas (record_routing_stats, polled every second)
+    from ray import serve
+
+    h = serve.get_deployment_handle("ModelReplica", app_name="dsa-rag")
+    stats = [h.record_routing_stats.remote().result(timeout_s=30) for _ in range(4)]
+    assert any(p1["pack_id"] in st["warm_packs"] for st in stats)
+
+
+def test_upload_with_prefill_warms_a_replica(service):
+    url, tenant = service, {"X-Tenant": "warm"}
+    r = httpx.post(f"{url}/v1/documents?prefill=true", headers=tenant, timeout=60,
+                   files=[("files", ("w.txt", DOC.replace(b"Rome", b"Turin"), "text/plain"))])
+    assert r.status_code == 200
+    import time
+
+    for _ in range(100):  # background prefill on the replica the router picked for the pack
+        a = _ask(url, "Where?", max_tokens=1, headers=tenant)
+        if a["packs"][0]["cache"] == "memory":
+            break
+        time.sleep(0.2)
+    assert a["packs"][0]["cache"] == "memory" and a["usage"]["cached_tokens"] > 0
+
 
 def test_hot_pack_spills_and_is_restored_on_the_other_node(service):
     """max_queue=1: a burst of questions over one pack fills the holder's queue; the rest spill
