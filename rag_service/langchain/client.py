@@ -83,7 +83,12 @@ class HttpClient:
     """Sync and async JSON / SSE requests against one service, with retries.
 
     The sync `httpx.Client` is kept (connection reuse); an `httpx.AsyncClient` is opened per call
-    because it is bound to the event loop that created it, and LangChain callers run on many."""
+    because it is bound to the event loop that created it, and LangChain callers run on many.
+    `transport` / `async_transport` (class attributes) swap the network for tests
+    (`httpx.MockTransport`)."""
+
+    transport: httpx.BaseTransport | None = None
+    async_transport: httpx.AsyncBaseTransport | None = None
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: float | None, max_retries: int,
                  backoff_s: float):
@@ -96,11 +101,13 @@ class HttpClient:
     # ---------------------------------------------------------------- helpers
     def _client(self) -> httpx.Client:
         if self._sync is None:
-            self._sync = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
+            self._sync = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
+                                      transport=self.transport)
         return self._sync
 
     def _aclient(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
+        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
+                                 transport=self.async_transport)
 
     def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
         if resp is not None and (ra := resp.headers.get("retry-after")):
