@@ -32,7 +32,7 @@ from fastapi import FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rag_service.errors import BadRequest, DocumentTooLarge, NotFound, RagError
+from rag_service.errors import BadRequest, DocumentTooLarge, RagError
 from rag_service.schemas import DocumentInfo, IngestResult
 from rag_service.serve import sse as S
 from rag_service.serve.fanout import ask, ask_events
@@ -346,5 +346,3 @@ def _error_dict(e: Exception) -> dict:
     log.exception("error while streaming an answer", exc_info=e)
     return {"message": f"internal error ({type(e).__name__}: {e})", "type": "server_error", "code": "internal_error"}
 
-
-__all__ = ["create_app", "NotFound"]
