@@ -35,10 +35,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from rag_service.errors import RagError
 from rag_service.layout import PackLayout
 from rag_service.schemas import Citation
 
 log = logging.getLogger(__name__)
+
+
+class EngineError(RagError):
+    """The engine could not run a request (e.g. its cache block pool is full); retry later."""
+
+    status_code = 503
+    code = "engine_error"
 
 TRACE_TOP = 32  # positions per generated token in the engine's attention trace
 CITE_POSITIONS = 64  # most-attended prompt positions turned into citations
@@ -220,8 +228,10 @@ class PackWorker:
         mass: dict[int, float] = {}
         logps, text, finish, n_out, t_first = [], [], "length", 0, None
         async for ev in self.aengine.generate(q_ids, params, prefix=handle):
-            if ev.token_id < 0:  # aborted
-                finish = ev.finish_reason or "stop"
+            if ev.token_id < 0:  # the engine ended the request without a token: abort or error
+                if ev.finish_reason == "error":
+                    raise EngineError(f"pack {pack_id}: the engine failed this request: "
+                                      f"{getattr(ev, 'error', None) or 'unknown error'}")
                 break
             n_out += 1
             if ev.logprob is not None:
