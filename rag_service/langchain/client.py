@@ -38,6 +38,14 @@ RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, htt
 MAX_RETRY_AFTER_S = 30.0
 
 
+def _sleep(seconds: float) -> None:  # the retry waits (tests swap these two)
+    time.sleep(seconds)
+
+
+async def _asleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
 class DSARagAPIError(Exception):
     """The service answered with an error (HTTP status >= 400, or an error event inside a stream).
 
@@ -134,14 +142,14 @@ class HttpClient:
             except RETRY_ERRORS:
                 if not self._should_retry(attempt, None):
                     raise
-                time.sleep(self._delay(attempt, None))
+                _sleep(self._delay(attempt, None))
                 attempt += 1
                 continue
             if resp.status_code < 400:
                 return resp.json()
             if not self._should_retry(attempt, resp):
                 raise _error_from_response(resp)
-            time.sleep(self._delay(attempt, resp))
+            _sleep(self._delay(attempt, resp))
             attempt += 1
 
     def stream(self, path: str, body: dict) -> Iterator[dict]:
@@ -164,7 +172,7 @@ class HttpClient:
                 if not self._should_retry(attempt, None):
                     raise
                 delay = self._delay(attempt, None)
-            time.sleep(delay)
+            _sleep(delay)
             attempt += 1
 
     # ---------------------------------------------------------------- async
@@ -177,14 +185,14 @@ class HttpClient:
                 except RETRY_ERRORS:
                     if not self._should_retry(attempt, None):
                         raise
-                    await asyncio.sleep(self._delay(attempt, None))
+                    await _asleep(self._delay(attempt, None))
                     attempt += 1
                     continue
                 if resp.status_code < 400:
                     return resp.json()
                 if not self._should_retry(attempt, resp):
                     raise _error_from_response(resp)
-                await asyncio.sleep(self._delay(attempt, resp))
+                await _asleep(self._delay(attempt, resp))
                 attempt += 1
 
     async def astream(self, path: str, body: dict) -> AsyncIterator[dict]:
@@ -207,7 +215,7 @@ class HttpClient:
                     if not self._should_retry(attempt, None):
                         raise
                     delay = self._delay(attempt, None)
-                await asyncio.sleep(delay)
+                await _asleep(delay)
                 attempt += 1
 
 

@@ -66,12 +66,12 @@ def server(monkeypatch):
         return srv
 
     sleeps: list[float] = []
-    monkeypatch.setattr(C.time, "sleep", sleeps.append)
+    monkeypatch.setattr(C, "_sleep", sleeps.append)
 
     async def no_wait(s):
         sleeps.append(s)
 
-    monkeypatch.setattr(C.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(C, "_asleep", no_wait)
     install.sleeps = sleeps
     return install
 
