@@ -21,10 +21,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
+# The main job: the service (local Ray Serve + embedded Redis + the default model dsa-tiny).
 run: $(STAMP)
-	$(BIN)/python -m model.demo $(ARGS)
+	$(BIN)/dsa-rag serve $(ARGS)
 
-demo: run
+# Model-only demo: prefill a long context and generate through the caches.
+demo: $(STAMP)
+	$(BIN)/python -m model.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV)
