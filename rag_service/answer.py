@@ -60,7 +60,9 @@ def make_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=No
     from model.load import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Engine(load_model(model, device=device), tokenizer)
+    # bf16 on GPUs (what real checkpoints need to fit); fp32 on CPU, where dsa-tiny is small.
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return Engine(load_model(model, device=device, dtype=dtype), tokenizer)
 
 
 # ------------------------------------------------------------------ per-pack answers
