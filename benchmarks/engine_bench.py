@@ -2,26 +2,34 @@
 (indexer off), prefill tokens/s and decode ms/token at growing contexts, and the time to first
 token of a 32-token question on a restored 128k prefix snapshot vs a full 128k prefill.
 
-    .venv/bin/python benchmarks/engine_bench.py                       # 4k..128k (~15-30 min)
+    .venv/bin/python benchmarks/engine_bench.py --threads 1           # 4k..128k, every L really prefilled
+    .venv/bin/python benchmarks/engine_bench.py --threads 1 --prefill-max 65536   # synthetic 128k cache
     .venv/bin/python benchmarks/engine_bench.py --quick               # 1k..4k smoke run (~1 min)
+    .venv/bin/python benchmarks/engine_bench.py --rederive benchmarks/results/engine_bench.json
+
+(--threads 1 on a shared 2-core machine: spinning OpenMP workers of competing processes make small
+ops 10x slower; the thread count is in the JSON.)
 
 1. Correctness gate (nothing is reported when red): on dsa-tiny, engine greedy (paged caches,
    chunked prefill, batched decode) == greedy by full recomputation, for a prompt longer than
    index_topk (so the indexer + sparse path is exercised); and snapshot -> restore -> continue
    == uninterrupted.
 2. One DSA prefill grows a prefix to every checkpoint L (prefill_prefix continuing the previous
-   handle: no recomputation); prefill tok/s at L = L / cumulative seconds.
-3. At each L, on that cache: decode ms/token (median of --decode-steps steps of a request forked
-   off the prefix), DSA and dense. Dense reuses the cache the DSA prefill wrote: decode cost
-   does not depend on the cache's values, only on its length. Dense prefill: measured in full up
-   to --dense-full-max; beyond, the per-token cost of a chunk of --probe tokens at the end of
-   each context (a fork of the prefix at L - probe, recomputed in dense mode) is fitted with
-   c(p) = a + b p and integrated: T_dense(L) = a L + b L^2 / 2 (checked against the measured
-   lengths in the JSON: `dense_fit_check`), scaled to match the largest measured length.
+   handle: no recomputation); prefill tok/s at L = L / cumulative seconds. The largest L is
+   capped below max_position_embeddings (131072 -> 131008) to leave room for the question.
+3. At each L, on that cache: decode ms/token (median over --rounds rounds alternating DSA and
+   dense, --decode-steps timed steps each, of a request forked off the prefix). Dense reuses the
+   cache the DSA prefill wrote: decode cost does not depend on the cache's values, only on its
+   length. Probes: the last --probe tokens of each context recomputed on a fork, DSA and dense
+   (per-token cost at position ~L). Dense prefill: measured in full up to --dense-full-max;
+   beyond, the dense probe costs integrated over 0..L (linear between probes; `dense_fit_check`
+   compares the integral with the measured lengths). Beyond --prefill-max the cache is
+   synthetic (random values) and the DSA prefill time = measured time to prefill-max + the DSA
+   probe costs integrated from there.
 4. TTFT at the largest L: snapshot -> safetensors file -> load -> restore -> 32-token question
    (warm: handle already restored; cold: load + restore + question) vs full prefill of the
-   prefix + the same question (= cumulative DSA prefill time + the question on the cache).
-Peak RSS (ru_maxrss) per checkpoint. Writes benchmarks/results/engine_bench{,_quick}.{json,png};
+   prefix + the same question (= DSA prefill time + the question on the cache).
+Peak RSS (ru_maxrss) per checkpoint. Writes benchmarks/results/engine_bench{,_quick}.{json,png,md};
 the JSON is also the last stdout line.
 """
 
@@ -133,15 +141,6 @@ def dense_full_prefill(model, ids, chunk) -> float:
         model.cfg.dense_attention = False
 
 
-def fit_line(ps, cs):
-    """Least squares c = a + b p."""
-    n = len(ps)
-    mp, mc = sum(ps) / n, sum(cs) / n
-    var = sum((p - mp) ** 2 for p in ps)
-    b = sum((p - mp) * (c - mc) for p, c in zip(ps, cs)) / var if var else 0.0
-    return mc - b * mp, b
-
-
 # ---------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
@@ -157,7 +156,11 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="lengths 1k 2k 4k, small probes")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rederive", default=None, metavar="JSON",
+                    help="recompute the derived figures (extrapolations, ratios, md, png) of a saved result")
     a = ap.parse_args()
+    if a.rederive:
+        return rederive(a.rederive)
     if a.quick:
         a.lengths, a.chunk, a.probe, a.dense_full_max, a.decode_steps, a.rounds = [1024, 2048, 4096], 1024, 256, 2048, 3, 2
         a.prefill_max = a.prefill_max or 2048
@@ -215,37 +218,6 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    # DSA prefill beyond --prefill-max: the same fit-and-integrate as dense, calibrated on the
-    # largest really prefilled L
-    ps = [r["L"] - r["probe_tokens"] / 2 for r in rows]
-    da, db = fit_line(ps, [r["dsa_probe_ms_per_tok"] / 1e3 for r in rows])
-    real = [r for r in rows if "dsa_prefill_measured_s" in r]
-    dcal = real[-1]["dsa_prefill_measured_s"] / (da * real[-1]["L"] + db * real[-1]["L"] ** 2 / 2)
-    for r in rows:
-        L = r["L"]
-        r["dsa_prefill_s"] = r.get("dsa_prefill_measured_s", round(dcal * (da * L + db * L * L / 2), 2))
-        r["dsa_prefill_method"] = "measured" if "dsa_prefill_measured_s" in r else "extrapolated"
-        r["dsa_prefill_tok_s"] = round(L / r["dsa_prefill_s"], 1)
-
-    # dense prefill at every L: fitted per-token cost, integrated, calibrated on the largest measured L
-    ps = [r["L"] - r["probe_tokens"] / 2 for r in rows]
-    ca, cb = fit_line(ps, [r["dense_probe_ms_per_tok"] / 1e3 for r in rows])
-    measured = [r for r in rows if "dense_prefill_measured_s" in r]
-    calib = 1.0
-    if measured:
-        m = measured[-1]
-        calib = m["dense_prefill_measured_s"] / (ca * m["L"] + cb * m["L"] ** 2 / 2)
-    fit_check = []
-    for r in rows:
-        L = r["L"]
-        est = calib * (ca * L + cb * L * L / 2)
-        r["dense_prefill_s"] = r.get("dense_prefill_measured_s", round(est, 2))
-        r["dense_prefill_method"] = "measured" if "dense_prefill_measured_s" in r else "extrapolated"
-        r["dense_prefill_tok_s"] = round(L / r["dense_prefill_s"], 1)
-        r["prefill_speedup"] = round(r["dense_prefill_s"] / r["dsa_prefill_s"], 2)
-        if "dense_prefill_measured_s" in r:
-            fit_check.append({"L": L, "measured_s": r["dense_prefill_measured_s"], "fitted_calibrated_s": round(est, 2)})
-
     # TTFT: restored snapshot vs full prefill, at the largest L
     L = Ls[-1]
     q = ids_of(a.question, 99, V)
@@ -273,58 +245,123 @@ def main():
 
     ttft_q, ev = first_token(restored)
     ttft_q2, _ = first_token(restored)  # a second question on the same pack
-    full_ttft = rows[-1]["dsa_prefill_s"] + ttft_q  # measured, or extrapolated beyond --prefill-max
     ttft = {"L": L, "question_tokens": a.question, "snapshot_bytes": snap_bytes, "save_s": round(save_s, 3),
             "load_s": round(load_s, 3), "restore_s": round(restore_s, 3),
             "ttft_restored_warm_s": round(ttft_q, 3), "ttft_restored_warm_second_question_s": round(ttft_q2, 3),
-            "ttft_restored_cold_s": round(load_s + restore_s + ttft_q, 3),
-            "ttft_full_prefill_s": round(full_ttft, 2),
-            "speedup_warm": round(full_ttft / ttft_q, 1),
-            "speedup_cold": round(full_ttft / (load_s + restore_s + ttft_q), 1),
-            "method": "full = cumulative DSA prefill of the L-token prefix (chunked; measured, or extrapolated "
-                      "beyond --prefill-max, see runs[-1].dsa_prefill_method) + the "
-                      "question on that cache; warm = the question on a restored handle (replica memory); "
-                      "cold = safetensors load + restore + question"}
+            "ttft_restored_cold_s": round(load_s + restore_s + ttft_q, 3)}
     print(json.dumps(ttft), flush=True)
 
-    last = rows[-1]
     res = {
         "benchmark": "engine", "model": "dsa-tiny (seeded random weights: cost does not depend on them)",
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype": str(model.embed.weight.dtype), "chunk": a.chunk, "index_topk": cfg.index_topk,
         "block_size": eng.pool.block_size, "gate": gate, "runs": rows, "ttft": ttft,
-        "dense_fit": {"a_s_per_tok": ca, "b_s_per_tok_per_pos": cb, "calibration": calib},
-        "dsa_fit": {"a_s_per_tok": da, "b_s_per_tok_per_pos": db, "calibration": dcal, "prefill_max": pmax}, "dense_fit_check": fit_check,
-        "peak_rss_gb": round(rss_gb(), 3),
-        "targets": {"decode_speedup_at_max_L": last["decode_speedup"], "decode_target": 10.0,
-                    "decode_met": last["decode_speedup"] >= 10.0,
-                    "ttft_speedup_warm": ttft["speedup_warm"], "ttft_speedup_cold": ttft["speedup_cold"],
-                    "ttft_target": 50.0, "ttft_met": ttft["speedup_cold"] >= 50.0},
+        "peak_rss_gb": round(rss_gb(), 3), "prefill_max": pmax, "dense_full_max": a.dense_full_max,
+        "probe": a.probe,
         "context_cap": {"max_position_embeddings": cfg.max_position_embeddings, "largest_prefix": cap,
                         "why": "the prefix must leave positions for the question and the generated tokens"},
-        "method": {
-            "prefill": "one chunked DSA prefill grown through every L (prefill_prefix continuing the previous "
-                       "handle); tok/s at L = L / cumulative seconds",
-            "decode": "median step time of a greedy request forked off the L-token prefix (decode batch of 1), "
-                      "rounds alternating DSA and dense; dense = the same weights with cfg.dense_attention=True over the SAME cache written by the "
-                      "DSA prefill (decode cost depends on the cache length, not its values)",
-            "dense_prefill": f"measured in full for L <= {a.dense_full_max}; beyond, per-token cost of a "
-                             f"{a.probe}-token chunk recomputed in dense mode at the end of each context, fitted "
-                             "c(p) = a + b p over all L, integrated (a L + b L^2 / 2) and scaled by measured / "
-                             "integrated at the largest fully measured L (`dense_fit.calibration`)",
-            "dsa_prefill_beyond_prefill_max": f"L > {pmax}: caches are synthetic (random values restored "
-                      "from a snapshot: decode, probe and TTFT costs depend on the cache length, not its values); "
-                      "the DSA prefill time there is extrapolated like dense (fit of the DSA probe costs, "
-                      "integrated, calibrated on the largest really prefilled L: `dsa_fit`)",
-            "peak_rss": "ru_maxrss of the whole process (includes the dense probes and the restored copy)",
-        },
         "command": " ".join(["python"] + sys.argv),
     }
+    derive(res)
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
     Path(stem + ".json").write_text(json.dumps(res, indent=2))
     plot(res, stem + ".png")
     write_md(res, stem + ".md")
     print(json.dumps(res))
+
+
+def rederive(path):
+    res = json.loads(Path(path).read_text())
+    rows = res["runs"]
+    res.setdefault("prefill_max", res.pop("dsa_fit", {}).get("prefill_max") or rows[-1]["L"])
+    res.setdefault("probe", max(r["probe_tokens"] for r in rows))
+    res.setdefault("dense_full_max", max([r["L"] for r in rows if "dense_prefill_measured_s" in r] or [0]))
+    res.pop("dense_fit", None)
+    res.pop("dsa_fit", None)
+    derive(res)
+    res["rederived"] = "derived figures recomputed from the raw measurements by --rederive"
+    stem = str(Path(path).with_suffix(""))
+    Path(stem + ".json").write_text(json.dumps(res, indent=2))
+    plot(res, stem + ".png")
+    write_md(res, stem + ".md")
+    print(json.dumps(res))
+
+
+def integrate(points, L0, L1, c_first):
+    """Integral over positions L0..L1 of the per-token cost c(p), linear between the probe points
+    (p_i, c_i), c_first below the first one, extended linearly past the last."""
+    pts = sorted(points)
+    if len(pts) == 1:
+        return pts[0][1] * (L1 - L0)
+
+    def c(p):
+        if p <= pts[0][0]:
+            return c_first
+        for (p0, c0), (p1, c1) in zip(pts, pts[1:]):
+            if p <= p1:
+                return c0 + (c1 - c0) * (p - p0) / (p1 - p0)
+        (p0, c0), (p1, c1) = pts[-2], pts[-1]
+        return c1 + (c1 - c0) * (p - p1) / (p1 - p0)
+
+    step = max(1, (L1 - L0) // 512)
+    return sum(c(p + step / 2) * step for p in range(L0, L1, step))
+
+
+def derive(res):
+    """Everything computed from the raw measurements (also re-run by --rederive on a saved JSON)."""
+    rows, t = res["runs"], res["ttft"]
+    dsa_pts = [(r["L"] - r["probe_tokens"] / 2, r["dsa_probe_ms_per_tok"] / 1e3) for r in rows]
+    dense_pts = [(r["L"] - r["probe_tokens"] / 2, r["dense_probe_ms_per_tok"] / 1e3) for r in rows]
+    real = [r for r in rows if "dsa_prefill_measured_s" in r]
+    base_L, base_s = real[-1]["L"], real[-1]["dsa_prefill_measured_s"]
+    fit_check = []
+    for r in rows:
+        L = r["L"]
+        if "dsa_prefill_measured_s" in r:
+            r["dsa_prefill_s"], r["dsa_prefill_method"] = r["dsa_prefill_measured_s"], "measured"
+        else:  # measured up to base_L, the rest integrated from the DSA probes
+            r["dsa_prefill_s"] = round(base_s + integrate(dsa_pts, base_L, L, dsa_pts[0][1]), 2)
+            r["dsa_prefill_method"] = "extrapolated"
+        est = integrate(dense_pts, 0, L, dense_pts[0][1])
+        if "dense_prefill_measured_s" in r:
+            r["dense_prefill_s"], r["dense_prefill_method"] = r["dense_prefill_measured_s"], "measured"
+            fit_check.append({"L": L, "measured_s": r["dense_prefill_measured_s"], "integrated_probes_s": round(est, 2)})
+        else:
+            r["dense_prefill_s"], r["dense_prefill_method"] = round(est, 2), "extrapolated"
+        r["dsa_prefill_tok_s"] = round(L / r["dsa_prefill_s"], 1)
+        r["dense_prefill_tok_s"] = round(L / r["dense_prefill_s"], 1)
+        r["prefill_speedup"] = round(r["dense_prefill_s"] / r["dsa_prefill_s"], 2)
+    last = rows[-1]
+    full = last["dsa_prefill_s"] + t["ttft_restored_warm_s"]
+    t.update(ttft_full_prefill_s=round(full, 2), full_prefill_method=last["dsa_prefill_method"],
+             speedup_warm=round(full / t["ttft_restored_warm_s"], 1),
+             speedup_cold=round(full / t["ttft_restored_cold_s"], 1),
+             method="full = DSA prefill of the L-token prefix (chunked; see full_prefill_method) + the "
+                    "question on that cache; warm = the question on a restored handle (replica memory); "
+                    "cold = safetensors load + restore + question")
+    res["dense_fit_check"] = fit_check
+    res["targets"] = {"decode_speedup_at_max_L": last["decode_speedup"], "decode_target": 10.0,
+                      "decode_met": last["decode_speedup"] >= 10.0, "ttft_speedup_warm": t["speedup_warm"],
+                      "ttft_speedup_cold": t["speedup_cold"], "ttft_target": 50.0,
+                      "ttft_met": t["speedup_cold"] >= 50.0}
+    pmax, probe = res["prefill_max"], res["probe"]
+    res["method"] = {
+        "prefill": "one chunked DSA prefill grown through every L (prefill_prefix continuing the previous "
+                   "handle); tok/s at L = L / cumulative seconds",
+        "decode": "median step time of a greedy request forked off the L-token prefix (decode batch of 1), "
+                  "rounds alternating DSA and dense; dense = the same weights with cfg.dense_attention=True over "
+                  "the SAME cache written by the DSA prefill (decode cost depends on the cache length, not its values)",
+        "probes": f"per-token cost at the end of each context: a fork of the prefix at L - {probe} recomputes "
+                  f"the last {probe} tokens (DSA, then dense)",
+        "dense_prefill": f"measured in full for L <= {res['dense_full_max']}; beyond, the dense probe costs "
+                         "integrated over positions 0..L (linear between probes): `dense_fit_check` compares "
+                         "that integral with the measured lengths",
+        "dsa_prefill_beyond_prefill_max": f"L > {pmax}: the cache is synthetic (random values restored from a "
+                  "snapshot: decode, probe and TTFT costs depend on the cache length, not its values); DSA prefill "
+                  f"time = measured time to {pmax} + the DSA probe costs integrated from there" if any(
+                      r["dsa_prefill_method"] == "extrapolated" for r in rows) else "none: every L was prefilled for real",
+        "peak_rss": "ru_maxrss of the whole process (includes the dense probes and the restored copy)",
+    }
 
 
 def write_md(res, path):
@@ -361,9 +398,9 @@ def plot(res, path):
     rows = res["runs"]
     Ls = [r["L"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax[0].plot(Ls, [r["dsa_prefill_tok_s"] for r in rows], "o-", label="DSA (measured; extrapolated beyond --prefill-max)")
+    ax[0].plot(Ls, [r["dsa_prefill_tok_s"] for r in rows], "o-", label="DSA (measured; integrated probes beyond --prefill-max)")
     ax[0].plot(Ls, [r["dense_prefill_tok_s"] for r in rows], "s--",
-               label="dense (measured small L, extrapolated beyond)")
+               label="dense (measured small L, integrated probes beyond)")
     ax[0].set(xscale="log", yscale="log", xlabel="context L (tokens)", ylabel="prefill tokens/s",
               title="prefill throughput to reach L")
     ax[1].plot(Ls, [r["dsa_decode_ms"] for r in rows], "o-", label="DSA")
