@@ -23,6 +23,17 @@ other requests' decode tokens) / `restore(snapshot)` give a PrefixHandle whose b
 read-only; `add_request(question, params, prefix=handle)` forks it (refcounts, no copy; the
 partially filled last block is copied on the first write), so many questions share one 128k pack.
 
+Drivers: call `step()` yourself and read its events, or use `generate` / `run_batch` /
+`complete` / `AsyncEngine.generate`, which collect the events of their own requests (a request
+added with plain `add_request` while a generator steps the engine gets its tokens, but its events
+are only in the return values of those steps). A request that fails (e.g. MemoryError: the block
+pool reached max_blocks) ends with an event of finish_reason "error"; the others go on.
+
+Known costs: the indexer reads every index key of a sequence each step; they are a view of the
+pool when the sequence's blocks are consecutive (a prefix and its first fork) and a gather
+(index_keys bytes per layer per step) otherwise, e.g. the 2nd..nth question on one pack. The
+pool grows by doubling (a copy) and never shrinks; size it with n_blocks / max_blocks.
+
 Speed work stays here, the model stays plain PyTorch: inference_mode, no per-step context copies
 (the sparse kernel gathers rows through the block table), index keys read as a view when a
 sequence's blocks are consecutive. torch.compile of the decode step is not used: the model's
