@@ -80,11 +80,23 @@ def _error_in_event(event: Any) -> DSARagAPIError | None:
     return None
 
 
-def _sse_payload(line: str) -> str | None:
-    """The payload of one `data:` line, or None for blank lines, comments and other fields."""
-    if not line.startswith("data:"):
-        return None
-    return line[5:].lstrip()
+class _SSE:
+    """Assembles SSE events from lines: `data:` lines up to a blank line make one payload (joined
+    by newlines, as the SSE spec says); comments and other fields (event:, id:, retry:) are skipped."""
+
+    def __init__(self):
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        if line.startswith("data:"):
+            value = line[5:]
+            self.data.append(value[1:] if value.startswith(" ") else value)
+            return None
+        return self.flush() if line == "" else None
+
+    def flush(self) -> str | None:
+        payload, self.data = ("\n".join(self.data) if self.data else None), []
+        return payload
 
 
 class HttpClient:
@@ -232,12 +244,17 @@ def _decode(payload: str) -> dict:
 
 def _events(lines: Iterator[str]) -> Iterator[dict]:
     try:
+        sse = _SSE()
         for line in lines:
-            payload = _sse_payload(line)
+            payload = sse.feed(line)
             if payload is None:
                 continue
             if payload == "[DONE]":
                 return
+            yield _decode(payload)
+        if (payload := sse.flush()) == "[DONE]":  # a last event without its blank line
+            return
+        if payload is not None:
             yield _decode(payload)
     except RETRY_ERRORS as e:
         raise StreamBroken(f"the answer stream broke: {type(e).__name__}: {e}") from e
@@ -246,12 +263,17 @@ def _events(lines: Iterator[str]) -> Iterator[dict]:
 
 async def _aevents(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
     try:
+        sse = _SSE()
         async for line in lines:
-            payload = _sse_payload(line)
+            payload = sse.feed(line)
             if payload is None:
                 continue
             if payload == "[DONE]":
                 return
+            yield _decode(payload)
+        if (payload := sse.flush()) == "[DONE]":  # a last event without its blank line
+            return
+        if payload is not None:
             yield _decode(payload)
     except RETRY_ERRORS as e:
         raise StreamBroken(f"the answer stream broke: {type(e).__name__}: {e}") from e

@@ -233,3 +233,10 @@ def test_llm_and_retriever_bodies(server):
                           "document_ids": ["doc_9"]}
     assert len(docs) == 1  # the repeated span comes back once
     assert docs[0].metadata["span"] == [5, 20] and docs[0].metadata["pack_id"] == "pk_1"
+
+
+def test_sse_framing_multiline_data_comments_and_crlf(server):
+    body = (b": keep-alive comment\r\n\r\nevent: message\r\nid: 1\r\ndata: {\"choices\": [{\"index\": 0,\r\n"
+            b"data:  \"delta\": {\"content\": \"hi\"}}]}\r\n\r\n" + sse(chunk(None, "stop")) + b"data: [DONE]")
+    server(body)
+    assert [c.content for c in model().stream("q")] == ["hi", ""]
