@@ -9,19 +9,25 @@ Layout: `<root>/<sha[:2]>/<sha>`. A write goes to a unique temp file in the same
 is fsync'ed, `os.replace`d onto its final name and the directory is fsync'ed: once `put`
 returns, the blob survives a crash, and a reader never sees half a file. `atomic_write` is the
 same recipe for files that are not content-addressed (the KV cache's safetensors files).
+No space left (ENOSPC, EDQUOT, EFBIG) raises DiskFull (507) and leaves no temp file behind;
+any other OSError is a StorageError (503). Blobs are plain bytes (and the KV cache
+safetensors): nothing read back from disk is ever unpickled.
 
 Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_storage.py`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from rag_service.errors import NotFound, StorageError
+from rag_service.errors import DiskFull, NotFound, StorageError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,11 +52,11 @@ def temp_path_for(path: Path) -> Path:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp_path)` fills a temp file; it is then fsync'ed and atomically renamed to `path`."""
     path = Path(path)
-    if not path.parent.exists():  # a new fan-out directory must itself survive a crash
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(path.parent.parent)
     tmp = temp_path_for(path)
     try:
+        if not path.parent.exists():  # a new fan-out directory must itself survive a crash
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(path.parent.parent)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -59,19 +65,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise DiskFull(f"no space left to write {path.name} under {path.parent.parent} ({e.strerror}); "
+                           "free disk space (or raise the quota) and retry; nothing was stored") from e
         raise StorageError(f"could not write {path}: {e}; check free disk space and permissions") from e
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover
+            pass
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
+def write_file(tmp: Path, data: bytes) -> None:
+    """The one place blob bytes hit the disk (tests inject ENOSPC here)."""
+    with open(tmp, "wb") as f:
+        f.write(data)
 
-    atomic_write(path, write)
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: write_file(tmp, data))
 
 
 def sha256_hex(data: bytes) -> str:

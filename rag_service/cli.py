@@ -160,8 +160,11 @@ def _deploy_config(s, path: str, explicit: set[str]):
 def _client(a):
     import httpx
 
-    return httpx.Client(base_url=a.url, timeout=httpx.Timeout(600, connect=10),
-                        headers={"X-Tenant": a.tenant} if a.tenant else {})
+    headers = {"X-Tenant": a.tenant} if a.tenant else {}
+    key = getattr(a, "api_key", None) or os.environ.get("DSA_RAG_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.Client(base_url=a.url, timeout=httpx.Timeout(600, connect=10), headers=headers)
 
 
 def _fail(r) -> int:
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_args(sp):
         sp.add_argument("--url", default=_default_url(), help="service URL (default $DSA_RAG_URL or http://127.0.0.1:8000)")
-        sp.add_argument("--tenant", help="X-Tenant header")
+        sp.add_argument("--tenant", help="X-Tenant header (open mode only; with API keys the key picks the tenant)")
+        sp.add_argument("--api-key", help="API key sent as Authorization: Bearer (default $DSA_RAG_API_KEY)")
 
     ing = sub.add_parser("ingest", help="upload documents (files or directories)")
     ing.add_argument("paths", nargs="+")

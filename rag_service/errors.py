@@ -15,9 +15,13 @@ here imports FastAPI.
     |  +- ParseTimeout (422)             the per-document parse time budget ran out
     |  +- DocumentTooLarge (413)         bytes / pages / tokens over a limit in settings
     +- BadRequest (400)                an argument is malformed (tenant name, empty batch, ...)
+    +- LimitExceeded (422)             a request over a limit in settings (question length, max_tokens)
     +- NotFound (404)                  unknown document / pack id
+    |  +- OtherTenant (403)              the id exists, under another tenant (404 when auth is off)
     +- ConflictError (409)             optimistic Redis transaction kept losing the race
-    +- StorageError (503)              blob store or Redis failed
+    +- TooManyRequests (429)           rate limit or concurrent streams per API key; `headers` has Retry-After
+    +- StorageError (503)              blob store or Redis failed (Redis unreachable: retry later)
+       +- DiskFull (507)                 no space left on the data disk; nothing was stored
 
 Run the tests: `.venv/bin/python -m pytest -q tests/rag_service`.
 """
@@ -30,10 +34,13 @@ class RagError(Exception):
 
     status_code: int = 500
     code: str = "rag_error"
+    headers: dict[str, str] | None = None  # extra HTTP headers (Retry-After, WWW-Authenticate)
 
-    def __init__(self, message: str, *, filename: str | None = None):
+    def __init__(self, message: str, *, filename: str | None = None, headers: dict[str, str] | None = None):
         self.message = message
         self.filename = filename
+        if headers:
+            self.headers = headers
         super().__init__(f"{filename}: {message}" if filename else message)
 
     def to_dict(self) -> dict:
@@ -88,9 +95,31 @@ class BadRequest(RagError):
     code = "bad_request"
 
 
+class LimitExceeded(RagError):
+    status_code = 422
+    code = "limit_exceeded"
+
+
 class NotFound(RagError):
     status_code = 404
     code = "not_found"
+
+
+class OtherTenant(NotFound):
+    """The id exists but belongs to another tenant. A NotFound for callers that only ask "may I
+    see it?"; the API answers 403 when API keys are on, 404 (no leak) in open dev mode."""
+
+    status_code = 403
+    code = "forbidden"
+
+    def __init__(self, message: str, *, not_found: str, **kw):
+        super().__init__(message, **kw)
+        self.not_found = not_found  # what a caller who must not learn the id exists is told
+
+
+class TooManyRequests(RagError):
+    status_code = 429
+    code = "rate_limited"
 
 
 class ConflictError(RagError):
@@ -101,3 +130,8 @@ class ConflictError(RagError):
 class StorageError(RagError):
     status_code = 503
     code = "storage_error"
+
+
+class DiskFull(StorageError):
+    status_code = 507
+    code = "insufficient_storage"

@@ -13,7 +13,9 @@ Markdown markers in the text (headings, fences, links, emphasis, lists).
 
 PDF pages are joined with a blank line; `pages[i]` says where page i+1 lies in the text, so
 citations can name a page. pypdf's decompression-bomb limits are set from
-`settings.pdf_max_decompressed_bytes`; the parse time budget is checked between pages.
+`settings.pdf_max_decompressed_bytes`; the parse time budget is checked between pages, and
+(with `parse_isolation="process"`, the default) enforced from outside by killing the sandbox
+process that parses the PDF (sandbox.py), so one page whose extraction hangs cannot stall us.
 
 Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ingest.py`.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 
 from rag_service.errors import (
@@ -75,6 +78,7 @@ _MD_MARKERS = (
     re.compile(r"^\|.*\|\s*$\n^\|?\s*:?-{3,}", re.M),  # tables
 )
 # C0 control bytes that never occur in text files (tab, LF, CR, FF are fine; ESC is not).
+_BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
 
 
@@ -105,10 +109,17 @@ def page_at(pages: list[PageSpan], char: int) -> int | None:
 
 
 def clean_name(name: str) -> str:
-    """A display name safe for the prompt line `<doc>name\\n`: basename, no control chars."""
-    base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[\x00-\x1f\x7f]+", " ", base).strip()
-    return base[:NAME_MAX] or "document"
+    """A display name safe for the prompt line `<doc>name\\n`, JSON and Redis: NFC-normalized,
+    basename only (never used as a path), control / format / surrogate / private-use characters
+    (incl. bidi overrides, zero-width) -> space, whitespace collapsed, `.`/`..` refused, at most
+    NAME_MAX characters."""
+    base = unicodedata.normalize("NFC", str(name or ""))
+    base = re.split(r"[\\/]", base)[-1]
+    base = "".join(" " if unicodedata.category(c) in _BAD_NAME_CATEGORIES else c for c in base)
+    base = re.sub(r"\s+", " ", base).strip()
+    if base.strip(".") == "":
+        base = ""
+    return base[:NAME_MAX].strip() or "document"
 
 
 def detect_type(name: str, data: bytes) -> str:
@@ -210,7 +221,12 @@ def parse_document(name: str, data: bytes, settings: RagSettings) -> ParsedDocum
         raise EmptyDocument("the file is empty; nothing to index", filename=name)
     kind = detect_type(name, data)
     if kind == "pdf":
-        text, pages = parse_pdf(name, data, settings)
+        if settings.parse_isolation == "process":  # hard time budget + memory cap (sandbox.py)
+            from rag_service.sandbox import parse_pdf_isolated
+
+            text, pages = parse_pdf_isolated(name, data, settings)
+        else:
+            text, pages = parse_pdf(name, data, settings)
     else:
         text, pages = normalize_text(decode_text(name, data)), []
         if not text.strip():
@@ -279,6 +295,11 @@ def parse_pdf(name: str, data: bytes, settings: RagSettings) -> tuple[str, list[
         raise EncryptedDocument(
             "the PDF is encrypted and cannot be read without its password; upload a decrypted copy",
             filename=name,
+        ) from None
+    except MemoryError:
+        raise DocumentTooLarge(
+            "parsing the PDF needs more memory than allowed (DSA_RAG_PARSE_MEMORY_BYTES); the file may be "
+            "a decompression bomb", filename=name,
         ) from None
     except LimitReachedError as e:
         raise DocumentTooLarge(

@@ -18,6 +18,14 @@ cache entries of the old packs and deletes blobs nobody references any more.
 Blob files and their references are guarded by a short Redis lock per digest, so a delete
 never unlinks a blob that a concurrent upload of the same bytes is committing.
 
+Durability and faults: a document is acknowledged (ingest returns) only after its blobs are
+fsync'ed (blobstore.atomic_write) and its metadata transaction was answered by Redis (which
+runs with `appendfsync always` in embedded mode). Redis unreachable (restart) during an
+upload: the Redis part is retried for `redis_retry_s` (idempotent: the document id is derived
+from the bytes, the lock is re-entrant for the same upload), then StorageError (503) and
+nothing is acknowledged. No space left on the disk: DiskFull (507), the blobs this upload wrote
+are removed, no metadata is written.
+
 Answering (engine prefill/decode over `pack_prompt`) is wired by the serving layer; this
 module imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service`.
 """
@@ -30,12 +38,17 @@ import logging
 import re
 import threading
 import time
-from contextlib import ExitStack
+import uuid
+from contextlib import contextmanager
+
+import redis
 
 from model.tokenizer import load_tokenizer
 from rag_service.blobstore import BlobStore
 from rag_service.chunk import Chunk, TextTokens, chunk_text
-from rag_service.errors import BadRequest, DocumentTooLarge, NotFound, RagError, StorageError
+from rag_service.errors import (
+    BadRequest, ConflictError, DocumentTooLarge, NotFound, OtherTenant, RagError, StorageError,
+)
 from rag_service.ingest import clean_name, page_at, parse_document
 from rag_service.kvstore import KVStore
 from rag_service.layout import PackLayout, build_layout
@@ -51,6 +64,18 @@ log = logging.getLogger(__name__)
 
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 SNIPPET_CHARS = 300
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (AOF replay) is a ConnectionError
+LOCK_TTL_MS, LOCK_WAIT_S = 120_000, 60.0
+# Re-entrant for the same token: an upload retried after a lost reply gets its own lock back.
+_LOCK_ACQUIRE = """
+local v = redis.call('get', KEYS[1])
+if v == false or v == ARGV[1] then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+_LOCK_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 def document_id(tenant: str, sha256: str) -> str:
@@ -80,6 +105,8 @@ class RagPipeline:
         self.kv = KVStore(self.r, self.keys, s.kv_dir, s.kv_cache_max_bytes)
         self._indexes: dict[str, _TenantIndex] = {}
         self._index_lock = threading.Lock()
+        self._lock_acquire = self.r.register_script(_LOCK_ACQUIRE)
+        self._lock_release = self.r.register_script(_LOCK_RELEASE)
 
     def close(self) -> None:
         """Close Redis (stopping the embedded server when this was its last client)."""
@@ -101,7 +128,7 @@ class RagPipeline:
         s = self.settings
         digest = hashlib.sha256(data).hexdigest()
         doc_id = document_id(tenant, digest)
-        existing = self.r.hgetall(self.keys.doc(doc_id))
+        existing = self._retry_redis(lambda: self.r.hgetall(self.keys.doc(doc_id)), name)
         if existing:
             return _doc_from_hash(existing)
 
@@ -137,19 +164,44 @@ class RagPipeline:
             pipe.sadd(self.keys.blob_refs(digest), doc_id)
             pipe.sadd(self.keys.blob_refs(text_digest), doc_id)
 
-        with self._blob_locks({digest, text_digest}):
-            self.blobs.put(data)
-            self.blobs.put(text_bytes)
-            try:
-                added, result = self.packs.add_document(
-                    tenant, doc_id, name, plans, check=check, write=write, watch=(doc_key,)
-                )
-            except BaseException:  # nothing committed: drop blobs no document references
-                self._collect_blobs({digest, text_digest}, locked=True)
-                raise
-        if not added:  # a concurrent upload of the same bytes committed first
+        token = uuid.uuid4().hex  # one per upload, kept across retries (re-entrant blob locks)
+
+        def commit():
+            with self._blob_locks({digest, text_digest}, token):
+                try:
+                    self.blobs.put(data)
+                    self.blobs.put(text_bytes)
+                    return self.packs.add_document(
+                        tenant, doc_id, name, plans, check=check, write=write, watch=(doc_key,)
+                    )
+                except BaseException:  # not committed (or committed with the reply lost: refs kept)
+                    try:
+                        self._collect_blobs({digest, text_digest}, locked=True)
+                    except Exception as e:  # noqa: BLE001 - Redis down: orphan blobs are harmless
+                        log.warning("could not clean up the blobs of %s (%s); they are unreferenced", name, e)
+                    raise
+
+        added, result = self._retry_redis(commit, name)
+        if not added:  # a concurrent upload of the same bytes (or this one, reply lost) committed first
             return _doc_from_hash(result)
         return _doc_from_hash({**record, "packs": json.dumps(result)})
+
+    def _retry_redis(self, fn, name: str):
+        """fn() retried while Redis is unreachable, for `redis_retry_s`; then StorageError (503)."""
+        deadline = time.monotonic() + self.settings.redis_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except REDIS_DOWN as e:
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(
+                        f"Redis is unreachable ({type(e).__name__}: {e}); the upload was not stored, retry it",
+                        filename=name,
+                    ) from e
+                log.warning("Redis unreachable during the upload of %s (%s); retrying", name, e)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def ingest_many(self, files: list[tuple[str, bytes]], tenant: str = "default") -> list[IngestResult]:
         """Batch form: one result per file, in order; a bad file does not fail the others."""
@@ -172,8 +224,12 @@ class RagPipeline:
     # --- documents -------------------------------------------------------------------------------
     def get_document(self, doc_id: str, tenant: str | None = None) -> DocumentInfo:
         h = self.r.hgetall(self.keys.doc(doc_id))
-        if not h or (tenant is not None and h["tenant"] != tenant):
-            raise NotFound(f"document {doc_id} not found; list documents to see the ids")
+        missing = f"document {doc_id} not found; list documents to see the ids"
+        if not h:
+            raise NotFound(missing)
+        if tenant is not None and h["tenant"] != tenant:
+            raise OtherTenant(f"document {doc_id} belongs to another tenant; this API key cannot access it",
+                              not_found=missing)
         return _doc_from_hash(h)
 
     def list_documents(self, tenant: str = "default") -> list[DocumentInfo]:
@@ -218,7 +274,7 @@ class RagPipeline:
 
     def _collect_blobs(self, digests: set[str], locked: bool = False) -> None:
         """Delete the blobs among `digests` that no document references (under their locks)."""
-        with ExitStack() if locked else self._blob_locks(digests):
+        with _nullcontext() if locked else self._blob_locks(digests, uuid.uuid4().hex):
             for d in digests:
                 if not self.r.scard(self.keys.blob_refs(d)):
                     self.blobs.delete(d)
@@ -328,11 +384,28 @@ class RagPipeline:
             return idx
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _blob_locks(self, digests: set[str]) -> ExitStack:
-        stack = ExitStack()
-        for d in sorted(digests):  # fixed order: no deadlock between two uploads
-            stack.enter_context(self.r.lock(self.keys.blob_lock(d), timeout=120, blocking_timeout=60))
-        return stack
+    @contextmanager
+    def _blob_locks(self, digests: set[str], token: str):
+        """Redis locks on the digests (fixed order: no deadlock between two uploads), owned by
+        `token`; re-acquiring with the same token succeeds (a retried upload)."""
+        held = []
+        try:
+            for d in sorted(digests):
+                key = self.keys.blob_lock(d)
+                deadline = time.monotonic() + LOCK_WAIT_S
+                while not self._lock_acquire(keys=[key], args=[token, LOCK_TTL_MS]):
+                    if time.monotonic() > deadline:
+                        raise ConflictError(f"blob {d[:12]} is locked by another upload or delete for over "
+                                            f"{LOCK_WAIT_S:g} s; retry")
+                    time.sleep(0.02)
+                held.append(key)
+            yield
+        finally:
+            for key in reversed(held):
+                try:
+                    self._retry_redis(lambda k=key: self._lock_release(keys=[k], args=[token]), "blob lock")
+                except StorageError:  # expires after LOCK_TTL_MS; a retry with `token` re-takes it
+                    log.warning("could not release %s (Redis unreachable)", key)
 
     def citation_for(self, doc_id: str, char_start: int, char_end: int) -> Citation:
         """A citation for a character span of a stored document (page from its page spans)."""
@@ -356,3 +429,8 @@ def _doc_from_hash(h: dict) -> DocumentInfo:
         tokens=int(h["tokens"]), pages=int(h["pages"]), chunks=int(h["chunks"]),
         created=float(h["created"]), packs=json.loads(h.get("packs") or "[]"),
     )
+
+
+@contextmanager
+def _nullcontext():
+    yield

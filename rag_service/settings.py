@@ -34,6 +34,9 @@ class RagSettings(BaseSettings):
     # `always`: every acknowledged metadata write is on disk before the reply (the chosen default;
     # metadata writes are few and small). `everysec` trades up to 1 s of writes for throughput.
     redis_appendfsync: Literal["always", "everysec"] = "always"
+    redis_retry_s: float = Field(
+        10.0, ge=0, description="an upload retries this long while Redis is unreachable (restart), then 503"
+    )
     tokenizer_dir: Path | None = Field(None, description="model dir with tokenizer files; None = byte tokenizer")
 
     # --- upload / parse limits -----------------------------------------------------------------
@@ -41,6 +44,13 @@ class RagSettings(BaseSettings):
     max_pages: int = Field(2000, ge=1, description="PDF pages per document")
     max_tokens_per_document: int = Field(8_000_000, ge=1, description="tokens of the extracted text")
     parse_timeout_s: float = Field(60.0, gt=0, description="per-document parse time budget")
+    # `process`: PDFs are parsed in sandbox processes that are killed when the budget runs out
+    # (a page whose extraction hangs cannot stall the service) and run under a memory cap.
+    parse_isolation: Literal["process", "thread"] = "process"
+    parse_workers: int = Field(2, ge=1, le=64, description="PDF sandbox processes (parallel PDF parses)")
+    parse_memory_bytes: int = Field(
+        2 * GiB, ge=256 * MiB, description="address-space cap of a PDF sandbox process (RLIMIT_AS)"
+    )
     pdf_max_decompressed_bytes: int = Field(
         75_000_000, ge=1 * MiB, description="pypdf decompression-bomb limit per stream"
     )

@@ -8,7 +8,13 @@
 Routes call the backend (pipeline + engine in-process, or Ray Serve handles) and shape the
 response; no logic lives here. Errors of the core (`RagError`) map to their HTTP status with an
 OpenAI-style body {"error": {"message", "type", "code", ...}}, so the openai client raises a
-typed error that carries our message. The tenant is the `X-Tenant` header (default "default").
+typed error that carries our message.
+
+Auth and limits (guard.py, before routing): with `api_keys` set, `Authorization: Bearer <key>`
+selects the tenant (401 without, 403 for another tenant's document id); without keys the
+service runs open and the tenant is `X-Tenant` (default "default"). Per key: a rate limit (429
+with Retry-After) and at most `max_streams_per_key` open SSE streams (429). Body size (413) and
+content type (415) are checked before parsing; validation errors are 422 with the field named.
 
     POST   /v1/documents            multipart, field `files` (repeatable) or `file` -> ids + per-file results
     GET    /v1/documents            GET/DELETE /v1/documents/{id}
@@ -28,14 +34,18 @@ from contextlib import asynccontextmanager
 
 import asyncio
 
-from fastapi import FastAPI, File, Header, Query, Request, UploadFile
+import redis
+from fastapi import Depends, FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rag_service.errors import BadRequest, DocumentTooLarge, RagError
+from rag_service.errors import BadRequest, DocumentTooLarge, LimitExceeded, NotFound, OtherTenant, RagError
 from rag_service.schemas import DocumentInfo, IngestResult
 from rag_service.serve import sse as S
 from rag_service.serve.fanout import ask, ask_events
+from rag_service.serve.guard import Guard, StreamSlots
 from rag_service.serve.metrics import Metrics
 from rag_service.serve.schemas_api import (
     AskRequest, AskResponse, ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
@@ -45,19 +55,23 @@ from rag_service.serve.schemas_api import (
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable"}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 507: "insufficient_storage"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "bad_request"}
+_bearer = HTTPBearer(auto_error=False, description="API key (DSA_RAG_API_KEYS); not needed when none is configured")
 
 
-def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
     detail = {"message": message, "type": _TYPES.get(status, "server_error"), "code": code}
     detail.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse({"error": detail}, status_code=status)
+    return JSONResponse({"error": detail}, status_code=status, headers=headers)
 
 
 def _rag_error(e: RagError) -> JSONResponse:
-    return _error(e.status_code, e.code, str(e), filename=e.filename)
+    return _error(e.status_code, e.code, str(e), headers=e.headers, filename=e.filename)
 
 
 class ModelNotFound(RagError):
@@ -84,6 +98,8 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                     "whole-document packs whose prefix KV caches are reused; OpenAI-compatible endpoints.",
     )
     app.state.backend, app.state.metrics = backend, metrics
+    app.add_middleware(Guard, settings=s, metrics=metrics)
+    streams = app.state.streams = StreamSlots(s.max_streams_per_key)
     background: set[asyncio.Task] = set()  # strong refs to prefill tasks until they finish
 
     def _prefetch_done(task: asyncio.Task) -> None:
@@ -94,7 +110,21 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
     # --- errors --------------------------------------------------------------------------------
     @app.exception_handler(RagError)
     async def _on_rag_error(request: Request, e: RagError):
+        if isinstance(e, OtherTenant) and not s.auth_enabled:  # open mode: tenants are namespaces, no leak
+            e = NotFound(e.not_found)
         return _rag_error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, _HTTP_CODES.get(e.status_code, "http_error"), str(e.detail),
+                      headers=getattr(e, "headers", None))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _on_redis_down(request: Request, e: Exception):
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, e)
+        return _error(503, "storage_error", "the metadata store (Redis) is unavailable; retry in a few seconds",
+                      headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _on_bug(request: Request, e: Exception):
@@ -119,6 +149,20 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
         metrics.requests.labels(getattr(route, "path", "other"), str(resp.status_code)).inc()
         return resp
 
+    def tenant_of(request: Request, _key=Depends(_bearer),
+                  x_tenant: str | None = Header(None, description="the tenant in open mode (no API keys); "
+                                                                  "ignored when API keys are configured")) -> str:
+        return request.state.tenant  # resolved by the Guard (the API key's tenant, or X-Tenant when open)
+
+    def principal_of(request: Request) -> str:
+        return request.state.principal
+
+    def _question(text: str) -> str:
+        if len(text) > s.max_question_chars:
+            raise LimitExceeded(f"the question has {len(text)} characters; the limit is {s.max_question_chars} "
+                                "(DSA_RAG_MAX_QUESTION_CHARS)")
+        return text
+
     # --- documents ------------------------------------------------------------------------------
     @app.post("/v1/documents", response_model=UploadResponse, responses=_ERRORS, tags=["documents"],
               summary="Upload one or many documents (PDF, text, Markdown)")
@@ -126,7 +170,7 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                      file: UploadFile | None = File(None, description="a single file (alternative field name)"),
                      prefill: bool = Query(False, description="prefill the new documents' packs in the background "
                                                               "(on the replicas questions will be routed to)"),
-                     x_tenant: str | None = Header(None)):
+                     tenant: str = Depends(tenant_of)):
         ups = list(files or []) + ([file] if file is not None else [])
         if not ups:
             raise BadRequest("no file in the upload; send multipart/form-data with one or more `files` fields")
@@ -142,7 +186,7 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                                               "(DSA_RAG_UPLOAD_MAX_BYTES)", filename=name)
             batch.append((name, data))
         ok_batch = [(i, b) for i, b in enumerate(batch) if i not in too_big]
-        results = await backend.ingest([b for _, b in ok_batch], x_tenant or s.default_tenant) if ok_batch else []
+        results = await backend.ingest([b for _, b in ok_batch], tenant) if ok_batch else []
         by_index = dict(zip([i for i, _ in ok_batch], results))
         out: list[IngestResult] = []
         for i, (name, _) in enumerate(batch):
@@ -165,34 +209,42 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
         return body
 
     @app.get("/v1/documents", response_model=DocumentList, tags=["documents"])
-    async def list_documents(x_tenant: str | None = Header(None)):
-        return DocumentList(data=await backend.list_documents(x_tenant or s.default_tenant))
+    async def list_documents(tenant: str = Depends(tenant_of)):
+        return DocumentList(data=await backend.list_documents(tenant))
 
     @app.get("/v1/documents/{document_id}", response_model=DocumentInfo, responses=_ERRORS, tags=["documents"])
-    async def get_document(document_id: str, x_tenant: str | None = Header(None)):
-        return await backend.get_document(document_id, x_tenant or s.default_tenant)
+    async def get_document(document_id: str, tenant: str = Depends(tenant_of)):
+        return await backend.get_document(document_id, tenant)
 
     @app.delete("/v1/documents/{document_id}", response_model=DeleteResponse, responses=_ERRORS, tags=["documents"])
-    async def delete_document(document_id: str, x_tenant: str | None = Header(None)):
-        r = await backend.delete_document(document_id, x_tenant or s.default_tenant)
+    async def delete_document(document_id: str, tenant: str = Depends(tenant_of)):
+        r = await backend.delete_document(document_id, tenant)
         return DeleteResponse(id=document_id, **r)
 
     # --- ask -------------------------------------------------------------------------------------
     def _max_tokens(*vals) -> int:
         for v in vals:
             if v is not None:
-                return min(int(v), s.max_new_tokens)
-        return s.default_max_tokens
+                if int(v) > s.max_new_tokens:
+                    raise LimitExceeded(f"max_tokens {int(v)} is over the limit of {s.max_new_tokens} "
+                                        "(DSA_RAG_MAX_NEW_TOKENS); ask for fewer tokens")
+                return int(v)
+        return min(s.default_max_tokens, s.max_new_tokens)
 
     @app.post("/v1/ask", response_model=AskResponse, responses={**_ERRORS, 200: {
         "content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}, tags=["ask"])
-    async def ask_route(req: AskRequest, x_tenant: str | None = Header(None)):
-        args = (req.question, req.document_ids, _max_tokens(req.max_tokens), req.temperature,
-                x_tenant or s.default_tenant, req.seed)
+    async def ask_route(req: AskRequest, tenant: str = Depends(tenant_of), principal: str = Depends(principal_of)):
+        args = (_question(req.question), req.document_ids, _max_tokens(req.max_tokens), req.temperature,
+                tenant, req.seed)
         if not req.stream:
-            return AskResponse(**await ask(backend, metrics, *args))
-        events = ask_events(backend, metrics, *args)
-        await events.__anext__()  # pack selection: its errors become a proper HTTP status
+            return AskResponse(**await ask(backend, metrics, *args, retries=s.stream_retries))
+        slot = streams.acquire(principal)
+        events = ask_events(backend, metrics, *args, retries=s.stream_retries)
+        try:
+            await events.__anext__()  # pack selection: its errors become a proper HTTP status
+        except BaseException:
+            slot.release()
+            raise
 
         async def body():
             try:
@@ -206,6 +258,8 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                         yield S.sse({"type": "citations", **done})
             except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
                 yield S.sse({"type": "error", "error": _error_dict(e)})
+            finally:
+                slot.release()
             yield S.DONE
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=S.SSE_HEADERS)
@@ -220,23 +274,28 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                            total_tokens=u["prompt_tokens"] + u["completion_tokens"],
                            prompt_tokens_details=PromptTokensDetails(cached_tokens=u["cached_tokens"]))
 
-    async def _openai(req, question: str, tenant: str, chat: bool):
+    async def _openai(req, question: str, tenant: str, chat: bool, principal: str):
         _check_model(req.model)
         if req.n != 1:
             raise BadRequest("only n=1 is supported")
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        args = (question, req.document_ids, _max_tokens(req.max_completion_tokens, req.max_tokens),
+        args = (_question(question), req.document_ids, _max_tokens(req.max_completion_tokens, req.max_tokens),
                 req.temperature or 0.0, tenant, req.seed, stop, req.top_p or 1.0)
         if not req.stream:
-            r = await ask(backend, metrics, *args)
+            r = await ask(backend, metrics, *args, retries=s.stream_retries)
             if chat:
                 return ChatCompletionResponse(model=req.model, usage=_usage(r["usage"]), citations=r["citations"],
                                               choices=[ChatChoice(message=ChatChoiceMessage(content=r["answer"]),
                                                                   finish_reason=r["finish_reason"])])
             return CompletionResponse(model=req.model, usage=_usage(r["usage"]), citations=r["citations"],
                                       choices=[CompletionChoice(text=r["answer"], finish_reason=r["finish_reason"])])
-        events = ask_events(backend, metrics, *args)
-        await events.__anext__()
+        slot = streams.acquire(principal)
+        events = ask_events(backend, metrics, *args, retries=s.stream_retries)
+        try:
+            await events.__anext__()
+        except BaseException:
+            slot.release()
+            raise
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -266,19 +325,23 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
                                          "choices": [], "usage": _usage(ev["usage"]).model_dump()})
             except Exception as e:  # noqa: BLE001
                 yield S.sse({"error": _error_dict(e)})
+            finally:
+                slot.release()
             yield S.DONE
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=S.SSE_HEADERS)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS, tags=["openai"],
               summary="OpenAI chat completions; the stored corpus is the context, the last user message the question")
-    async def chat_completions(req: ChatCompletionRequest, x_tenant: str | None = Header(None)):
+    async def chat_completions(req: ChatCompletionRequest, tenant: str = Depends(tenant_of),
+                               principal: str = Depends(principal_of)):
         question = _last_user_text(req.messages)
-        return await _openai(req, question, x_tenant or s.default_tenant, chat=True)
+        return await _openai(req, question, tenant, chat=True, principal=principal)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, tags=["openai"],
               summary="OpenAI completions; the prompt is the question over the stored corpus")
-    async def completions(req: CompletionRequest, x_tenant: str | None = Header(None)):
+    async def completions(req: CompletionRequest, tenant: str = Depends(tenant_of),
+                          principal: str = Depends(principal_of)):
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1 or not isinstance(prompt[0], str):
@@ -286,9 +349,7 @@ def create_app(backend, metrics: Metrics | None = None) -> FastAPI:
             prompt = prompt[0]
         if not prompt.strip():
             raise BadRequest("prompt is empty")
-        if len(prompt) > 8192:
-            raise BadRequest(f"prompt has {len(prompt)} characters; the limit is 8192")
-        return await _openai(req, prompt, x_tenant or s.default_tenant, chat=False)
+        return await _openai(req, prompt, tenant, chat=False, principal=principal)
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def models():
@@ -334,8 +395,6 @@ def _last_user_text(messages) -> str:
             text = c if isinstance(c, str) else " ".join(
                 p.get("text", "") for p in (c or []) if isinstance(p, dict) and p.get("type") == "text")
             if text and text.strip():
-                if len(text) > 8192:
-                    raise BadRequest(f"the last user message has {len(text)} characters; the limit is 8192")
                 return text
     raise BadRequest("messages hold no user message with text; the last user message is the question")
 

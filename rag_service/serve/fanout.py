@@ -10,18 +10,25 @@ slowest pack; the final "done" event carries the merged result (`rag_service.ans
 answer by model score, all citations, summed usage), which non-streaming routes return as is.
 Metrics (TTFT, tokens/s, prefix-cache hits/queries) are observed here, on the ingress, per pack.
 
+Faults: a pack stream that fails before its first token (a replica killed or restarting, the
+engine failing the request) is retried up to `retries` times, transparently (in Ray the retry
+is routed to a live replica). After a token was produced the failure reaches the client: the
+streaming routes send an in-band error event, then [DONE]. Client errors (4xx) are not retried.
+
 Tests: `.venv/bin/python -m pytest -q tests/service/test_api.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import AsyncIterator
 
 from rag_service.answer import PackResult, merge
 from rag_service.errors import RagError
 
+log = logging.getLogger(__name__)
 
 class NoDocuments(RagError):
     status_code = 404
@@ -30,7 +37,7 @@ class NoDocuments(RagError):
 
 async def ask_events(backend, metrics, question: str, document_ids: list[str] | None, max_tokens: int,
                      temperature: float, tenant: str, seed: int | None = None, stop: list[str] | None = None,
-                     top_p: float = 1.0) -> AsyncIterator[dict]:
+                     top_p: float = 1.0, retries: int = 0) -> AsyncIterator[dict]:
     t0 = time.perf_counter()
     selections = await backend.select(question, document_ids, tenant)
     if not selections:
@@ -47,17 +54,31 @@ async def ask_events(backend, metrics, question: str, document_ids: list[str] | 
     async def run(pack_id: str):
         t_start = time.perf_counter()
         first = None
+        attempt = 0
         try:
-            async for ev in backend.stream_pack(pack_id, question, max_tokens, temperature, seed, stop, top_p):
-                if ev["event"] == "start" and metrics is not None:
-                    metrics.observe_prefix(ev["prompt_tokens"], ev["cached_tokens"], ev["cache"])
-                elif ev["event"] == "token" and first is None:
-                    first = time.perf_counter()
-                    if metrics is not None:
-                        metrics.ttft.observe(first - t_start)
-                elif ev["event"] == "end" and metrics is not None:
-                    metrics.observe_end(ev)
-                await queue.put(ev)
+            while True:
+                try:
+                    async for ev in backend.stream_pack(pack_id, question, max_tokens, temperature, seed, stop,
+                                                        top_p):
+                        if ev["event"] == "start" and metrics is not None:
+                            metrics.observe_prefix(ev["prompt_tokens"], ev["cached_tokens"], ev["cache"])
+                        elif ev["event"] == "token" and first is None:
+                            first = time.perf_counter()
+                            if metrics is not None:
+                                metrics.ttft.observe(first - t_start)
+                        elif ev["event"] == "end" and metrics is not None:
+                            metrics.observe_end(ev)
+                        await queue.put(ev)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    if attempt < retries and first is None and _retryable(e):
+                        attempt += 1
+                        log.warning("pack %s: answer stream failed before its first token (%s: %s); retry %d/%d",
+                                    pack_id, type(e).__name__, e, attempt, retries)
+                        continue
+                    raise
         except BaseException as e:  # forwarded to the consumer, which re-raises it
             await queue.put(e)
         finally:
@@ -98,6 +119,11 @@ async def ask_events(backend, metrics, question: str, document_ids: list[str] | 
     out["primary_pack_id"] = primary
     out["timings"] = {"select_s": t_sel - t0, "first_token_s": (first_token or t_end) - t0, "total_s": t_end - t0}
     yield {"event": "done", **out}
+
+
+def _retryable(e: BaseException) -> bool:
+    """Server-side failures (replica gone, engine error, storage) are; client errors are not."""
+    return not (isinstance(e, RagError) and e.status_code < 500)
 
 
 async def ask(backend, metrics, *args, **kwargs) -> dict:

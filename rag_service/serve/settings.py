@@ -10,9 +10,14 @@ in `schemas_api.py`, never as ad-hoc ifs in the routes.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
-from rag_service.settings import RagSettings
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from rag_service.settings import MiB, RagSettings
+
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 
 
 class ServeSettings(RagSettings):
@@ -21,6 +26,24 @@ class ServeSettings(RagSettings):
     port: int = Field(8000, ge=0, le=65535, description="0 = pick a free port")
     default_tenant: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     max_files_per_upload: int = Field(64, ge=1, le=10_000)
+
+    # --- auth and per-key limits ---------------------------------------------------------------
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="API key -> tenant; env `DSA_RAG_API_KEYS=key1:tenantA,key2:tenantB` (or JSON). "
+        "Empty = open dev mode: no auth, tenant from X-Tenant (default `default_tenant`)",
+    )
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests/s per API key (token bucket); 0 = no limit")
+    rate_limit_burst: int = Field(20, ge=1, description="token bucket size per API key")
+    max_streams_per_key: int = Field(4, ge=1, le=10_000, description="concurrent SSE streams per API key (429 above)")
+    max_json_bytes: int = Field(1 * MiB, ge=1024, description="JSON request bodies above this are refused (413)")
+    max_request_bytes: int = Field(
+        256 * MiB, ge=1024, description="a whole multipart upload above this is refused (413) before parsing"
+    )
+    max_question_chars: int = Field(8192, ge=1, le=8192, description="question / prompt / last user message (422)")
+    stream_retries: int = Field(
+        1, ge=0, le=5, description="a pack answer whose replica fails before its first token is retried this often"
+    )
 
     # --- model ---------------------------------------------------------------------------------
     model: str = Field("dsa-tiny", description="preset name or checkpoint directory")
@@ -41,3 +64,38 @@ class ServeSettings(RagSettings):
     )
     ray_address: str | None = Field(None, description="join this Ray cluster; None = start a local one")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v):
+        """`key1:tenantA,key2:tenantB` (env form) or a JSON object / dict."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("{"):
+                import json
+
+                return json.loads(v)
+            out = {}
+            for part in filter(None, (p.strip() for p in v.split(","))):
+                key, sep, tenant = part.rpartition(":")
+                if not sep or not key or not tenant:
+                    raise ValueError(f"api_keys entry {part[:6]!r}... must be key:tenant")
+                out[key] = tenant
+            return out
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: dict[str, str]):
+        import re
+
+        for key, tenant in v.items():
+            if len(key) < 8 or any(c.isspace() for c in key):
+                raise ValueError("an API key must be at least 8 characters without spaces")
+            if not re.match(TENANT_PATTERN, tenant):
+                raise ValueError(f"tenant {tenant!r} of an API key: use 1-128 letters, digits, '_', '.', '-'")
+        return v
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
