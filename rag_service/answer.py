@@ -48,6 +48,7 @@ class EngineError(RagError):
     status_code = 503
     code = "engine_error"
 
+MIN_TEMPERATURE = 1e-3  # below this sampling is greedy (found by the API fuzz: 2e-66 gave NaN probabilities)
 TRACE_TOP = 32  # positions per generated token in the engine's attention trace
 CITE_POSITIONS = 64  # most-attended prompt positions turned into citations
 
@@ -218,8 +219,11 @@ class PackWorker:
 
         t0 = time.perf_counter()
         self.counters["requests"] += 1
+        temperature = float(temperature)
+        if temperature < MIN_TEMPERATURE:  # logits / 1e-66 overflow to inf: such a temperature is greedy
+            temperature = 0.0
         params = SamplingParams(max_tokens=max(1, min(int(max_tokens), self.max_new_tokens)),
-                                temperature=float(temperature), top_p=float(top_p), seed=seed,
+                                temperature=temperature, top_p=float(top_p), seed=seed,
                                 stop=tuple(stop or ()), trace=True, trace_top=TRACE_TOP)
         handle, ids, layout, source, cached = await self.prefix(pack_id)
         n = len(ids)
