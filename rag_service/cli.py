@@ -90,6 +90,7 @@ def _serve_ray(s, config_path: str | None, explicit: set[str] = frozenset()) -> 
     if not s.redis_url:  # embedded Redis, owned by this process, shared by every replica via its socket
         redis_handle = open_redis(s)
         s = s.model_copy(update={"redis_url": f"unix://{redis_handle.client.socket_file}"})
+    relax_ray_health_checks()
     ray.init(address=s.ray_address, num_cpus=s.ray_num_cpus if not s.ray_address else None,
              include_dashboard=False, configure_logging=True, logging_level="WARNING")
     app_names = ["dsa-rag"]
@@ -118,6 +119,15 @@ def _serve_ray(s, config_path: str | None, explicit: set[str] = frozenset()) -> 
             if redis_handle is not None:
                 redis_handle.close()
     return 0
+
+
+def relax_ray_health_checks() -> None:
+    """Ray Serve gives its HTTP proxy 5 s to report ready; on a loaded 2-core machine the first
+    start (cold imports) can take longer, and Serve then kills the proxy and `serve.start` fails.
+    Local clusters inherit this process's environment, so longer timeouts set here reach the
+    controller. An explicit RAY_SERVE_* setting wins."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
 
 
 def _deploy_config(s, path: str, explicit: set[str]):
