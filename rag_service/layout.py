@@ -96,12 +96,17 @@ class PackLayout:
         )
 
     def cite(self, positions, gap: int = 32, max_citations: int = 5) -> list[Citation]:
-        """Group attended prompt positions into spans (positions closer than `gap` tokens and in
-        the same member merge) and return citations for the most-attended spans first."""
-        pts = sorted({int(p) for p in positions if self.locate(int(p)) is not None})
+        """Group attended prompt positions into spans (positions closer than `gap` tokens, in the
+        same member and on the same page merge: a citation names one page) and return citations
+        for the most-attended spans first."""
+        where = {}
+        for p in {int(p) for p in positions}:
+            loc = self.locate(p)
+            if loc is not None:
+                where[p] = (id(loc[0]), page_at(loc[0].pages, loc[1]))
         groups: list[list[int]] = []
-        for p in pts:
-            if groups and p - groups[-1][-1] <= gap and self.entry_at(p) is self.entry_at(groups[-1][0]):
+        for p in sorted(where):
+            if groups and p - groups[-1][-1] <= gap and where[p] == where[groups[-1][0]]:
                 groups[-1].append(p)
             else:
                 groups.append([p])

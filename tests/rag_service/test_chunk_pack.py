@@ -190,3 +190,25 @@ def test_delete_long_document_drops_its_windows(rag):
     out = rag.delete_document(doc.id)
     assert sorted(out["removed_packs"]) == sorted(doc.packs) and out["rebuilt_packs"] == []
     assert [p.id for p in rag.list_packs()] == keep.packs
+
+
+def test_citations_never_span_two_pages(tmp_path):
+    """Attended positions on both sides of a page break give one citation per page."""
+    from rag_service.layout import PackLayout, LayoutEntry
+    from rag_service.chunk import TextTokens
+    from rag_service.schemas import PageSpan
+    from model.tokenizer import ByteTokenizer
+
+    text = "alpha page one text.\n\nbeta page two text."
+    split = text.index("beta")
+    tt = TextTokens(ByteTokenizer(), text)
+    entry = LayoutEntry(document_id="d1", name="a.pdf", token_start=1, text_token_start=8,
+                        token_end=8 + len(text.encode()) + 1, char_start=0, char_end=len(text),
+                        pages=[PageSpan(page=1, char_start=0, char_end=split), PageSpan(page=2, char_start=split, char_end=len(text))],
+                        tt=tt)
+    layout = PackLayout(pack_id="p", version=1, total_tokens=entry.token_end, entries=[entry])
+    positions = range(8 + split - 5, 8 + split + 5)  # five tokens before the break, five after
+    cites = layout.cite(positions)
+    assert sorted(c.page for c in cites) == [1, 2]
+    for c in cites:
+        assert (c.char_end <= split) if c.page == 1 else (c.char_start >= split)
