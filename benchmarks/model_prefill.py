@@ -4,6 +4,7 @@ Reports tokens/s per context length and the peak RSS of the process; JSON is the
 
     .venv/bin/python benchmarks/model_prefill.py                      # 128k (the issue's check)
     .venv/bin/python benchmarks/model_prefill.py --lengths 4096 --chunk 1024   # quick
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def prefill(model, L: int, chunk: int) -> dict:
     with torch.no_grad():
         for s in range(0, L, chunk):
             logits = model(ids[:, s: s + chunk], s, cache, last_only=True)
+            print(f"  {s + chunk} / {L} tokens, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     assert torch.isfinite(logits).all()
     return {"tokens": L, "seconds": round(dt, 2), "tokens_per_s": round(L / dt, 1), "peak_rss_gb": round(peak_rss_gb(), 3)}
@@ -53,8 +55,11 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[131072])
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: two-thread OpenMP collapses when the 2-core box is shared)")
     ap.add_argument("--out", default="benchmarks/results/model_prefill.json")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = load_model("dsa-tiny", dtype=getattr(torch, a.dtype))
     err = correctness_gate(model)
