@@ -35,6 +35,15 @@ class ContiguousLayerCache:
         self._kv = self._ik = self._is = None
         self.length = 0
 
+    @classmethod
+    def over(cls, kv, index_k, index_scale=None) -> "ContiguousLayerCache":
+        """A cache holding exactly these tensors, without copying them (a fresh prefill's row;
+        autograd flows through, which training needs)."""
+        c = cls(capacity=kv.shape[0])
+        c._kv, c._ik, c._is = kv, index_k, index_scale
+        c.length = kv.shape[0]
+        return c
+
     def _grow(self, need: int, kv, ik, is_):
         if self._kv is not None and need <= self._kv.shape[0]:
             return

@@ -22,6 +22,7 @@ from torch import nn
 
 from kernels import indexer_topk, sparse_mla
 from model import fp8
+from model.cache import ContiguousLayerCache
 from model.config import ModelConfig
 
 
@@ -171,7 +172,7 @@ class MLA(nn.Module):
             if caches is None or caches[b] is None:
                 if sp != 0:
                     raise ValueError("a forward at start_pos > 0 needs a cache holding the earlier tokens")
-                c = _FreshRow(kv[b], ik[b], None if iks is None else iks[b])
+                c = ContiguousLayerCache.over(kv[b], ik[b], None if iks is None else iks[b])
             else:
                 c = caches[b]
                 c.write(sp, kv[b], ik[b], None if iks is None else iks[b])
@@ -224,28 +225,6 @@ class MLA(nn.Module):
         if trace is not None:
             trace(self.layer_id, row, idx, attention_mass(q576, pool, phys, lse, self.scale))
         return torch.einsum("thr,hvr->thv", o_c, w[:, self.dn:])  # out through W_UV
-
-
-class _FreshRow:
-    """The cache interface over one row's just-computed tensors (fresh prefill, no cache)."""
-
-    def __init__(self, kv, index_k, index_scale):
-        self._kv, self._ik, self._is = kv, index_k, index_scale
-
-    def kv(self, end):
-        return self._kv[:end]
-
-    def index_k(self, end):
-        return self._ik[:end]
-
-    def index_scale(self, end):
-        return None if self._is is None else self._is[:end]
-
-    def kv_pool(self):
-        return self._kv
-
-    def physical(self, idx):
-        return idx
 
 
 def causal_indices(T: int, S: int, start_pos: int, device) -> torch.Tensor:

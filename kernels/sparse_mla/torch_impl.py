@@ -115,9 +115,11 @@ def _backward(q, kv, indices, out, lse, dout, dlse, v_dim, scale):
 
 
 class SparseMLA(torch.autograd.Function):
+    """Any sparse_mla forward (`fwd`: this file's or Triton's) with the chunked torch backward."""
+
     @staticmethod
-    def forward(ctx, q, kv, indices, v_dim, scale):
-        out, lse = _forward(q, kv, indices, v_dim, scale)
+    def forward(ctx, q, kv, indices, v_dim, scale, fwd):
+        out, lse = fwd(q, kv, indices, v_dim, scale)
         ctx.save_for_backward(q, kv, indices, out, lse)
         ctx.v_dim, ctx.scale = v_dim, scale
         ctx.mark_non_differentiable(indices)
@@ -129,10 +131,18 @@ class SparseMLA(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dkv = _backward(q, kv, indices, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
-        return dq, dkv, None, None, None
+        return dq, dkv, None, None, None, None
 
 
-def sparse_mla(q, kv, indices, *, v_dim, scale):
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLA.apply(q, kv, indices, v_dim, scale)
-    return _forward(q, kv, indices, v_dim, scale)
+def differentiable(fwd):
+    """The public op over a forward: autograd only when a gradient is wanted."""
+
+    def sparse_mla(q, kv, indices, *, v_dim, scale):
+        if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+            return SparseMLA.apply(q, kv, indices, v_dim, scale, fwd)
+        return fwd(q, kv, indices, v_dim, scale)
+
+    return sparse_mla
+
+
+sparse_mla = differentiable(_forward)

@@ -10,8 +10,8 @@ Writes out = acc / l (0 when no valid index) and lse = (m + log2 l) * ln 2 (-inf
 All programs of a row that cover different head blocks re-gather the same kv rows (H=128 ->
 2 programs with BLOCK_H=64); FlashMLA-style head-split sharing through SMEM is not done.
 
-Backward: `SparseMLA` autograd.Function reuses the chunked analytic torch backward
-(torch_impl._backward), which runs on CUDA tensors too.
+Backward: `torch_impl.differentiable` wraps this forward with the chunked analytic torch backward
+(torch_impl.SparseMLA), which runs on CUDA tensors too.
 
 Test (CPU, interpreter): .venv/bin/python -m pytest -q tests/kernels/test_sparse_mla.py -k triton
 GPU bench: .venv/bin/python benchmarks/kernels_gpu.py
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sparse_mla.torch_impl import _backward
+from kernels.sparse_mla.torch_impl import differentiable
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -125,25 +125,4 @@ def _forward(q, kv, indices, v_dim, scale):
     return out, lse
 
 
-class SparseMLA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, v_dim, scale):
-        out, lse = _forward(q, kv, indices, v_dim, scale)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.v_dim, ctx.scale = v_dim, scale
-        ctx.mark_non_differentiable(indices)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dkv = _backward(q, kv, indices, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
-        return dq, dkv, None, None, None
-
-
-def sparse_mla(q, kv, indices, *, v_dim, scale):
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLA.apply(q, kv, indices, v_dim, scale)
-    return _forward(q, kv, indices, v_dim, scale)
+sparse_mla = differentiable(_forward)  # Triton forward, the torch path's chunked backward
