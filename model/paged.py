@@ -125,9 +125,13 @@ class BlockPool:
             def cat(ts):
                 return [torch.cat([t, t.new_zeros((extra,) + tuple(t.shape[1:]))]) for t in ts]
 
-            self.kv, self.ik = cat(self.kv), cat(self.ik)
-            if self.isc is not None:
-                self.isc = cat(self.isc)
+            # Growth usually happens inside Engine.step (inference mode), where new tensors would
+            # be inference tensors that no later write outside inference mode (restore(), a
+            # caller's thread) may touch. Storage stays normal tensors, writable from anywhere.
+            with torch.inference_mode(False):
+                self.kv, self.ik = cat(self.kv), cat(self.ik)
+                if self.isc is not None:
+                    self.isc = cat(self.isc)
 
     def allocate(self, prefer: int | None = None) -> int:
         b = self.alloc.alloc(prefer)

@@ -329,3 +329,17 @@ def test_async_streams_interleave_and_match_sync(model):
             aeng.close()
 
     assert asyncio.run(run()) == want
+
+
+def test_restore_after_the_pool_grew_inside_a_step(model):
+    """Regression (load test): a pool grown during step() (inference mode) must still accept the
+    writes restore() makes outside inference mode."""
+    eng = Engine(model, n_blocks=1)
+    ids = torch.randint(8, model.cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    first = eng.prefill_prefix(ids)  # 200 tokens > 1 block: the pool grows in step()
+    snap = eng.snapshot(first)
+    eng.release(first)  # its blocks are free again: restore reuses them, no further growth
+    handle = eng.restore(snap)  # writes into the grown storage, outside inference mode
+    assert handle.length == 200
+    out = eng.complete(ids[:5], SamplingParams(max_tokens=3), prefix=handle)
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
