@@ -111,6 +111,11 @@ class PackWorker:
         self._warm: OrderedDict[str, object] = OrderedDict()  # cache key -> PrefixHandle
         self._prompts: OrderedDict[str, tuple] = OrderedDict()  # pack id -> (ids, layout, key, (tokens, version))
         self._loading: dict[str, asyncio.Future] = {}  # cache key -> in-flight prefill / restore
+        # A handle handed to a question is pinned until the question has forked it: evicting it
+        # from the warm LRU meanwhile only retires it, and the last unpin releases it (else a
+        # concurrent eviction could free the blocks between lookup and fork).
+        self._pins: dict[int, int] = {}  # id(handle) -> pins
+        self._retired: dict[int, object] = {}  # id(handle) -> evicted while pinned
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
 
     @property
@@ -141,18 +146,48 @@ class PackWorker:
             self._prompts.popitem(last=False)
         return ids, layout, key
 
+    def _pin(self, handle) -> None:
+        self._pins[id(handle)] = self._pins.get(id(handle), 0) + 1
+
+    async def unpin(self, handle) -> None:
+        """The caller of `prefix()` is done with the handle (it has forked it, or gave up)."""
+        n = self._pins.get(id(handle), 0) - 1
+        if n > 0:
+            self._pins[id(handle)] = n
+            return
+        self._pins.pop(id(handle), None)
+        old = self._retired.pop(id(handle), None)
+        if old is not None:
+            await self.aengine.call(self.engine.release, old)
+
+    async def _evict(self) -> None:
+        while len(self._warm) > self.warm_limit:
+            _, old = self._warm.popitem(last=False)
+            if id(old) in self._pins:
+                self._retired[id(old)] = old
+            else:
+                await self.aengine.call(self.engine.release, old)  # running forks keep their blocks
+
     async def prefix(self, pack_id: str):
         """-> (PrefixHandle, ids, layout, source, cached tokens) with source memory | store |
-        prefill (cached > 0 there when a grown pack extended its older warm prefix)."""
-        ids, layout, key = await self._prompt(pack_id)
-        handle = self._warm.get(key)
-        if handle is not None:
-            self._warm.move_to_end(key)
-            self.counters["memory"] += 1
-            return handle, ids, layout, "memory", len(ids)
-        pending = self._loading.get(key)
-        if pending is not None:  # another question is loading this pack right now: share its work
+        prefill (cached > 0 there when a grown pack extended its older warm prefix). The handle
+        comes pinned: call `unpin(handle)` once it is forked."""
+        while True:
+            ids, layout, key = await self._prompt(pack_id)
+            handle = self._warm.get(key)
+            if handle is not None:
+                self._warm.move_to_end(key)
+                self._pin(handle)
+                self.counters["memory"] += 1
+                return handle, ids, layout, "memory", len(ids)
+            pending = self._loading.get(key)
+            if pending is None:
+                break
+            # another question is loading this pack right now: share its work
             handle, _, _ = await asyncio.shield(pending)
+            if handle.seq.freed:  # evicted and released while we waited: look again
+                continue
+            self._pin(handle)
             self.counters["memory"] += 1
             return handle, ids, layout, "memory", len(ids)
         fut = asyncio.get_running_loop().create_future()
@@ -167,11 +202,12 @@ class PackWorker:
         finally:
             self._loading.pop(key, None)
         self.counters[source] += 1
+        self._pin(handle)
         if self.warm_limit:
             self._warm[key] = handle
-            while len(self._warm) > self.warm_limit:
-                _, old = self._warm.popitem(last=False)
-                await self.aengine.call(self.engine.release, old)  # running forks keep their blocks
+            await self._evict()
+        else:
+            self._retired[id(handle)] = handle  # not kept warm: released when its question forked it
         return handle, ids, layout, source, cached
 
     async def _load(self, pack_id: str, ids: list[int], key: str):
@@ -186,10 +222,16 @@ class PackWorker:
         base = max((h for h in self._warm.values() if len(h.tokens) < len(ids) and ids[:len(h.tokens)] == h.tokens),
                    key=lambda h: len(h.tokens), default=None)
         rest, reused = (ids[len(base.tokens):], len(base.tokens)) if base is not None else (ids, 0)
-        if hasattr(self.aengine, "prefill_prefix"):  # chunks interleave with other streams' decoding
-            handle = await self.aengine.prefill_prefix(rest, base)
-        else:
-            handle = await self.aengine.call(self.engine.prefill_prefix, rest, base)
+        if base is not None:
+            self._pin(base)  # it must outlive the prefill that extends it
+        try:
+            if hasattr(self.aengine, "prefill_prefix"):  # chunks interleave with other streams' decoding
+                handle = await self.aengine.prefill_prefix(rest, base)
+            else:
+                handle = await self.aengine.call(self.engine.prefill_prefix, rest, base)
+        finally:
+            if base is not None:
+                await self.unpin(base)
         snap = await self.aengine.call(self.engine.snapshot, handle)
         try:
             await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
@@ -200,7 +242,9 @@ class PackWorker:
 
     async def warm(self, pack_id: str) -> str:
         """Make the pack's prefix warm in this replica (background prefill). -> cache source."""
-        return (await self.prefix(pack_id))[3]
+        handle, _, _, source, _ = await self.prefix(pack_id)
+        await self.unpin(handle)
+        return source
 
     def warm_pack_ids(self) -> list[str]:
         keys = set(self._warm)
@@ -226,34 +270,37 @@ class PackWorker:
                                 temperature=temperature, top_p=float(top_p), seed=seed,
                                 stop=tuple(stop or ()), trace=True, trace_top=TRACE_TOP)
         handle, ids, layout, source, cached = await self.prefix(pack_id)
-        n = len(ids)
-        t_prefix = time.perf_counter()
-        q_ids = self.rag.tok.question_ids(question)
-        yield {"event": "start", "pack_id": pack_id, "cache": source, "prompt_tokens": n + len(q_ids),
-               "cached_tokens": cached, "replica": self.replica_id}
-        mass: dict[int, float] = {}
-        logps, text, finish, n_out, t_first = [], [], "length", 0, None
-        async for ev in self.aengine.generate(q_ids, params, prefix=handle):
-            if ev.token_id < 0:  # the engine ended the request without a token: abort or error
-                if ev.finish_reason == "error":
-                    raise EngineError(f"pack {pack_id}: the engine failed this request: "
-                                      f"{getattr(ev, 'error', None) or 'unknown error'}")
-                break
-            n_out += 1
-            if ev.logprob is not None:
-                logps.append(ev.logprob)
-            if ev.trace is not None:
-                for p, m in zip(ev.trace.positions, ev.trace.mass):
-                    if p < n:
-                        mass[p] = mass.get(p, 0.0) + m
-            if t_first is None:
-                t_first = time.perf_counter()
-            if ev.text:
-                text.append(ev.text)
-            yield {"event": "token", "pack_id": pack_id, "text": ev.text, "token_id": ev.token_id,
-                   "logprob": ev.logprob}
-            if ev.finished:
-                finish = "length" if ev.finish_reason == "length" else "stop"
+        try:
+            n = len(ids)
+            t_prefix = time.perf_counter()
+            q_ids = self.rag.tok.question_ids(question)
+            yield {"event": "start", "pack_id": pack_id, "cache": source, "prompt_tokens": n + len(q_ids),
+                   "cached_tokens": cached, "replica": self.replica_id}
+            mass: dict[int, float] = {}
+            logps, text, finish, n_out, t_first = [], [], "length", 0, None
+            async for ev in self.aengine.generate(q_ids, params, prefix=handle):
+                if ev.token_id < 0:  # the engine ended the request without a token: abort or error
+                    if ev.finish_reason == "error":
+                        raise EngineError(f"pack {pack_id}: the engine failed this request: "
+                                          f"{getattr(ev, 'error', None) or 'unknown error'}")
+                    break
+                n_out += 1
+                if ev.logprob is not None:
+                    logps.append(ev.logprob)
+                if ev.trace is not None:
+                    for p, m in zip(ev.trace.positions, ev.trace.mass):
+                        if p < n:
+                            mass[p] = mass.get(p, 0.0) + m
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if ev.text:
+                    text.append(ev.text)
+                yield {"event": "token", "pack_id": pack_id, "text": ev.text, "token_id": ev.token_id,
+                       "logprob": ev.logprob}
+                if ev.finished:
+                    finish = "length" if ev.finish_reason == "length" else "stop"
+        finally:
+            await self.unpin(handle)  # forked by now (or failed): it may be released
         t_end = time.perf_counter()
         top = sorted(mass, key=mass.get, reverse=True)[:CITE_POSITIONS]
         citations = layout.cite(top, max_citations=self.citations) if self.citations and top else []

@@ -267,3 +267,31 @@ def test_ask_on_gpu(make_settings):
             assert a["packs"][0]["cache"] == "prefill" and b["packs"][0]["cache"] == "memory"
             assert a["answer"] == b["answer"] and a["citations"]
         worker.close()
+
+
+def test_an_evicted_warm_prefix_lives_until_its_question_forked_it(backend, engine):
+    """Regression (load test): with the warm LRU full, a concurrent question's eviction released
+    a prefix handle between another question's lookup and its fork ("the prefix handle was
+    released"). Handles handed out are pinned; eviction only retires them."""
+    import asyncio
+
+    from rag_service.answer import PackWorker
+
+    rag = backend.rag
+    pa = rag.ingest("rome.txt", ROME, tenant="t1").packs[0]  # packs never mix tenants: two packs
+    pb = rag.ingest("paris.md", PARIS.encode(), tenant="t2").packs[0]
+    worker = PackWorker(rag, engine, replica_id="pins", warm_packs=1)
+
+    async def run():
+        ha, *_ = await worker.prefix(pa)  # handed to a question, not forked yet
+        hb, *_ = await worker.prefix(pb)  # evicts pack a from the one-slot warm LRU
+        assert not ha.seq.freed  # retired, not released: the question can still fork it
+        await worker.unpin(ha)
+        assert ha.seq.freed  # the last unpin releases it
+        await worker.unpin(hb)
+        assert not hb.seq.freed  # still warm
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.close()
