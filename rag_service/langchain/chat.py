@@ -31,7 +31,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from rag_service.langchain.client import DSARagParams, usage_metadata
+from rag_service.langchain.client import DSARagGenerationParams, usage_metadata
 
 PROVIDER = "dsa_rag"
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "developer"}
@@ -101,7 +101,7 @@ class StreamState:
         return None
 
 
-class DSARagChatModel(BaseChatModel, DSARagParams):
+class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
     """Chat model on the DSA long-document RAG service: answers over the uploaded documents,
     with citations to the passages the sparse attention read.
 
@@ -109,23 +109,13 @@ class DSARagChatModel(BaseChatModel, DSARagParams):
     `document_ids`, `timeout`, `max_retries`, `retry_backoff_s`, `default_headers`):
     `model`, `temperature`, `max_tokens`, `top_p`, `seed`, `stop`, `streaming`."""
 
-    model: str = Field("dsa-tiny", alias="model_name", description="the id GET /v1/models reports")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="None = the service default (greedy)")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; None = the service default")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
-    streaming: bool = Field(False, description="invoke() streams from the service and aggregates")
-
     @property
     def _llm_type(self) -> str:
         return "dsa-rag-chat"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
-                "document_ids": self.document_ids, "tenant": self.tenant}
+        return self._generation_identity()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,

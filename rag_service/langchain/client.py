@@ -338,3 +338,22 @@ def usage_metadata(usage: dict | None) -> dict | None:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
             "input_token_details": {"cache_read": int(cached or 0)}}
+
+
+class DSARagGenerationParams(DSARagParams):
+    """Generation options shared by `DSARagChatModel` and `DSARagLLM` (the retriever only
+    generates the few tokens it needs to find citations)."""
+
+    model: str = Field("dsa-tiny", alias="model_name", description="the id GET /v1/models reports")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="None = the service default (greedy)")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; None = the service default")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
+    streaming: bool = Field(False, description="invoke() streams from the service and aggregates")
+
+    def _generation_identity(self) -> dict[str, Any]:
+        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
+                "document_ids": self.document_ids, "tenant": self.tenant}
+

@@ -25,24 +25,16 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field
 
-from rag_service.langchain.client import DSARagParams, usage_metadata
+from rag_service.langchain.client import DSARagGenerationParams, usage_metadata
 
 PROVIDER = "dsa_rag"
 
 
-class DSARagLLM(LLM, DSARagParams):
+class DSARagLLM(LLM, DSARagGenerationParams):
     """Completion LLM on the DSA long-document RAG service (`/v1/completions`), with citations.
 
     Options besides the connection ones of `DSARagParams`: `model`, `temperature`, `max_tokens`,
     `top_p`, `seed`, `stop`, `streaming` (generate() streams from the service and aggregates)."""
-
-    model: str = Field("dsa-tiny", alias="model_name")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
-    streaming: bool = False
 
     @property
     def _llm_type(self) -> str:
@@ -50,9 +42,7 @@ class DSARagLLM(LLM, DSARagParams):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
-                "document_ids": self.document_ids, "tenant": self.tenant}
+        return self._generation_identity()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,
