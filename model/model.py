@@ -165,7 +165,10 @@ class MLA(nn.Module):
             c_kv = fp8.fp8_roundtrip(c_kv, min(self.cfg.quant_block, self.r))
         kv = torch.cat([c_kv, rope_interleaved(kv[..., self.r:], cos, sin)], -1)  # [B, T, r + dr]
         ik, iks = self.indexer.keys(x, cos, sin)
-        iq, iw = self.indexer.queries(x, qr, cos, sin)
+        # Indexer queries only matter when some row has more causal keys than top-k keeps
+        # (and never in dense mode); the keys are always computed, the cache needs them.
+        sparse = not self.cfg.dense_attention and max(start_pos) + T > self.cfg.index_topk
+        iq, iw = self.indexer.queries(x, qr, cos, sin) if sparse else (None, None)
         outs = []
         for b in range(B):
             sp, end = start_pos[b], start_pos[b] + T
