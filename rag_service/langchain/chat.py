@@ -31,9 +31,8 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from rag_service.langchain.client import DSARagGenerationParams, usage_metadata
+from rag_service.langchain.client import PROVIDER, DSARagGenerationParams, usage_metadata
 
-PROVIDER = "dsa_rag"
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "developer"}
 _CHAT_ROLES = {"user", "assistant", "system", "tool", "developer"}
 
@@ -118,17 +117,7 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
         return self._generation_identity()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,
-                                 ls_model_type="chat")
-        temperature = kwargs.get("temperature", self.temperature)
-        if temperature is not None:
-            params["ls_temperature"] = temperature
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
-        if stop := (stop or self.stop):
-            params["ls_stop"] = stop
-        return params
+        return LangSmithParams(**self._ls_params("chat", stop, **kwargs))
 
     # ---------------------------------------------------------------- request / response
     def _body(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool, **kwargs: Any) -> dict:

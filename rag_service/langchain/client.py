@@ -280,6 +280,9 @@ async def _aevents(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
     raise StreamBroken("the answer stream ended without `data: [DONE]`")
 
 
+PROVIDER = "dsa_rag"  # ls_provider / model_provider of both LangChain models
+
+
 class DSARagParams(BaseModel):
     """Connection options shared by `DSARagChatModel`, `DSARagLLM` and `DSARagRetriever`."""
 
@@ -351,6 +354,18 @@ class DSARagGenerationParams(DSARagParams):
     seed: int | None = Field(None, ge=0)
     stop: list[str] | None = Field(None, description="up to 4 stop strings (trimmed from the output)")
     streaming: bool = Field(False, description="invoke() streams from the service and aggregates")
+
+    def _ls_params(self, model_type: str, stop: list[str] | None, **kwargs: Any) -> dict[str, Any]:
+        """LangSmith tracing params: per-call kwargs override the instance's options."""
+        params: dict[str, Any] = {"ls_provider": PROVIDER, "ls_model_name": kwargs.get("model") or self.model,
+                                  "ls_model_type": model_type}
+        if (t := kwargs.get("temperature", self.temperature)) is not None:
+            params["ls_temperature"] = t
+        if (m := kwargs.get("max_tokens", self.max_tokens)) is not None:
+            params["ls_max_tokens"] = m
+        if stop := (stop or self.stop):
+            params["ls_stop"] = stop
+        return params
 
     def _generation_identity(self) -> dict[str, Any]:
         return {"model": self.model, "base_url": self.base_url, "temperature": self.temperature,

@@ -27,7 +27,6 @@ from pydantic import Field
 
 from rag_service.langchain.client import DSARagGenerationParams, usage_metadata
 
-PROVIDER = "dsa_rag"
 
 
 class DSARagLLM(LLM, DSARagGenerationParams):
@@ -45,15 +44,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
         return self._generation_identity()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model,
-                                 ls_model_type="llm")
-        if (t := kwargs.get("temperature", self.temperature)) is not None:
-            params["ls_temperature"] = t
-        if (m := kwargs.get("max_tokens", self.max_tokens)) is not None:
-            params["ls_max_tokens"] = m
-        if stop := (stop or self.stop):
-            params["ls_stop"] = stop
-        return params
+        return LangSmithParams(**self._ls_params("llm", stop, **kwargs))
 
     def _body(self, prompt: str, stop: list[str] | None, stream: bool, **kwargs: Any) -> dict:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "stream": stream}
