@@ -22,6 +22,10 @@ import torch
 from model.tokenizer import ByteTokenizer
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fact")
+# Training-only tasks that teach copying from the documents with a dense signal (most of their
+# answer is a copy of document text): recite (repeat a short document word for word) and quote
+# (find the sentence about X and repeat it). Induction heads form much sooner with them.
+AUX_TASKS = ("recite", "quote")
 
 # ---------------------------------------------------------------- vocabulary
 _SYL = ("ka", "lo", "mi", "ren", "tas", "vor", "qui", "bel", "dan", "sef", "ur", "ol", "tin", "gar", "pe", "nox",
@@ -79,9 +83,14 @@ def _value(rng: random.Random, kind: str | None = None) -> str:
     return rng.choice(_WORDS) + ("" if rng.random() < 0.5 else "-" + rng.choice(_WORDS))
 
 
-def filler_sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random, names: tuple[str, ...] = ()) -> str:
+    """One sentence of filler. With `names`, a third of the sentences have one of them as subject:
+    real documents mention their people and places again and again, and copying a name seen
+    earlier is the in-context skill the QA tasks need (it trains the induction heads densely)."""
     t = rng.randrange(6)
     s, v, tp = rng.choice(_SUBJ), rng.choice(_VERB), rng.choice(_TOPIC)
+    if names and rng.random() < 1 / 3:
+        s = rng.choice(names)
     if t == 0:
         out = f"{s} {v} that {tp} {rng.choice(_CHANGE)} {rng.choice(_WHEN)}."
     elif t == 1:
@@ -176,6 +185,12 @@ def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
         needles += [f"VAR {d[0]} = {rng.randint(10000, 99999)}.", f"VAR {d[1]} = VAR {d[0]}."]
         q = f"Which variables are assigned the value {val}? List them in order."
         return needles, q, ", ".join(names)
+    if task == "quote":
+        ent, attr, val = _entity(rng), rng.choice(_ATTRS), _value(rng)
+        fact = render_fact(rng, ent, attr, val)
+        q = rng.choice((f"Quote the sentence about the {attr} of {ent}.", f"Which line mentions {ent}'s {attr}?",
+                        f"Repeat what the documents say about the {attr} of {ent}."))
+        return [fact], q, fact
     if task == "fact":
         rows = [(_entity(rng), rng.choice(_ATTRS), _value(rng)) for _ in range(rng.randint(3, 6))]
         e, a, v = rows[rng.randrange(len(rows))]
@@ -183,19 +198,37 @@ def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
+def recite_example(rng: random.Random, n_tokens: int) -> Example:
+    """A short document of names, values and filler phrases (at most a quarter of n_tokens, 200
+    bytes) and the question to repeat it word for word."""
+    size = rng.randint(12, max(12, min(200, n_tokens // 4)))
+    parts: list[str] = []
+    while sum(len(p) + 1 for p in parts) < size:
+        r = rng.random()
+        parts.append(_entity(rng) if r < 0.35 else _value(rng) if r < 0.7 else filler_sentence(rng)[: rng.randint(8, 40)].strip())
+    text = " ".join(parts)[:size].strip()
+    q = rng.choice(("Repeat the document word for word.", "Copy the text of the document.", "What does the document say?"))
+    return Example([(f"{rng.choice(_DOCNAMES)}_1.txt", text)], q, text, "recite")
+
+
 def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenizer | None = None,
                  depth: float | None = None) -> Example:
     """An example whose prompt + answer is about n_tokens tokens (bytes) long. Needles go in order
-    (ordered tasks keep their order), at a random depth, or the first one at `depth` (0..1)."""
+    (ordered tasks keep their order), at a random depth, or the first one at `depth` (0..1).
+    `recite` examples are short whatever n_tokens is."""
     tok = tok or ByteTokenizer()
+    if task == "recite":
+        return recite_example(rng, n_tokens)
     needles, question, answer = _needles(rng, task)
+    # Names that the filler mentions (other entities than the needles').
+    names = tuple(_entity(rng) for _ in range(rng.randint(1, 3)))
     n_docs = max(1, min(rng.randint(1, 4), n_tokens // 200 or 1))
     overhead = 1 + len(question) + 2 + len(answer) + 1 + n_docs * 24 + sum(len(n) + 1 for n in needles)
     budget = max(0, n_tokens - overhead)
     # Filler sentences for the whole context, then needles dropped between sentences.
     sents, size = [], 0
     while size < budget:
-        s = filler_sentence(rng)
+        s = filler_sentence(rng, names)
         sents.append(s)
         size += len(s) + 1
     if sents and size > budget:  # trim the last sentence so the total length is close to n_tokens
@@ -212,7 +245,9 @@ def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenize
     items = list(sents)
     for k, (slot, nd) in enumerate(zip(slots, needles)):
         items.insert(slot + k, nd)
-    # Split into documents at sentence boundaries, paragraphs every few sentences.
+    # Split into documents at sentence boundaries, paragraphs every few sentences; each document is
+    # laid out as prose, one sentence per line, or hard-wrapped lines (what text extracted from a
+    # PDF looks like), so the model reads all three the same.
     cuts = sorted(rng.sample(range(1, len(items)), min(n_docs - 1, max(0, len(items) - 1)))) if len(items) > 1 else []
     docs, prev = [], 0
     for i, c in enumerate(cuts + [len(items)]):
@@ -224,8 +259,26 @@ def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenize
             sep = "" if not text else ("\n" if listy else ("\n\n" if para >= rng.randint(3, 7) else " "))
             para = 0 if sep == "\n\n" else para + 1
             text, prev_s = text + sep + s, s
-        docs.append((f"{rng.choice(_DOCNAMES)}_{i + 1}.{rng.choice(('txt', 'md'))}", text))
+        layout = rng.random()
+        if layout < 0.2:
+            text = text.replace(". ", ".\n")
+        elif layout < 0.4:
+            text = hard_wrap(text, rng.randint(50, 100))
+        docs.append((f"{rng.choice(_DOCNAMES)}_{i + 1}.{rng.choice(('txt', 'md', 'pdf'))}", text))
     return Example(docs, question, answer, task)
+
+
+def hard_wrap(text: str, width: int) -> str:
+    """Break every line longer than width at its last space before width (the same length: a
+    space becomes a newline)."""
+    out = []
+    for line in text.split("\n"):
+        while len(line) > width and " " in line[1:width + 1]:
+            cut = line.rindex(" ", 1, width + 1)
+            out.append(line[:cut])
+            line = line[cut + 1:]
+        out.append(line)
+    return "\n".join(out)
 
 
 def encode(ex: Example, tok: ByteTokenizer) -> tuple[list[int], int]:
@@ -235,10 +288,15 @@ def encode(ex: Example, tok: ByteTokenizer) -> tuple[list[int], int]:
 
 
 def batch(rng: random.Random, n_tokens: int, batch_tokens: int, tasks=TASKS, weights=None,
-          tok: ByteTokenizer | None = None, doc_weight: float = 0.1):
+          tok: ByteTokenizer | None = None, doc_weight: float = 0.1, question_weight: float | None = None):
     """One task per batch (rows of similar length, little padding), as many rows of about n_tokens
     as fit in batch_tokens (at least one). -> (input_ids [B, T], targets [B, T], loss_w [B, T]):
-    answer tokens weigh 1, document tokens doc_weight, padding 0."""
+    answer tokens weigh 1, document tokens doc_weight, question tokens question_weight (default:
+    doc_weight; the question repeats names and fields from the documents, so a higher weight is
+    more copying signal), padding 0. Weights stay < 1 except on the answer."""
+    q_w = doc_weight if question_weight is None else question_weight
+    if not 0 <= doc_weight < 1 or not 0 <= q_w < 1:
+        raise ValueError("doc_weight and question_weight must be in [0, 1): weight 1 marks the answer")
     tok = tok or ByteTokenizer()
     task = rng.choices(tasks, weights=weights)[0]
     rows, used = [], 0
@@ -252,11 +310,14 @@ def batch(rng: random.Random, n_tokens: int, batch_tokens: int, tasks=TASKS, wei
     x = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
     w = torch.zeros(len(rows), T)
+    q_id = tok.special("<question>")
     for b, (ids, a0) in enumerate(rows):
         n = len(ids) - 1
         x[b, :n] = torch.tensor(ids[:-1])
         y[b, :n] = torch.tensor(ids[1:])
         w[b, :n] = doc_weight
+        q0 = len(ids) - 1 - ids[::-1].index(q_id)  # the question's tokens are targets q0..a0-2
+        w[b, q0: a0 - 1] = q_w
         w[b, a0 - 1: n] = 1.0  # targets at positions a0-1.. are the answer tokens and <eos>
     return x, y, w
 
