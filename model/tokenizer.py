@@ -5,6 +5,9 @@ Both expose the same small interface the engine and the service use:
     encode(text) -> list[int]        decode(ids) -> str
     bos_id, eos_id, pad_id           special(name) -> int   (document / question / answer markers)
     prompt_ids(documents, question)  (the one prompt format the service and the training data share)
+    doc_head(name), doc_tail()       a document's marker ids around its text: a prompt is
+                                     [bos] + (doc_head + encode(text) + doc_tail)* + question_ids,
+                                     each piece encoded alone, so pack layouts can count exactly
 
 Run `python -m model.tokenizer` to print a round-trip example.
 """
@@ -75,12 +78,13 @@ class ByteTokenizer:
     def prompt_ids(self, documents: list[tuple[str, str]], question: str | None = None) -> list[int]:
         """[(name, text), ...] + question -> ids of `<bos> <doc>name\\ntext</doc>... <question>q<answer>`.
         With question=None only the documents prefix is returned (what a pack's KV cache holds)."""
-        ids = [self.bos_id]
-        for name, text in documents:
-            ids += [self.special("<doc>")] + self.encode(f"{name}\n{text}") + [self.special("</doc>")]
-        if question is not None:
-            ids += self.question_ids(question)
-        return ids
+        return _prompt_ids(self, documents, question)
+
+    def doc_head(self, name: str) -> list[int]:
+        return [self.special("<doc>")] + self.encode(f"{name}\n")
+
+    def doc_tail(self) -> list[int]:
+        return [self.special("</doc>")]
 
     def question_ids(self, question: str) -> list[int]:
         return [self.special("<question>")] + self.encode(question) + [self.special("<answer>")]
@@ -132,14 +136,34 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def prompt_ids(self, documents: list[tuple[str, str]], question: str | None = None) -> list[int]:
-        text = "".join(f"<document name=\"{n}\">\n{t}\n</document>\n" for n, t in documents)
-        ids = [self.bos_id] + self.encode(text)
-        if question is not None:
-            ids += self.question_ids(question)
-        return ids
+        """<bos> (<document name="..."> text </document>)* Question: ... Answer: (markers as text)."""
+        return _prompt_ids(self, documents, question)
+
+    def doc_head(self, name: str) -> list[int]:
+        return self.encode(f"<document name=\"{name}\">\n")
+
+    def doc_tail(self) -> list[int]:
+        return self.encode("\n</document>\n")
 
     def question_ids(self, question: str) -> list[int]:
         return self.encode(f"Question: {question}\nAnswer:")
+
+
+def _prompt_ids(tok, documents: list[tuple[str, str]], question: str | None) -> list[int]:
+    """[bos] + (doc_head + text + doc_tail)* (+ question_ids): every piece encoded on its own, so
+    a document's text costs exactly len(encode(text)) wherever it sits (a BPE merge never crosses
+    a marker), which is what pack planning and citation layouts count on."""
+    ids = [tok.bos_id]
+    for name, text in documents:
+        ids += tok.doc_head(name) + tok.encode(text) + tok.doc_tail()
+    if question is not None:
+        ids += tok.question_ids(question)
+    return ids
+
+
+def doc_cost(tok, name: str, text_tokens: int) -> int:
+    """Tokens a document (or window) of `text_tokens` text tokens costs in a prompt."""
+    return len(tok.doc_head(name)) + text_tokens + len(tok.doc_tail())
 
 
 def load_tokenizer(model_dir: str | Path | None = None):

@@ -5,13 +5,16 @@
     layout.citation(1200, 1300)      # Citation(document_id, name, page, char_start, char_end, snippet)
     layout.cite([1201, 1202, 5000])  # attended positions -> merged citations, most-attended first
 
-A pack prompt is `<bos> (<doc> name \\n text </doc>)*` (model/tokenizer.py `prompt_ids`; a
-long document contributes one window of its text). For each member the layout records the
-token range of its segment and of its text, and keeps the member's `TextTokens`, which maps a
-token offset inside the text to a character offset (exactly for the byte tokenizer, where a
-token is a UTF-8 byte; by re-encoding for other tokenizers). Building a layout checks that the
-per-member token counts add up to the prompt the tokenizer produced, so a tokenizer whose
-prompt format differs fails loudly here instead of producing wrong citations.
+A pack prompt is `<bos> (doc_head(name) text doc_tail)*` (model/tokenizer.py `prompt_ids`: for
+the byte tokenizer `<doc> name\\n text </doc>`, for a checkpoint's tokenizer.json the same
+markers as text; a long document contributes one window of its text). Every piece is encoded on
+its own, so a member's text tokens are exactly encode(text window). For each member the layout
+records the token range of its segment and of its text, and keeps the member's `TextTokens`,
+which maps a token offset inside the text to a character offset (exactly for the byte
+tokenizer, where a token is a UTF-8 byte; by re-encoding prefixes for other tokenizers).
+Building a layout checks that the per-member token counts add up to the prompt the tokenizer
+produced, so a tokenizer that breaks that contract fails loudly here instead of citing wrong
+text.
 
 Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_chunk_pack.py`.
 """
@@ -33,17 +36,22 @@ SNIPPET_CHARS = 300
 class LayoutEntry:
     document_id: str
     name: str
-    token_start: int  # position of <doc>
+    token_start: int  # position of the document's first marker token (<doc>)
     text_token_start: int  # position of the first token of the window's text
-    token_end: int  # one past </doc>
+    token_end: int  # one past the document's last marker token (</doc>)
     char_start: int  # the window in the document text
     char_end: int
     pages: list[PageSpan]
     tt: TextTokens = field(repr=False)  # over the whole document text
+    text_token_end: int = -1  # one past the window's last text token (default: token_end - 1)
+
+    def __post_init__(self) -> None:
+        if self.text_token_end < 0:
+            self.text_token_end = self.token_end - 1
 
     def char_at(self, pos: int) -> int | None:
         """Prompt position -> char offset in the document text; None for marker/name tokens."""
-        if not (self.text_token_start <= pos < self.token_end - 1):
+        if not (self.text_token_start <= pos < self.text_token_end):
             return None
         t = self.tt.token_offset(self.char_start) + (pos - self.text_token_start)
         return min(max(self.tt.char_at_token(t), self.char_start), max(self.char_end - 1, self.char_start))
@@ -80,7 +88,7 @@ class PackLayout:
         if e is None:
             return None
         lo = max(token_lo, e.text_token_start)
-        hi = min(token_hi, e.token_end - 1)
+        hi = min(token_hi, e.text_token_end)
         if lo >= hi:
             return None
         c0 = e.char_at(lo)
@@ -132,15 +140,15 @@ def build_layout(
     entries = []
     for doc_id, name, cs, ce, text, pages in members:
         tt = TextTokens(tokenizer, text)
-        name_len = len(tokenizer.encode(f"{name}\n"))
+        head, tail = len(tokenizer.doc_head(name)), len(tokenizer.doc_tail())
         body = tt.tokens(cs, ce)
         start = pos
-        pos += 1 + name_len + body + 1
-        entries.append(LayoutEntry(doc_id, name, start, start + 1 + name_len, pos, cs, ce, pages, tt))
+        pos += head + body + tail
+        entries.append(LayoutEntry(doc_id, name, start, start + head, pos, cs, ce, pages, tt, pos - tail))
     if pos != prompt_len:
         raise RagError(
             f"pack {pack_id}: the layout counts {pos} tokens but the tokenizer's prompt has {prompt_len}; "
-            f"{type(tokenizer).__name__} does not use the `<bos> (<doc> name\\n text </doc>)*` format "
-            "that pack layouts assume; use the byte tokenizer or extend rag_service/layout.py"
+            f"{type(tokenizer).__name__}.prompt_ids is not `[bos] + (doc_head + encode(text) + doc_tail)*` "
+            "as pack layouts assume (model/tokenizer.py _prompt_ids)"
         )
     return PackLayout(pack_id=pack_id, version=version, total_tokens=pos, entries=entries)

@@ -5,8 +5,9 @@
     pack_ids = store.add_document("default", doc_id, name, plans, check=..., write=...)
 
 Rules (DESIGN.md "packs"):
-- A pack's prompt prefix is `<bos> (<doc> name\\n text </doc>)*`; a document costs
-  len(encode(f"{name}\\n{text}")) + 2 tokens. A pack holds <= capacity tokens, <bos> included.
+- A pack's prompt prefix is `<bos> (doc_head(name) text doc_tail)*` (`<doc> name\\n text </doc>`
+  for the byte tokenizer); a document costs `model.tokenizer.doc_cost` tokens (its markers plus
+  len(encode(text)), each encoded alone). A pack holds <= capacity tokens, <bos> included.
 - A new document goes into the fullest open pack of its tenant that has room (best fit), else
   into a new open pack. A pack with less than `pack_seal_free_tokens` room is sealed; beyond
   `max_open_packs` open packs the fullest is sealed. A sealed pack never changes, so a KV cache
@@ -35,6 +36,7 @@ from typing import Any, Callable
 
 import redis
 
+from model.tokenizer import doc_cost
 from rag_service.chunk import TextTokens, spans
 from rag_service.errors import BadRequest, ConflictError, NotFound
 from rag_service.redis_store import Keys
@@ -55,12 +57,11 @@ class MemberPlan:
 
 def plan_members(tokenizer, tt: TextTokens, name: str, capacity: int, overlap: int) -> list[MemberPlan]:
     """One plan for a document that fits a pack, else its windows (each fits alone)."""
-    name_len = len(tokenizer.encode(f"{name}\n"))
-    whole = len(tokenizer.encode(f"{name}\n{tt.text}")) + 2
+    markers = doc_cost(tokenizer, name, 0)
+    whole = markers + tt.total
     if 1 + whole <= capacity:
         return [MemberPlan(0, tt.n, whole)]
-    slack = 0 if tt.exact else 16  # BPE merges across the name/text seam can add a token
-    budget = capacity - 1 - 2 - name_len - slack
+    budget = capacity - 1 - markers
     if budget < 16:
         raise BadRequest(
             f"the name leaves {budget} tokens per window of {capacity}; upload it under a shorter name",
@@ -69,7 +70,7 @@ def plan_members(tokenizer, tt: TextTokens, name: str, capacity: int, overlap: i
     overlap = min(overlap, budget // 4)
     cuts = spans(tt, 0, tt.n, budget, overlap)
     return [
-        MemberPlan(a, b, 2 + len(tokenizer.encode(f"{name}\n{tt.text[a:b]}")), i, len(cuts))
+        MemberPlan(a, b, markers + tt.tokens(a, b), i, len(cuts))
         for i, (a, b) in enumerate(cuts)
     ]
 

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 
 import redis
 
-from model.tokenizer import load_tokenizer
+from model.tokenizer import doc_cost, load_tokenizer
 from rag_service.blobstore import BlobStore
 from rag_service.chunk import Chunk, TextTokens, chunk_text
 from rag_service.errors import (
@@ -148,7 +148,7 @@ class RagPipeline:
         record = {
             "id": doc_id, "name": name, "tenant": tenant, "media_type": parsed.media_type,
             "sha256": digest, "text_sha256": text_digest, "size_bytes": len(data),
-            "chars": len(parsed.text), "tokens": len(self.tok.encode(f"{name}\n{parsed.text}")) + 2,
+            "chars": len(parsed.text), "tokens": doc_cost(self.tok, name, tt.total),
             "pages": len(parsed.pages), "chunks": len(chunks), "created": repr(now),
             "page_spans": json.dumps([[p.page, p.char_start, p.char_end] for p in parsed.pages]),
         }
