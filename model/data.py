@@ -288,15 +288,19 @@ def encode(ex: Example, tok: ByteTokenizer) -> tuple[list[int], int]:
 
 
 def batch(rng: random.Random, n_tokens: int, batch_tokens: int, tasks=TASKS, weights=None,
-          tok: ByteTokenizer | None = None, doc_weight: float = 0.1, question_weight: float | None = None):
+          tok: ByteTokenizer | None = None, doc_weight: float = 0.1, question_weight: float | None = None,
+          first_answer_weight: float = 1.0):
     """One task per batch (rows of similar length, little padding), as many rows of about n_tokens
     as fit in batch_tokens (at least one). -> (input_ids [B, T], targets [B, T], loss_w [B, T]):
     answer tokens weigh 1, document tokens doc_weight, question tokens question_weight (default:
     doc_weight; the question repeats names and fields from the documents, so a higher weight is
-    more copying signal), padding 0. Weights stay < 1 except on the answer."""
+    more copying signal), padding 0. Weights stay < 1 except on the answer. The answer's first
+    token weighs first_answer_weight (>= 1): it is the one the model must find by matching the
+    question against the documents; the rest of the answer is mostly copied on from there."""
     q_w = doc_weight if question_weight is None else question_weight
-    if not 0 <= doc_weight < 1 or not 0 <= q_w < 1:
-        raise ValueError("doc_weight and question_weight must be in [0, 1): weight 1 marks the answer")
+    if not 0 <= doc_weight < 1 or not 0 <= q_w < 1 or first_answer_weight < 1:
+        raise ValueError("doc_weight and question_weight must be in [0, 1) and first_answer_weight >= 1: "
+                         "weight >= 1 marks the answer")
     tok = tok or ByteTokenizer()
     task = rng.choices(tasks, weights=weights)[0]
     rows, used = [], 0
@@ -319,6 +323,7 @@ def batch(rng: random.Random, n_tokens: int, batch_tokens: int, tasks=TASKS, wei
         q0 = len(ids) - 1 - ids[::-1].index(q_id)  # the question's tokens are targets q0..a0-2
         w[b, q0: a0 - 1] = q_w
         w[b, a0 - 1: n] = 1.0  # targets at positions a0-1.. are the answer tokens and <eos>
+        w[b, a0 - 1] = first_answer_weight
     return x, y, w
 
 

@@ -143,8 +143,9 @@ def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False):
     logits = forward_train(model, x, stage, stats)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     ans, doc = w >= 1, (w > 0) & (w < 1)
-    # Document and question tokens: their weights' mean of CE (question tokens may weigh more).
-    lm = ce[ans].mean() + doc_coef * ((ce * w)[doc].sum() / w[doc].sum() if doc.any() else 0.0)
+    # Weighted means of CE: over the answer (its first token may weigh more) and over the
+    # document and question tokens (question tokens may weigh more).
+    lm = (ce * w)[ans].sum() / w[ans].sum() + doc_coef * ((ce * w)[doc].sum() / w[doc].sum() if doc.any() else 0.0)
     # Exact match of the answer under teacher forcing == greedy decoding gets the whole answer right.
     ok = ((logits.argmax(-1) == y) | ~ans).all(-1).float().mean()
     out = {"lm": lm, "ans_ce": ce[ans].mean().detach(), "doc_ce": ce[doc].mean().detach() if doc.any() else torch.tensor(0.0),
@@ -203,6 +204,8 @@ def main(argv=None):
     ap.add_argument("--doc-coef", type=float, default=0.2)
     ap.add_argument("--question-weight", type=float, default=0.5,
                     help="weight of question tokens relative to document tokens (0.5) in the document loss")
+    ap.add_argument("--first-answer-weight", type=float, default=1.0,
+                    help="weight of the answer's first token relative to the rest of the answer")
     ap.add_argument("--tasks", default=",".join(data.TASKS))
     ap.add_argument("--task-weights", default="3,2,1,1,1,2")
     ap.add_argument("--seed", type=int, default=0)
@@ -276,7 +279,7 @@ def main(argv=None):
         cur_hi = int(lo + (hi - lo) * ramp)
         n = rng.randint(lo, max(lo, cur_hi))
         x, y, w = data.batch(rng, n, args.tokens, tasks, tw, tok, doc_weight=0.5,
-                             question_weight=args.question_weight)
+                             question_weight=args.question_weight, first_answer_weight=args.first_answer_weight)
         bsz = x.shape[0]
         x, y, w = x.to(device), y.to(device), w.to(device)
         lr = lr_at(step, args.steps, base_lr, args.warmup)

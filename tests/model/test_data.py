@@ -80,3 +80,11 @@ def test_filler_mentions_the_names_it_is_given():
     rng = random.Random(0)
     sents = [data.filler_sentence(rng, ("Kalomi Ren",)) for _ in range(60)]
     assert 5 < sum("Kalomi Ren" in s for s in sents) < 40
+
+
+def test_batch_first_answer_token_weight():
+    x, y, w = data.batch(random.Random(4), 200, 1024, tasks=("niah_single",), first_answer_weight=3.0)
+    a_id = TOK.special("<answer>")
+    for b in range(x.shape[0]):
+        a0 = x[b].tolist().index(a_id)
+        assert w[b, a0] == 3.0 and (w[b, a0 + 1:][w[b, a0 + 1:] > 0] == 1.0).all()
