@@ -10,9 +10,10 @@ in `schemas_api.py`, never as ad-hoc ifs in the routes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from rag_service.settings import MiB, RagSettings
@@ -95,6 +96,17 @@ class ServeSettings(RagSettings):
             if not re.match(TENANT_PATTERN, tenant):
                 raise ValueError(f"tenant {tenant!r} of an API key: use 1-128 letters, digits, '_', '.', '-'")
         return v
+
+    @model_validator(mode="after")
+    def _tokenizer_from_checkpoint(self):
+        """A checkpoint directory as `model` brings its tokenizer (tokenizer.json or
+        tokenizer_config.json) unless DSA_RAG_TOKENIZER_DIR says otherwise: packs, layouts and
+        questions must be tokenized exactly as the model was trained."""
+        d = Path(self.model)
+        if self.tokenizer_dir is None and d.is_dir() and any(
+                (d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            self.tokenizer_dir = d
+        return self
 
     @property
     def auth_enabled(self) -> bool:
