@@ -1,5 +1,7 @@
 """Writes examples/report.pdf, the two-page made-up annual report of the README walk-through
-(page 2 holds the financial facts), with the tests' hand-made-PDF helper.
+(page 2 holds the fact the walk-through asks for), with the tests' hand-made-PDF helper. The
+fact is written in a form the default model dsa-tiny was trained to read ("The X of Y is Z.",
+model/data.py); dsa-tiny is reliable on one such fact per pack, not yet on several similar ones.
 
     .venv/bin/python examples/make_report_pdf.py
 """
@@ -11,16 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.rag_service.pdfs import make_pdf  # noqa: E402
 
 PAGES = [
-    "Northwind Traders - Annual Report 2023\n"
-    "Northwind Traders sells kitchen equipment in twelve countries.\n"
-    "The company was founded in Lisbon in 1998 by Ana Ferreira.\n"
-    "Its head office moved to Porto in 2015.\n"
-    "The board met eleven times during the year.",
+    "Northwind Traders - Annual Report\n"
+    "The board noted that the shipping schedule improved during the winter.\n"
+    "According to the survey, customer feedback grew while supply costs fell.\n"
+    "The engineers found a map near the train station and reported it to the board.\n"
+    "Meanwhile, the finance group argued at length about the new warehouse.",
     "Financial summary\n"
-    "The revenue of Northwind Traders in 2023 was 41.2 million euros.\n"
-    "Operating costs fell by 6 percent compared with 2022.\n"
-    "The access code of the Porto warehouse is 7351.\n"
-    "The chief financial officer is Marta Silva.",
+    "The engineers observed that energy prices rose sharply this year.\n"
+    "The access code of the Porto warehouse is 7351902.\n"
+    "In short, the auditors agreed clearly about the annual audit.",
 ]
 
 if __name__ == "__main__":
