@@ -38,16 +38,12 @@ class LayoutEntry:
     name: str
     token_start: int  # position of the document's first marker token (<doc>)
     text_token_start: int  # position of the first token of the window's text
+    text_token_end: int  # one past the window's last text token
     token_end: int  # one past the document's last marker token (</doc>)
     char_start: int  # the window in the document text
     char_end: int
     pages: list[PageSpan]
     tt: TextTokens = field(repr=False)  # over the whole document text
-    text_token_end: int = -1  # one past the window's last text token (default: token_end - 1)
-
-    def __post_init__(self) -> None:
-        if self.text_token_end < 0:
-            self.text_token_end = self.token_end - 1
 
     def char_at(self, pos: int) -> int | None:
         """Prompt position -> char offset in the document text; None for marker/name tokens."""
@@ -144,7 +140,7 @@ def build_layout(
         body = tt.tokens(cs, ce)
         start = pos
         pos += head + body + tail
-        entries.append(LayoutEntry(doc_id, name, start, start + head, pos, cs, ce, pages, tt, pos - tail))
+        entries.append(LayoutEntry(doc_id, name, start, start + head, pos - tail, pos, cs, ce, pages, tt))
     if pos != prompt_len:
         raise RagError(
             f"pack {pack_id}: the layout counts {pos} tokens but the tokenizer's prompt has {prompt_len}; "

@@ -203,6 +203,7 @@ def test_citations_never_span_two_pages(tmp_path):
     split = text.index("beta")
     tt = TextTokens(ByteTokenizer(), text)
     entry = LayoutEntry(document_id="d1", name="a.pdf", token_start=1, text_token_start=8,
+                        text_token_end=8 + len(text.encode()),
                         token_end=8 + len(text.encode()) + 1, char_start=0, char_end=len(text),
                         pages=[PageSpan(page=1, char_start=0, char_end=split), PageSpan(page=2, char_start=split, char_end=len(text))],
                         tt=tt)
