@@ -136,7 +136,7 @@ def main(argv=None):
                 w1.close()
             w2 = PackWorker(rag, make_engine(a.model, device="cpu"))
             try:
-                store = [ask(w2, qs[1])] + [ask(w2, q) for q in qs[2:]]
+                store = [ask(w2, q) for q in qs[1:]]  # the first one restores the prefix from the store
             finally:
                 w2.close()
     store_first = store[0]

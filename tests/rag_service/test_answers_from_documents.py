@@ -55,8 +55,7 @@ def _corpus(seed: int = 11) -> tuple[list[tuple[str, bytes]], dict[str, tuple[st
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = make_engine("dsa-tiny", device="cpu")
-    yield eng
+    return make_engine("dsa-tiny", device="cpu")
 
 
 def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, engine, tmp_path):
