@@ -125,10 +125,11 @@ def topk_recall(p, I, causal, topk):
     return float((a & b).sum(-1).float().mean() / topk), float(pr.gather(-1, ii).sum(-1).mean())
 
 
-def forward_train(model: Transformer, x, stage: int, stats: dict):
-    """input_ids [B, T] -> logits [B, T, vocab] fp32, with the training attention."""
+def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None):
+    """input_ids [B, T] -> logits [B, T, vocab] fp32, with the training attention. positions [B, T]
+    (default 0..T-1): RoPE positions, increasing along each row (see skip_positions)."""
     B, T = x.shape
-    pos = torch.arange(T, device=x.device)[None].expand(B, T)
+    pos = torch.arange(T, device=x.device)[None].expand(B, T) if positions is None else positions
     h = model.embed(x)
     cos, sin = model.rotary(pos, h.dtype)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -138,9 +139,9 @@ def forward_train(model: Transformer, x, stage: int, stats: dict):
     return model.head(model.norm(h).float())
 
 
-def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False):
+def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, positions=None):
     stats = {"want_recall": want_recall}
-    logits = forward_train(model, x, stage, stats)
+    logits = forward_train(model, x, stage, stats, positions)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     ans, doc = w >= 1, (w > 0) & (w < 1)
     # Weighted means of CE: over the answer (its first token may weigh more) and over the
@@ -157,6 +158,31 @@ def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False):
         out["recall"] = sum(stats["recall"]) / len(stats["recall"])
         out["mass"] = sum(stats["mass"]) / len(stats["mass"])
     return out
+
+
+def skip_positions(rng: random.Random, x, q_id: int, max_pos: int, p_skip: float = 0.8, max_cuts: int = 3):
+    """PoSE-style RoPE positions [B, T] (Zhu et al. 2023): each row's documents are cut at 1..max_cuts
+    random points and the positions jump forward there, by gaps summing to at most max_pos - T, so
+    a T-token example shows the model query-key distances of a max_pos-token context (RoPE sees
+    only distances). The question and answer stay one contiguous run after the last cut. A row
+    keeps plain positions with probability 1 - p_skip, so short distances stay trained too."""
+    B, T = x.shape
+    pos = torch.arange(T)[None].repeat(B, 1)
+    room = max_pos - T
+    if room <= 0:
+        return pos
+    for b in range(B):
+        q = (x[b] == q_id).nonzero()
+        q0 = int(q[-1]) if len(q) else T
+        if q0 < 3 or rng.random() >= p_skip:
+            continue
+        cuts = sorted(rng.sample(range(1, q0), min(q0 - 1, rng.randint(1, max_cuts))))
+        total = rng.randint(0, room)
+        shares = sorted(rng.randint(0, total) for _ in range(len(cuts) - 1))
+        gaps = [hi - lo for lo, hi in zip([0] + shares, shares + [total])]
+        for c, g in zip(cuts, gaps):
+            pos[b, c:] += g
+    return pos
 
 
 # ---------------------------------------------------------------- driver
@@ -211,6 +237,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--pose-max", type=int, default=0,
+                    help="train with skipped positions spanning up to this many (PoSE; 0 = plain positions)")
+    ap.add_argument("--pose-prob", type=float, default=0.8, help="share of rows with skipped positions")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU/GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", default=None, help="save_checkpoint the final weights here (+ tokenizer_config.json)")
@@ -281,13 +310,15 @@ def main(argv=None):
         x, y, w = data.batch(rng, n, args.tokens, tasks, tw, tok, doc_weight=0.5,
                              question_weight=args.question_weight, first_answer_weight=args.first_answer_weight)
         bsz = x.shape[0]
+        pos = skip_positions(rng, x, tok.special("<question>"), args.pose_max, args.pose_prob) if args.pose_max else None
         x, y, w = x.to(device), y.to(device), w.to(device)
+        pos = pos.to(device) if pos is not None else None
         lr = lr_at(step, args.steps, base_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         want_recall = args.stage == 1 and (step + 1) % args.log_every == 0
         with amp:
-            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall)
+            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall, pos)
         loss = L["kl"] if args.stage == 1 else (L["lm"] + L["kl"] if args.stage == 2 else L["lm"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

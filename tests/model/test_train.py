@@ -11,6 +11,7 @@ import torch
 
 from model import data, eval as evaluate, train
 from model.load import build_model
+from model.tokenizer import ByteTokenizer
 
 ARGS = ["--tiny", "--tokens", "384", "--len", "96:128", "--log-every", "1", "--ckpt-every", "1", "--threads", "2"]
 
@@ -74,3 +75,38 @@ def test_sparse_training_attention_is_the_inference_dsa():
     x = torch.randint(8, 200, (1, 150))
     with torch.no_grad():
         assert torch.allclose(train.forward_train(m, x, 2, {}), m(x), atol=1e-3)
+
+
+def test_skip_positions_keep_order_and_the_question_contiguous():
+    tok = ByteTokenizer()
+    rng = random.Random(1)
+    x, _, _ = data.batch(rng, 200, 1200, tasks=("niah_single",), tok=tok)
+    q_id = tok.special("<question>")
+    pos = train.skip_positions(rng, x, q_id, max_pos=4096, p_skip=1.0)
+    assert pos.shape == x.shape and int(pos.max()) < 4096
+    for b in range(x.shape[0]):
+        d = pos[b].diff()
+        q0 = int((x[b] == q_id).nonzero()[-1])
+        assert (d >= 1).all() and (d[q0:] == 1).all()  # increasing; question and answer contiguous
+        assert int(pos[b, 0]) == 0  # <bos> stays at 0
+    jumped = sum(int((pos[b].diff() > 1).any()) for b in range(x.shape[0]))
+    assert jumped >= 1
+    plain = train.skip_positions(rng, x, q_id, max_pos=4096, p_skip=0.0)
+    assert torch.equal(plain, torch.arange(x.shape[1])[None].expand_as(x))
+
+
+def test_training_attention_sees_only_relative_positions():
+    """RoPE: shifting every position by a constant leaves the logits (and the indexer's top-k) as
+    they are; a gap inside the row changes the logits after it and nothing before it."""
+    m = build_model(train.tiny_cfg()).init_weights(seed=0).eval()
+    x = torch.randint(8, 200, (1, 160))  # > index_topk (64): stage 2 selects
+    base = torch.arange(160)[None]
+    gap = base.clone()
+    gap[:, 100:] += 3000
+    with torch.no_grad():
+        for stage in (0, 2):
+            a = train.forward_train(m, x, stage, {}, base)
+            b = train.forward_train(m, x, stage, {}, base + 5000)
+            c = train.forward_train(m, x, stage, {}, gap)
+            assert torch.allclose(a, b, atol=2e-3), (stage, (a - b).abs().max())
+            assert torch.allclose(a[:, :100], c[:, :100], atol=1e-5) and not torch.allclose(a[:, 100:], c[:, 100:], atol=1e-3)
