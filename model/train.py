@@ -49,17 +49,22 @@ from model.tokenizer import ByteTokenizer
 
 
 # ---------------------------------------------------------------- training-time attention
-def index_scores(idx_mod, x, qr, cos, sin):
-    """Lightning-indexer scores I [B, T, S] (no mask) from the Indexer module's own pieces."""
-    q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
+def index_scores(idx_mod, x, qr, cos, sin, rows=None):
+    """Lightning-indexer scores I [B, T, S] (no mask) from the Indexer module's own pieces; with
+    rows (query indices [R]) only those queries' scores [B, R, S]."""
     k, _ = idx_mod.keys(x, cos, sin)  # [B, S, D]
+    if rows is not None:
+        x, qr, cos, sin = x[:, rows], qr[:, rows], cos[:, rows], sin[:, rows]
+    q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
     s = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu()
     return torch.einsum("bths,bth->bts", s, w.float())
 
 
-def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict):
+def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     """MLA forward for training. x [B, T, dim]; causal [T, T] bool. Adds indexer KL terms to
-    stats['kl'] (stages 1, 2) and selection recall bookkeeping."""
+    stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only): the query
+    indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long context would not
+    fit, [B, H, R, T] do, and the attention output itself goes through the flash kernel."""
     B, T, _ = x.shape
     H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
     qr = attn.q_norm(attn.wq_a(x))
@@ -71,8 +76,18 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict):
     kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
     k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)  # [B, H, T, dqk]
     v = kvb[..., dn:].transpose(1, 2)  # [B, H, T, dv]
-    if stage == 0:
-        return attn.wo(_sdpa(q, k, v, None, attn.scale).transpose(1, 2).reshape(B, T, H * dv))
+    if stage == 0 or (stage == 1 and rows is not None):
+        o = _sdpa(q, k, v, None, attn.scale)
+        if stage == 1:
+            causal_r = causal[rows]
+            I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin, rows).masked_fill(~causal_r, float("-inf"))
+            with torch.no_grad():
+                logits = torch.einsum("bhtd,bhsd->bhts", q[:, :, rows], k).float() * attn.scale
+                p = logits.masked_fill(~causal_r, float("-inf")).softmax(-1).sum(1)
+                del logits
+                p = p / p.sum(-1, keepdim=True)
+            _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
+        return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
     # Indexer on detached inputs: it learns from its KL only, never moves the main model.
     I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))
@@ -88,6 +103,13 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict):
         p = logits.masked_fill(~sel[:, None], float("-inf")).softmax(-1).sum(1)
         del logits
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    _indexer_kl(p, I, sel, causal, topk, stats)
+    o = _sdpa(q, k, v, None if stage == 1 or T <= topk else sel[:, None], attn.scale)
+    return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
+
+
+def _indexer_kl(p, I, sel, causal, topk, stats):
+    """KL(p || softmax(I)) over the set sel, per query, into stats['kl']; recall bookkeeping."""
     logq = I.masked_fill(~sel, float("-inf")).log_softmax(-1)
     kl = torch.where(sel & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)  # [B, T]
     stats.setdefault("kl", []).append(kl)
@@ -95,8 +117,6 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict):
         rec, mass = topk_recall(p, I.detach(), causal, topk)
         stats.setdefault("recall", []).append(rec)
         stats.setdefault("mass", []).append(mass)
-    o = _sdpa(q, k, v, None if stage == 1 or T <= topk else sel[:, None], attn.scale)
-    return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
 
 def _sdpa(q, k, v, mask, scale):
@@ -125,7 +145,7 @@ def topk_recall(p, I, causal, topk):
     return float((a & b).sum(-1).float().mean() / topk), float(pr.gather(-1, ii).sum(-1).mean())
 
 
-def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None):
+def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None, rows=None):
     """input_ids [B, T] -> logits [B, T, vocab] fp32, with the training attention. positions [B, T]
     (default 0..T-1): RoPE positions, increasing along each row (see skip_positions)."""
     B, T = x.shape
@@ -134,14 +154,14 @@ def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None
     cos, sin = model.rotary(pos, h.dtype)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     for blk in model.layers:
-        h = h + mla_train(blk.attn, blk.attn_norm(h), cos, sin, stage, causal, stats)
+        h = h + mla_train(blk.attn, blk.attn_norm(h), cos, sin, stage, causal, stats, rows)
         h = h + blk.ffn(blk.ffn_norm(h))
     return model.head(model.norm(h).float())
 
 
-def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, positions=None):
+def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, positions=None, rows=None):
     stats = {"want_recall": want_recall}
-    logits = forward_train(model, x, stage, stats, positions)
+    logits = forward_train(model, x, stage, stats, positions, rows)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     ans, doc = w >= 1, (w > 0) & (w < 1)
     # Weighted means of CE: over the answer (its first token may weigh more) and over the
@@ -152,7 +172,7 @@ def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, posit
     out = {"lm": lm, "ans_ce": ce[ans].mean().detach(), "doc_ce": ce[doc].mean().detach() if doc.any() else torch.tensor(0.0),
            "ans_acc": ok}
     if "kl" in stats:
-        valid = (w > 0).float()
+        valid = (w > 0).float() if rows is None else (w > 0).float()[:, rows]
         out["kl"] = sum((k * valid).sum() / valid.sum() for k in stats["kl"]) / len(stats["kl"])
     if stats.get("recall"):
         out["recall"] = sum(stats["recall"]) / len(stats["recall"])
@@ -183,6 +203,15 @@ def skip_positions(rng: random.Random, x, q_id: int, max_pos: int, p_skip: float
         for c, g in zip(cuts, gaps):
             pos[b, c:] += g
     return pos
+
+
+def index_rows(rng: random.Random, x, q_id: int, n_rows: int):
+    """Query rows [R] for a stage-1 step on a long context: every question and answer row (the
+    ones whose selection decides the answer) and a random sample of document rows."""
+    B, T = x.shape
+    q0 = min(int(q[-1]) if len(q := (x[b] == q_id).nonzero()) else T for b in range(B))
+    doc = rng.sample(range(q0), max(0, min(q0, n_rows - (T - q0))))
+    return torch.tensor(sorted(doc) + list(range(q0, T)))
 
 
 # ---------------------------------------------------------------- driver
@@ -240,6 +269,9 @@ def main(argv=None):
     ap.add_argument("--pose-max", type=int, default=0,
                     help="train with skipped positions spanning up to this many (PoSE; 0 = plain positions)")
     ap.add_argument("--pose-prob", type=float, default=0.8, help="share of rows with skipped positions")
+    ap.add_argument("--index-rows", type=int, default=0,
+                    help="stage 1: supervise only this many query rows per step (all question/answer rows + random "
+                         "document rows), so contexts of 8k-32k real tokens fit (0 = every row)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU/GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", default=None, help="save_checkpoint the final weights here (+ tokenizer_config.json)")
@@ -313,12 +345,14 @@ def main(argv=None):
         pos = skip_positions(rng, x, tok.special("<question>"), args.pose_max, args.pose_prob) if args.pose_max else None
         x, y, w = x.to(device), y.to(device), w.to(device)
         pos = pos.to(device) if pos is not None else None
+        rows = (index_rows(rng, x, tok.special("<question>"), args.index_rows).to(device)
+                if args.stage == 1 and args.index_rows and x.shape[1] > args.index_rows else None)
         lr = lr_at(step, args.steps, base_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         want_recall = args.stage == 1 and (step + 1) % args.log_every == 0
         with amp:
-            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall, pos)
+            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall, pos, rows)
         loss = L["kl"] if args.stage == 1 else (L["lm"] + L["kl"] if args.stage == 2 else L["lm"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -110,3 +110,21 @@ def test_training_attention_sees_only_relative_positions():
             c = train.forward_train(m, x, stage, {}, gap)
             assert torch.allclose(a, b, atol=2e-3), (stage, (a - b).abs().max())
             assert torch.allclose(a[:, :100], c[:, :100], atol=1e-5) and not torch.allclose(a[:, 100:], c[:, 100:], atol=1e-3)
+
+
+def test_stage1_on_a_subset_of_rows_is_the_full_stage1_on_those_rows():
+    """--index-rows: the KL of the chosen query rows equals the full stage 1's KL on those rows,
+    and the logits are the same (the output still goes over every row)."""
+    tok = ByteTokenizer()
+    m = build_model(train.tiny_cfg()).init_weights(seed=0).eval()
+    x, _, _ = data.batch(random.Random(3), 200, 200, tasks=("niah_single",), tok=tok)
+    rows = train.index_rows(random.Random(0), x, tok.special("<question>"), 90)
+    q0 = int((x[0] == tok.special("<question>")).nonzero()[-1])
+    assert len(rows) == 90 and torch.equal(rows[-(x.shape[1] - q0):], torch.arange(q0, x.shape[1]))
+    full, sub = {"want_recall": True}, {"want_recall": True}
+    with torch.no_grad():
+        a = train.forward_train(m, x, 1, full)
+        b = train.forward_train(m, x, 1, sub, rows=rows)
+    assert torch.allclose(a, b, atol=1e-4)
+    for kf, ks in zip(full["kl"], sub["kl"]):
+        assert torch.allclose(kf[:, rows], ks, atol=1e-5)
