@@ -81,11 +81,7 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
         if stage == 1:
             causal_r = causal[rows]
             I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin, rows).masked_fill(~causal_r, float("-inf"))
-            with torch.no_grad():
-                logits = torch.einsum("bhtd,bhsd->bhts", q[:, :, rows], k).float() * attn.scale
-                p = logits.masked_fill(~causal_r, float("-inf")).softmax(-1).sum(1)
-                del logits
-                p = p / p.sum(-1, keepdim=True)
+            p = _attention_target(q[:, :, rows], k, causal_r, attn.scale)
             _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
@@ -96,16 +92,22 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
         sel = torch.zeros_like(I, dtype=torch.bool).scatter_(-1, I.detach().topk(topk, -1)[1], True) & causal
     else:
         sel = causal.expand(B, T, T)
-    # Target: attention summed over heads, L1-normalized (over the selected set in stage 2). The
-    # target is detached, so it is computed without a graph; the output goes through SDPA.
-    with torch.no_grad():
-        logits = torch.einsum("bhtd,bhsd->bhts", q, k).float() * attn.scale
-        p = logits.masked_fill(~sel[:, None], float("-inf")).softmax(-1).sum(1)
-        del logits
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    # Target over the selected set in stage 2; the output goes through SDPA.
+    p = _attention_target(q, k, sel[:, None], attn.scale)
     _indexer_kl(p, I, sel, causal, topk, stats)
     o = _sdpa(q, k, v, None if stage == 1 or T <= topk else sel[:, None], attn.scale)
     return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
+
+
+@torch.no_grad()
+def _attention_target(q, k, allowed, scale):
+    """The indexer's target p_t: the attention over the allowed keys, summed over heads and
+    L1-normalized. q [B, H, T, D], k [B, H, S, D], allowed broadcastable to [B, H, T, S]. It is
+    detached, so it is computed without a graph."""
+    logits = torch.einsum("bhtd,bhsd->bhts", q, k).float() * scale
+    p = logits.masked_fill(~allowed, float("-inf")).softmax(-1).sum(1)
+    del logits
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
 def _indexer_kl(p, I, sel, causal, topk, stats):
