@@ -128,3 +128,11 @@ def test_stage1_on_a_subset_of_rows_is_the_full_stage1_on_those_rows():
     assert torch.allclose(a, b, atol=1e-4)
     for kf, ks in zip(full["kl"], sub["kl"]):
         assert torch.allclose(kf[:, rows], ks, atol=1e-5)
+
+
+def test_position_probe_reports_each_shift_over_the_same_examples():
+    from model.position_probe import probe
+
+    m = build_model(train.tiny_cfg()).init_weights(seed=0).eval()
+    res = probe(m, 300, 2, [0, 1000], stage=0)
+    assert set(res) == {0, 1000} and all(v in (0.0, 0.5, 1.0) for v in res.values())
