@@ -22,7 +22,7 @@ import torch
 from model import data
 from model.eval import load_any
 from model.tokenizer import ByteTokenizer
-from model.train import losses
+from model.train import losses, question_start
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def probe(model, n_tokens: int, samples: int, shifts: list[int], stage: int, see
     hits = {s: 0 for s in shifts}
     for _ in range(samples):
         x, y, w = data.batch(rng, n_tokens, 1, ["niah_single"], None, tok, doc_weight=0.5)
-        q0 = int((x[0] == tok.special("<question>")).nonzero()[-1])
+        q0 = question_start(x[0], tok.special("<question>"))
         cut = rng.randint(100, q0 - 50)
         for s in shifts:
             pos = torch.arange(x.shape[1])[None].clone()

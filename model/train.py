@@ -182,6 +182,12 @@ def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, posit
     return out
 
 
+def question_start(row, q_id: int) -> int:
+    """Index of the last <question> token in a row of input ids (its length if there is none)."""
+    q = (row == q_id).nonzero()
+    return int(q[-1]) if len(q) else len(row)
+
+
 def skip_positions(rng: random.Random, x, q_id: int, max_pos: int, p_skip: float = 0.8, max_cuts: int = 3):
     """PoSE-style RoPE positions [B, T] (Zhu et al. 2023): each row's documents are cut at 1..max_cuts
     random points and the positions jump forward there, by gaps summing to at most max_pos - T, so
@@ -194,8 +200,7 @@ def skip_positions(rng: random.Random, x, q_id: int, max_pos: int, p_skip: float
     if room <= 0:
         return pos
     for b in range(B):
-        q = (x[b] == q_id).nonzero()
-        q0 = int(q[-1]) if len(q) else T
+        q0 = question_start(x[b], q_id)
         if q0 < 3 or rng.random() >= p_skip:
             continue
         cuts = sorted(rng.sample(range(1, q0), min(q0 - 1, rng.randint(1, max_cuts))))
@@ -211,7 +216,7 @@ def index_rows(rng: random.Random, x, q_id: int, n_rows: int):
     """Query rows [R] for a stage-1 step on a long context: every question and answer row (the
     ones whose selection decides the answer) and a random sample of document rows."""
     B, T = x.shape
-    q0 = min(int(q[-1]) if len(q := (x[b] == q_id).nonzero()) else T for b in range(B))
+    q0 = min(question_start(x[b], q_id) for b in range(B))
     doc = rng.sample(range(q0), max(0, min(q0, n_rows - (T - q0))))
     return torch.tensor(sorted(doc) + list(range(q0, T)))
 
