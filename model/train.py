@@ -62,9 +62,9 @@ def index_scores(idx_mod, x, qr, cos, sin, rows=None):
 
 def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     """MLA forward for training. x [B, T, dim]; causal [T, T] bool. Adds indexer KL terms to
-    stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only): the query
-    indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long context would not
-    fit, [B, H, R, T] do, and the attention output itself goes through the flash kernel."""
+    stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only; default every
+    row): the query indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long
+    context would not fit, [B, H, R, T] do, and the attention output goes through the flash kernel."""
     B, T, _ = x.shape
     H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
     qr = attn.q_norm(attn.wq_a(x))
@@ -76,26 +76,27 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
     k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)  # [B, H, T, dqk]
     v = kvb[..., dn:].transpose(1, 2)  # [B, H, T, dv]
-    if stage == 0 or (stage == 1 and rows is not None):
+    if stage in (0, 1):
         o = _sdpa(q, k, v, None, attn.scale)
-        if stage == 1:
+        if stage == 1:  # dense attention; the indexer's KL over all causal keys of the chosen rows
+            rows = torch.arange(T, device=x.device) if rows is None else rows
             causal_r = causal[rows]
             I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin, rows).masked_fill(~causal_r, float("-inf"))
             p = _attention_target(q[:, :, rows], k, causal_r, attn.scale)
             _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
-    # Indexer on detached inputs: it learns from its KL only, never moves the main model.
+    # Stage 2. Indexer on detached inputs: it learns from its KL only, never moves the main model.
     I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))
     topk = attn.cfg.index_topk
-    if stage == 2 and T > topk:
+    if T > topk:
         sel = torch.zeros_like(I, dtype=torch.bool).scatter_(-1, I.detach().topk(topk, -1)[1], True) & causal
     else:
         sel = causal.expand(B, T, T)
-    # Target over the selected set in stage 2; the output goes through SDPA.
+    # Target over the selected set; the output goes through SDPA.
     p = _attention_target(q, k, sel[:, None], attn.scale)
     _indexer_kl(p, I, sel, causal, topk, stats)
-    o = _sdpa(q, k, v, None if stage == 1 or T <= topk else sel[:, None], attn.scale)
+    o = _sdpa(q, k, v, None if T <= topk else sel[:, None], attn.scale)
     return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
 
@@ -291,6 +292,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     tok = ByteTokenizer()
+    q_id = tok.special("<question>")
     tasks = args.tasks.split(",")
     tw = [float(v) for v in args.task_weights.split(",")][: len(tasks)] if args.task_weights else None
     lo, hi = parse_len(args.len)
@@ -349,10 +351,10 @@ def main(argv=None):
         x, y, w = data.batch(rng, n, args.tokens, tasks, tw, tok, doc_weight=0.5,
                              question_weight=args.question_weight, first_answer_weight=args.first_answer_weight)
         bsz = x.shape[0]
-        pos = skip_positions(rng, x, tok.special("<question>"), args.pose_max, args.pose_prob) if args.pose_max else None
+        pos = skip_positions(rng, x, q_id, args.pose_max, args.pose_prob) if args.pose_max else None
         x, y, w = x.to(device), y.to(device), w.to(device)
         pos = pos.to(device) if pos is not None else None
-        rows = (index_rows(rng, x, tok.special("<question>"), args.index_rows).to(device)
+        rows = (index_rows(rng, x, q_id, args.index_rows).to(device)
                 if args.stage == 1 and args.index_rows and x.shape[1] > args.index_rows else None)
         lr = lr_at(step, args.steps, base_lr, args.warmup)
         for g in opt.param_groups:
