@@ -60,22 +60,30 @@ def index_scores(idx_mod, x, qr, cos, sin, rows=None):
     return torch.einsum("bths,bth->bts", s, w.float())
 
 
+def mla_qkv(attn, x, cos, sin):
+    """MLA in its MHA form from the module's own weights: x [B, T, dim] -> (qr [B, T, q_lora]: the
+    query latent the indexer reads too, q [B, H, T, dqk], k [B, H, T, dqk], v [B, H, T, dv])."""
+    B, T, _ = x.shape
+    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
+    qr = attn.q_norm(attn.wq_a(x))
+    q = attn.wq_b(qr).view(B, T, H, dn + dr)
+    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1).transpose(1, 2)
+    kv = attn.wkv_a(x)
+    c_kv = attn.kv_norm(kv[..., :r])
+    k_pe = rope_interleaved(kv[..., r:], cos, sin)  # [B, T, dr]
+    kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
+    k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)
+    return qr, q, k, kvb[..., dn:].transpose(1, 2)
+
+
 def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     """MLA forward for training. x [B, T, dim]; causal [T, T] bool. Adds indexer KL terms to
     stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only; default every
     row): the query indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long
     context would not fit, [B, H, R, T] do, and the attention output goes through the flash kernel."""
     B, T, _ = x.shape
-    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
-    qr = attn.q_norm(attn.wq_a(x))
-    q = attn.wq_b(qr).view(B, T, H, dn + dr)
-    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1).transpose(1, 2)  # [B, H, T, dqk]
-    kv = attn.wkv_a(x)
-    c_kv = attn.kv_norm(kv[..., :r])
-    k_pe = rope_interleaved(kv[..., r:], cos, sin)  # [B, T, dr]
-    kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
-    k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)  # [B, H, T, dqk]
-    v = kvb[..., dn:].transpose(1, 2)  # [B, H, T, dv]
+    H, dv = attn.n_heads, attn.dv
+    qr, q, k, v = mla_qkv(attn, x, cos, sin)
     if stage in (0, 1):
         o = _sdpa(q, k, v, None, attn.scale)
         if stage == 1:  # dense attention; the indexer's KL over all causal keys of the chosen rows

@@ -1,0 +1,247 @@
+"""Stage 1 (indexer warm-up) on long real contexts, with the frozen model's activations cached.
+
+In stage 1 only the indexer trains, and what it learns from (each layer's attention input x, the
+query latent qr, and the dense attention p_t of the frozen model) does not change while it does.
+So the costly part, a dense forward over 8k-32k tokens, is done once per example (`collect`) and
+the indexer is then fitted for many steps on the cached tensors (`fit`), at a few hundred
+milliseconds per 32k-token example instead of the ~30 s of a `model.train --stage 1` step.
+
+The loss is the stage-1 loss of the V3.2 report, KL(p_t || softmax(I_t)) over all causal keys,
+per layer, on a subset of query rows: every question and answer row (the ones whose selection
+decides the answer, weighted --qa-weight) and a sample of document rows. p_t is kept as its
+--keep largest entries, renormalized (the indexer has to rank the head of p_t into its top-k,
+not fit the flat tail; --keep 0 keeps all of it).
+
+    .venv/bin/python -m model.indexer_fit collect --model dsa-tiny --out tmp/ifit/long --n 40 --len 8192:32768
+    .venv/bin/python -m model.indexer_fit collect --model dsa-tiny --out tmp/ifit/short --n 200 --len 1024:4096
+    .venv/bin/python -m model.indexer_fit fit --model dsa-tiny --data tmp/ifit/long,tmp/ifit/short \\
+        --steps 3000 --out tmp/ifit/run --export tmp/ifit/weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import data
+from model.eval import load_any
+from model.tokenizer import ByteTokenizer
+from model.train import _attention_target, _sdpa, export, index_rows, mla_qkv, parse_len, question_start
+
+
+# ---------------------------------------------------------------- collect
+@torch.no_grad()
+def capture(model, ids: torch.Tensor, rows: torch.Tensor, keep: int) -> dict:
+    """One example through the frozen model with dense attention. ids [1, T]; rows [R] query rows.
+    -> {"x": [L, T, dim] bf16 attention inputs, "qr": [L, R, q_lora] bf16, "p_idx": [L, R, K] int32,
+    "p": [L, R, K] fp32}: p_t of each row as its K largest entries (renormalized), or all of it."""
+    T = ids.shape[1]
+    pos = torch.arange(T, device=ids.device)[None]
+    h = model.embed(ids)
+    cos, sin = model.rotary(pos, h.dtype)
+    allowed = torch.arange(T, device=ids.device)[None] <= rows[:, None]  # [R, T]
+    xs, qrs, pis, ps = [], [], [], []
+    for blk in model.layers:
+        attn = blk.attn
+        x = blk.attn_norm(h)
+        qr, q, k, v = mla_qkv(attn, x, cos, sin)
+        o = _sdpa(q, k, v, None, attn.scale)
+        h = h + attn.wo(o.transpose(1, 2).reshape(1, T, -1))
+        h = h + blk.ffn(blk.ffn_norm(h))
+        p = _attention_target(q[:, :, rows], k, allowed, attn.scale)[0]  # [R, T]
+        if keep and keep < T:
+            p, pi = p.topk(keep, -1)
+            p = p / p.sum(-1, keepdim=True)
+        else:
+            pi = torch.arange(T, device=ids.device).expand(len(rows), T)
+        xs.append(x[0].bfloat16())
+        qrs.append(qr[0, rows].bfloat16())
+        pis.append(pi.int())
+        ps.append(p.float())
+    return {"x": torch.stack(xs).cpu(), "qr": torch.stack(qrs).cpu(), "p_idx": torch.stack(pis).cpu(),
+            "p": torch.stack(ps).cpu()}
+
+
+def collect(args) -> None:
+    model = load_any(args.model)
+    model.cfg.dense_attention = True
+    tok = ByteTokenizer()
+    q_id = tok.special("<question>")
+    tasks = args.tasks.split(",")
+    tw = [float(v) for v in args.task_weights.split(",")][: len(tasks)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lo, hi = parse_len(args.len)
+    rng = random.Random(args.seed)
+    t0 = time.time()
+    for i in range(args.n):
+        n = rng.randint(lo, hi)
+        x, _, _ = data.batch(rng, n, 1, tasks, tw, tok)
+        rows = index_rows(rng, x, q_id, args.rows) if x.shape[1] > args.rows else torch.arange(x.shape[1])
+        rec = capture(model, x, rows, args.keep)
+        rec.update(rows=rows, q0=question_start(x[0], q_id), T=x.shape[1])
+        path = out / f"{args.seed:03d}_{i:04d}.pt"
+        torch.save(rec, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        print(f"[{i + 1}/{args.n}] {x.shape[1]} tokens, {len(rows)} rows, {time.time() - t0:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------- fit
+def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, topk: int, want_recall=False):
+    """Weighted mean over the rows of KL(p_t || softmax(I_t)) for one layer's indexer on a cached
+    example; with want_recall also (recall of p_t's top-k by I's top-k, the p mass I's top-k covers)
+    over rows with more than topk causal keys."""
+    x = rec["x"][layer].float()[None]
+    rows = rec["rows"]
+    k, _ = idx_mod.keys(x, cos, sin)  # [1, T, D]
+    q, w = idx_mod.queries(x[:, rows], rec["qr"][layer].float()[None], cos[:, rows], sin[:, rows])
+    s = torch.einsum("bthd,bsd->bths", q, k).relu()
+    I = torch.einsum("bths,bth->bts", s, w)[0]  # [R, T]
+    T = x.shape[1]
+    causal = torch.arange(T)[None] <= rows[:, None]
+    logq = I.masked_fill(~causal, float("-inf")).log_softmax(-1)
+    p, pi = rec["p"][layer], rec["p_idx"][layer].long()
+    # p_idx of an early row may list keys past its position (p = 0 there, logq = -inf): skip them
+    kl = torch.where(p > 0, p * (p.clamp_min(1e-20).log() - logq.gather(-1, pi)), 0.0).sum(-1)  # [R]
+    rw = torch.where(rows >= rec["q0"], qa_weight, 1.0)
+    out = {"kl": (kl * rw).sum() / rw.sum()}
+    if want_recall:
+        with torch.no_grad():
+            long = rows + 1 > topk
+            if long.any():
+                sel = I[long].masked_fill(~causal[long], float("-inf")).topk(topk, -1)[1]
+                hit = torch.zeros(int(long.sum()), T, dtype=torch.bool).scatter_(-1, sel, True)
+                pt = pi[long][:, :topk]  # p's top-k (p_idx is sorted when truncated)
+                if p.shape[-1] == T:  # kept whole: sort
+                    pt = pi[long].gather(-1, p[long].topk(topk, -1)[1])
+                out["recall"] = float(hit.gather(-1, pt).float().mean())
+                full = torch.zeros(int(long.sum()), T).scatter_(-1, pi[long], p[long])
+                out["mass"] = float(full.gather(-1, sel).sum(-1).mean())
+    return out
+
+
+def load_dir(paths: str) -> list[dict]:
+    recs = []
+    for d in paths.split(","):
+        recs += [torch.load(f, weights_only=False) for f in sorted(Path(d).glob("*.pt"))]
+    return recs
+
+
+def fit(args) -> None:
+    torch.manual_seed(args.seed)
+    model = load_any(args.model).train()
+    for n_, p_ in model.named_parameters():
+        p_.requires_grad_(".indexer." in n_)
+    params = [p_ for p_ in model.parameters() if p_.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    recs = load_dir(args.data)
+    rng = random.Random(args.seed)
+    rng.shuffle(recs)
+    held = recs[: args.held_out]
+    train = recs[args.held_out:]
+    print(f"{len(train)} training examples, {len(held)} held out", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=1))
+    L, topk = model.cfg.num_hidden_layers, model.cfg.index_topk
+    rot = {}
+
+    def rotary(T):
+        if T not in rot:
+            rot[T] = model.rotary(torch.arange(T)[None], torch.float32)
+        return rot[T]
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            per = [[0.0, 0.0, 0.0, 0] for _ in range(L)]
+            for rec in held:
+                cos, sin = rotary(rec["T"])
+                for li, blk in enumerate(model.layers):
+                    r = indexer_loss(blk.attn.indexer, rec, li, cos, sin, args.qa_weight, topk, want_recall=True)
+                    if "recall" in r:
+                        per[li][0] += float(r["kl"])
+                        per[li][1] += r["recall"]
+                        per[li][2] += r["mass"]
+                        per[li][3] += 1
+        model.train()
+        n = max(1, per[0][3])
+        return {"kl": sum(p[0] for p in per) / L / n, "recall_per_layer": [round(p[1] / n, 4) for p in per],
+                "recall": sum(p[1] for p in per) / L / n, "mass": sum(p[2] for p in per) / L / n}
+
+    fcsv = open(out / "log.csv", "w", newline="")
+    wr = csv.DictWriter(fcsv, fieldnames=["step", "kl", "held_kl", "held_recall", "held_mass", "recall_per_layer", "lr",
+                                          "elapsed_s"])
+    wr.writeheader()
+    ev = evaluate()
+    print(json.dumps({"step": 0, **ev}), flush=True)
+    wr.writerow({"step": 0, "held_kl": round(ev["kl"], 5), "held_recall": round(ev["recall"], 5),
+                 "held_mass": round(ev["mass"], 5), "recall_per_layer": ev["recall_per_layer"]})
+    t0, run = time.time(), []
+    for step in range(args.steps):
+        lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(3.14159265 * step / args.steps)).item()))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rec = train[rng.randrange(len(train))]
+        cos, sin = rotary(rec["T"])
+        loss = sum(indexer_loss(blk.attn.indexer, rec, li, cos, sin, args.qa_weight, topk)["kl"]
+                   for li, blk in enumerate(model.layers)) / L
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.append(float(loss.detach()))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            ev = evaluate()
+            row = {"step": step + 1, "kl": round(sum(run) / len(run), 5), "held_kl": round(ev["kl"], 5),
+                   "held_recall": round(ev["recall"], 5), "held_mass": round(ev["mass"], 5),
+                   "recall_per_layer": ev["recall_per_layer"], "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
+            run = []
+            wr.writerow(row)
+            fcsv.flush()
+            print(json.dumps(row), flush=True)
+            torch.save({"cfg": model.cfg, "model": model.state_dict(), "step": step + 1}, out / "ckpt.pt")
+    if args.export:
+        export(model, args.export)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="run the frozen model over examples, cache what the indexer learns from")
+    c.add_argument("--model", default="dsa-tiny")
+    c.add_argument("--out", required=True)
+    c.add_argument("--n", type=int, default=20, help="examples")
+    c.add_argument("--len", default="8192:32768", help="context length range lo:hi")
+    c.add_argument("--rows", type=int, default=384, help="query rows per example (question/answer rows + sampled)")
+    c.add_argument("--keep", type=int, default=2048, help="largest p_t entries kept per row (0 = all)")
+    c.add_argument("--tasks", default=",".join(data.TASKS))
+    c.add_argument("--task-weights", default="6,3,1,1,1,2")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=2)
+    f = sub.add_parser("fit", help="fit the indexers on cached examples")
+    f.add_argument("--model", default="dsa-tiny")
+    f.add_argument("--data", required=True, help="comma-separated collect dirs")
+    f.add_argument("--out", required=True)
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--qa-weight", type=float, default=4.0, help="weight of question/answer rows in the KL")
+    f.add_argument("--held-out", type=int, default=4, help="examples kept out of training, for the recall")
+    f.add_argument("--eval-every", type=int, default=100)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--export", default=None, help="save the weights here (the service's layout)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    (collect if a.cmd == "collect" else fit)(a)
+
+
+if __name__ == "__main__":
+    main()
