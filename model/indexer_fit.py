@@ -121,17 +121,17 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
                 pt = pi[long][:, :topk]  # p's top-k (p_idx is sorted when truncated)
                 if p.shape[-1] == T:  # kept whole: sort
                     pt = pi[long].gather(-1, p[long].topk(topk, -1)[1])
-                out["recall"] = float(hit.gather(-1, pt).float().mean())
+                rec_rows = hit.gather(-1, pt).float().mean(-1)  # [rows with > topk keys]
+                out["recall"] = float(rec_rows.mean())
+                qa = rows[long] >= rec["q0"]  # the question and answer rows: what decides the answer
+                out["qa_recall"] = float(rec_rows[qa].mean()) if qa.any() else float("nan")
                 full = torch.zeros(int(long.sum()), T).scatter_(-1, pi[long], p[long])
                 out["mass"] = float(full.gather(-1, sel).sum(-1).mean())
     return out
 
 
-def load_dir(paths: str) -> list[dict]:
-    recs = []
-    for d in paths.split(","):
-        recs += [torch.load(f, weights_only=False) for f in sorted(Path(d).glob("*.pt"))]
-    return recs
+def load_dir(path: str) -> list[dict]:
+    return [torch.load(f, weights_only=False) for f in sorted(Path(path).glob("*.pt"))]
 
 
 def fit(args) -> None:
@@ -141,12 +141,16 @@ def fit(args) -> None:
         p_.requires_grad_(".indexer." in n_)
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    recs = load_dir(args.data)
+    # Each --data dir is drawn equally often (a few costly long examples next to many short ones);
+    # the first --held-out examples of each dir are kept out for the recall.
     rng = random.Random(args.seed)
-    rng.shuffle(recs)
-    held = recs[: args.held_out]
-    train = recs[args.held_out:]
-    print(f"{len(train)} training examples, {len(held)} held out", flush=True)
+    held, train = [], []
+    for d in args.data.split(","):
+        recs = load_dir(d)
+        rng.shuffle(recs)
+        held += recs[: args.held_out]
+        train.append(recs[args.held_out:])
+    print(f"{[len(t) for t in train]} training examples, {len(held)} held out", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=1))
@@ -162,6 +166,7 @@ def fit(args) -> None:
         model.eval()
         with torch.no_grad():
             per = [[0.0, 0.0, 0.0, 0] for _ in range(L)]
+            qa = []
             for rec in held:
                 cos, sin = rotary(rec["T"])
                 for li, blk in enumerate(model.layers):
@@ -171,25 +176,30 @@ def fit(args) -> None:
                         per[li][1] += r["recall"]
                         per[li][2] += r["mass"]
                         per[li][3] += 1
+                        if r["qa_recall"] == r["qa_recall"]:  # not nan
+                            qa.append(r["qa_recall"])
         model.train()
         n = max(1, per[0][3])
         return {"kl": sum(p[0] for p in per) / L / n, "recall_per_layer": [round(p[1] / n, 4) for p in per],
-                "recall": sum(p[1] for p in per) / L / n, "mass": sum(p[2] for p in per) / L / n}
+                "recall": sum(p[1] for p in per) / L / n, "mass": sum(p[2] for p in per) / L / n,
+                "qa_recall": sum(qa) / max(1, len(qa))}
 
     fcsv = open(out / "log.csv", "w", newline="")
-    wr = csv.DictWriter(fcsv, fieldnames=["step", "kl", "held_kl", "held_recall", "held_mass", "recall_per_layer", "lr",
-                                          "elapsed_s"])
+    wr = csv.DictWriter(fcsv, fieldnames=["step", "kl", "held_kl", "held_recall", "held_mass", "held_qa_recall",
+                                          "recall_per_layer", "lr", "elapsed_s"])
     wr.writeheader()
     ev = evaluate()
     print(json.dumps({"step": 0, **ev}), flush=True)
     wr.writerow({"step": 0, "held_kl": round(ev["kl"], 5), "held_recall": round(ev["recall"], 5),
-                 "held_mass": round(ev["mass"], 5), "recall_per_layer": ev["recall_per_layer"]})
+                 "held_mass": round(ev["mass"], 5), "held_qa_recall": round(ev["qa_recall"], 5),
+                 "recall_per_layer": ev["recall_per_layer"]})
     t0, run = time.time(), []
     for step in range(args.steps):
         lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(3.14159265 * step / args.steps)).item()))
         for g in opt.param_groups:
             g["lr"] = lr
-        rec = train[rng.randrange(len(train))]
+        pool = train[rng.randrange(len(train))]
+        rec = pool[rng.randrange(len(pool))]
         cos, sin = rotary(rec["T"])
         loss = sum(indexer_loss(blk.attn.indexer, rec, li, cos, sin, args.qa_weight, topk)["kl"]
                    for li, blk in enumerate(model.layers)) / L
@@ -202,7 +212,8 @@ def fit(args) -> None:
             ev = evaluate()
             row = {"step": step + 1, "kl": round(sum(run) / len(run), 5), "held_kl": round(ev["kl"], 5),
                    "held_recall": round(ev["recall"], 5), "held_mass": round(ev["mass"], 5),
-                   "recall_per_layer": ev["recall_per_layer"], "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
+                   "held_qa_recall": round(ev["qa_recall"], 5), "recall_per_layer": ev["recall_per_layer"],
+                   "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
             run = []
             wr.writerow(row)
             fcsv.flush()
@@ -228,12 +239,12 @@ def main(argv=None):
     c.add_argument("--threads", type=int, default=2)
     f = sub.add_parser("fit", help="fit the indexers on cached examples")
     f.add_argument("--model", default="dsa-tiny")
-    f.add_argument("--data", required=True, help="comma-separated collect dirs")
+    f.add_argument("--data", required=True, help="comma-separated collect dirs (each drawn equally often)")
     f.add_argument("--out", required=True)
     f.add_argument("--steps", type=int, default=1000)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--qa-weight", type=float, default=4.0, help="weight of question/answer rows in the KL")
-    f.add_argument("--held-out", type=int, default=4, help="examples kept out of training, for the recall")
+    f.add_argument("--held-out", type=int, default=4, help="examples of each dir kept out of training, for the recall")
     f.add_argument("--eval-every", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)

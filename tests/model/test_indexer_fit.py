@@ -53,7 +53,7 @@ def test_fit_lowers_the_kl_and_moves_only_the_indexer(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".indexer." in k for k in changed)
     # the KL on the (training) examples fell
-    recs = indexer_fit.load_dir(str(tmp_path / "d"))
+    recs = indexer_fit.load_dir(tmp_path / "d")
     m2 = load_model(tmp_path / "w2")
 
     def mean_kl(model):
