@@ -33,7 +33,7 @@ import torch
 from model import data
 from model.eval import load_any
 from model.tokenizer import ByteTokenizer
-from model.train import _attention_target, _sdpa, export, index_rows, mla_qkv, parse_len, question_start
+from model.train import _attention_target, _sdpa, export, index_rows, lr_at, mla_qkv, parse_len, question_start
 
 
 # ---------------------------------------------------------------- collect
@@ -118,9 +118,7 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
             if long.any():
                 sel = I[long].masked_fill(~causal[long], float("-inf")).topk(topk, -1)[1]
                 hit = torch.zeros(int(long.sum()), T, dtype=torch.bool).scatter_(-1, sel, True)
-                pt = pi[long][:, :topk]  # p's top-k (p_idx is sorted when truncated)
-                if p.shape[-1] == T:  # kept whole: sort
-                    pt = pi[long].gather(-1, p[long].topk(topk, -1)[1])
+                pt = pi[long].gather(-1, p[long].topk(topk, -1)[1])  # p's top-k keys
                 rec_rows = hit.gather(-1, pt).float().mean(-1)  # [rows with > topk keys]
                 out["recall"] = float(rec_rows.mean())
                 qa = rows[long] >= rec["q0"]  # the question and answer rows: what decides the answer
@@ -195,7 +193,7 @@ def fit(args) -> None:
                  "recall_per_layer": ev["recall_per_layer"]})
     t0, run = time.time(), []
     for step in range(args.steps):
-        lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(3.14159265 * step / args.steps)).item()))
+        lr = lr_at(step, args.steps, args.lr, warmup=0)
         for g in opt.param_groups:
             g["lr"] = lr
         pool = train[rng.randrange(len(train))]
