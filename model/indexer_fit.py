@@ -33,7 +33,8 @@ import torch
 from model import data
 from model.eval import load_any
 from model.tokenizer import ByteTokenizer
-from model.train import _attention_target, _sdpa, export, index_rows, lr_at, mla_qkv, parse_len, question_start
+from model.train import (_attention_target, _sdpa, export, index_rows, lr_at, mla_qkv, parse_len, query_scores,
+                         question_start)
 
 
 # ---------------------------------------------------------------- collect
@@ -70,8 +71,7 @@ def capture(model, ids: torch.Tensor, rows: torch.Tensor, keep: int) -> dict:
 
 
 def collect(args) -> None:
-    model = load_any(args.model)
-    model.cfg.dense_attention = True
+    model = load_any(args.model)  # capture() runs the dense training attention itself
     tok = ByteTokenizer()
     q_id = tok.special("<question>")
     tasks = args.tasks.split(",")
@@ -101,9 +101,7 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
     x = rec["x"][layer].float()[None]
     rows = rec["rows"]
     k, _ = idx_mod.keys(x, cos, sin)  # [1, T, D]
-    q, w = idx_mod.queries(x[:, rows], rec["qr"][layer].float()[None], cos[:, rows], sin[:, rows])
-    s = torch.einsum("bthd,bsd->bths", q, k).relu()
-    I = torch.einsum("bths,bth->bts", s, w)[0]  # [R, T]
+    I = query_scores(idx_mod, k, x[:, rows], rec["qr"][layer].float()[None], cos[:, rows], sin[:, rows])[0]  # [R, T]
     T = x.shape[1]
     causal = torch.arange(T)[None] <= rows[:, None]
     logq = I.masked_fill(~causal, float("-inf")).log_softmax(-1)

@@ -55,6 +55,11 @@ def index_scores(idx_mod, x, qr, cos, sin, rows=None):
     k, _ = idx_mod.keys(x, cos, sin)  # [B, S, D]
     if rows is not None:
         x, qr, cos, sin = x[:, rows], qr[:, rows], cos[:, rows], sin[:, rows]
+    return query_scores(idx_mod, k, x, qr, cos, sin)
+
+
+def query_scores(idx_mod, k, x, qr, cos, sin):
+    """Indexer scores [B, T, S] of the queries at x/qr/cos/sin [B, T, ...] against keys k [B, S, D]."""
     q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
     s = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu()
     return torch.einsum("bths,bth->bts", s, w.float())
