@@ -127,12 +127,41 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
 
 
 def load_dir(path: str) -> list[dict]:
-    return [torch.load(f, weights_only=False) for f in sorted(Path(path).glob("*.pt"))]
+    # mmap: the cache is ~10 GB; mapped pages are shared by fits running side by side
+    return [torch.load(f, weights_only=False, mmap=True) for f in sorted(Path(path).glob("*.pt"))]
+
+
+@torch.no_grad()
+def grow_index_heads(model, n_heads: int, seed: int = 0) -> None:
+    """Give every indexer n_heads heads, the old ones kept and the new ones silent (their rows of
+    weights_proj are 0), so the scores I_t are unchanged until the fit moves them. The old rows
+    of weights_proj are scaled by sqrt(n_heads / old) to undo the n_heads^-1/2 in queries()."""
+    cfg = model.cfg
+    old = cfg.index_n_heads
+    if n_heads < old:
+        raise ValueError(f"--index-heads {n_heads} < the model's {old}: heads can only be added")
+    if n_heads == old:
+        return
+    g = torch.Generator().manual_seed(seed)
+    cfg.index_n_heads = n_heads
+    for blk in model.layers:
+        ix = blk.attn.indexer
+        d = ix.head_dim
+        wq = ix.wq_b.weight  # [old * d, q_lora]
+        new_q = torch.randn((n_heads - old) * d, wq.shape[1], generator=g) * wq.std()
+        ix.wq_b = torch.nn.Linear(wq.shape[1], n_heads * d, bias=False)
+        ix.wq_b.weight.copy_(torch.cat([wq, new_q.to(wq.dtype)]))
+        wp = ix.weights_proj.weight  # [old, dim] fp32
+        ix.weights_proj = torch.nn.Linear(wp.shape[1], n_heads, bias=False, dtype=torch.float32)
+        ix.weights_proj.weight.copy_(torch.cat([wp * (n_heads / old) ** 0.5, wp.new_zeros(n_heads - old, wp.shape[1])]))
+        ix.n_heads = n_heads
 
 
 def fit(args) -> None:
     torch.manual_seed(args.seed)
     model = load_any(args.model).train()
+    if args.index_heads:
+        grow_index_heads(model, args.index_heads, args.seed)
     for n_, p_ in model.named_parameters():
         p_.requires_grad_(".indexer." in n_)
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
@@ -244,6 +273,7 @@ def main(argv=None):
     f.add_argument("--eval-every", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep)")
     f.add_argument("--export", default=None, help="save the weights here (the service's layout)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -66,3 +66,36 @@ def test_fit_lowers_the_kl_and_moves_only_the_indexer(tmp_path):
         return tot
 
     assert mean_kl(m2) < 0.9 * mean_kl(load_model(tmp_path / "w"))
+
+
+def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
+    """--index-heads adds silent heads: the same scores (so the same top-k) right after growing;
+    the export loads with the new head count."""
+    m = _tiny().eval()
+    x, y, w, rows, tok = _example()
+    cos, sin = m.rotary(torch.arange(x.shape[1])[None], torch.float32)
+
+    def scores(model):
+        with torch.no_grad():
+            h = model.embed(x)
+            blk = model.layers[0]
+            xn = blk.attn_norm(h)
+            qr = blk.attn.q_norm(blk.attn.wq_a(xn))
+            return train.index_scores(blk.attn.indexer, xn, qr, cos, sin, rows)
+
+    old = m.cfg.index_n_heads
+    before = scores(m)
+    indexer_fit.grow_index_heads(m, 2 * old)
+    after = scores(m)
+    assert m.layers[0].attn.indexer.wq_b.weight.shape[0] == 2 * old * m.cfg.index_head_dim
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    train.export(m, tmp_path / "g")
+    from model.load import load_model
+
+    assert load_model(tmp_path / "g").cfg.index_n_heads == 2 * old
+    try:
+        indexer_fit.grow_index_heads(m, old)
+    except ValueError as e:
+        assert "only be added" in str(e)
+    else:
+        raise AssertionError("shrinking the indexer must be refused")
