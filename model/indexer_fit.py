@@ -94,10 +94,28 @@ def collect(args) -> None:
 
 
 # ---------------------------------------------------------------- fit
-def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, topk: int, want_recall=False):
-    """Weighted mean over the rows of KL(p_t || softmax(I_t)) for one layer's indexer on a cached
-    example; with want_recall also (recall of p_t's top-k by I's top-k, the p mass I's top-k covers)
-    over rows with more than topk causal keys."""
+def fit_target(p, pi, keep: int = 0, flat: float = 0.0):
+    """The KL target from a cached p_t (values p, key indices pi [R, K]): cut to its `keep` largest
+    entries and renormalized (0: as cached), then mixed with the uniform distribution over those
+    entries, weight `flat`. The uniform part weighs every key of p_t's top-k the same, as the
+    recall of that set does; p_t's own weights leave the keys near the cut, the ones that decide
+    the recall, with little pull."""
+    if keep and keep < p.shape[-1]:
+        p, j = p.topk(keep, -1)
+        pi = pi.gather(-1, j)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    if flat:
+        live = (p > 0).float()  # an early row has fewer causal keys than entries
+        p = (1 - flat) * p + flat * live / live.sum(-1, keepdim=True).clamp_min(1.0)
+    return p, pi
+
+
+def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, topk: int, want_recall=False,
+                 keep: int = 0, flat: float = 0.0):
+    """Weighted mean over the rows of KL(target || softmax(I_t)) for one layer's indexer on a cached
+    example, the target being p_t as `fit_target` shapes it (p_t itself by default); with
+    want_recall also (recall of p_t's top-k by I's top-k, the p mass I's top-k covers) over rows
+    with more than topk causal keys."""
     x = rec["x"][layer].float()[None]
     rows = rec["rows"]
     k, _ = idx_mod.keys(x, cos, sin)  # [1, T, D]
@@ -106,8 +124,9 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
     causal = torch.arange(T)[None] <= rows[:, None]
     logq = I.masked_fill(~causal, float("-inf")).log_softmax(-1)
     p, pi = rec["p"][layer], rec["p_idx"][layer].long()
+    tp, tpi = fit_target(p, pi, keep, flat)
     # p_idx of an early row may list keys past its position (p = 0 there, logq = -inf): skip them
-    kl = torch.where(p > 0, p * (p.clamp_min(1e-20).log() - logq.gather(-1, pi)), 0.0).sum(-1)  # [R]
+    kl = torch.where(tp > 0, tp * (tp.clamp_min(1e-20).log() - logq.gather(-1, tpi)), 0.0).sum(-1)  # [R]
     rw = torch.where(rows >= rec["q0"], qa_weight, 1.0)
     out = {"kl": (kl * rw).sum() / rw.sum()}
     if want_recall:
@@ -162,6 +181,8 @@ def fit(args) -> None:
     model = load_any(args.model).train()
     if args.index_heads:
         grow_index_heads(model, args.index_heads, args.seed)
+    if args.index_dim:
+        grow_index_dim(model, args.index_dim)
     for n_, p_ in model.named_parameters():
         p_.requires_grad_(".indexer." in n_)
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
@@ -226,7 +247,8 @@ def fit(args) -> None:
         pool = train[rng.randrange(len(train))]
         rec = pool[rng.randrange(len(pool))]
         cos, sin = rotary(rec["T"])
-        loss = sum(indexer_loss(blk.attn.indexer, rec, li, cos, sin, args.qa_weight, topk)["kl"]
+        loss = sum(indexer_loss(blk.attn.indexer, rec, li, cos, sin, args.qa_weight, topk,
+                                keep=args.target_keep, flat=args.target_flat)["kl"]
                    for li, blk in enumerate(model.layers)) / L
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,6 +268,35 @@ def fit(args) -> None:
             torch.save({"cfg": model.cfg, "model": model.state_dict(), "step": step + 1}, out / "ckpt.pt")
     if args.export:
         export(model, args.export)
+
+
+@torch.no_grad()
+def grow_index_dim(model, head_dim: int) -> None:
+    """Double the indexer's head dim, scores unchanged until fitted. The key gains head_dim / 2
+    dims that mirror the old ones about their mean (2 * mean - k): LayerNorm over all of them then
+    sees the old dims' mean and variance, so the old dims come out as before; the queries' new dims
+    are 0 (they move as soon as the fit does). The new dims are RoPE-free (appended after the old)."""
+    cfg = model.cfg
+    old = cfg.index_head_dim
+    if head_dim == old:
+        return
+    if head_dim != 2 * old:
+        raise ValueError(f"--index-dim {head_dim}: only doubling the model's {old} is supported")
+    cfg.index_head_dim = head_dim
+    for blk in model.layers:
+        ix = blk.attn.indexer
+        wk = ix.wk.weight  # [old, dim]
+        ix.wk = torch.nn.Linear(wk.shape[1], head_dim, bias=False)
+        ix.wk.weight.copy_(torch.cat([wk, 2 * wk.mean(0, keepdim=True).expand_as(wk) - wk]))
+        ln = ix.k_norm
+        ix.k_norm = torch.nn.LayerNorm(head_dim, eps=ln.eps)
+        ix.k_norm.weight.copy_(torch.cat([ln.weight, ln.weight]))
+        ix.k_norm.bias.copy_(torch.cat([ln.bias, ln.bias]))
+        wq = ix.wq_b.weight.view(ix.n_heads, old, -1)
+        ix.wq_b = torch.nn.Linear(wq.shape[-1], ix.n_heads * head_dim, bias=False)
+        ix.wq_b.weight.copy_(torch.cat([wq, torch.zeros_like(wq)], 1).reshape(-1, wq.shape[-1]))
+        ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)  # queries() scales by head_dim^-1/2
+        ix.head_dim = head_dim
 
 
 def main(argv=None):
@@ -273,7 +324,10 @@ def main(argv=None):
     f.add_argument("--eval-every", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--target-keep", type=int, default=0, help="cut the cached p_t to its N largest entries (0 = as cached)")
+    f.add_argument("--target-flat", type=float, default=0.0, help="mix this much of the uniform distribution over those entries into the target")
     f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep)")
+    f.add_argument("--index-dim", type=int, default=0, help="double each indexer's head dim first (0 = keep)")
     f.add_argument("--export", default=None, help="save the weights here (the service's layout)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

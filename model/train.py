@@ -45,6 +45,7 @@ from model import data
 from model.config import preset
 from model.load import build_model, load_model, save_checkpoint
 from model.model import Transformer, rope_half, rope_interleaved
+from model.sparse_train import mla_sparse_train
 from model.tokenizer import ByteTokenizer
 
 
@@ -99,6 +100,8 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
             _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
+    if stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys (model/sparse_train.py)
+        return mla_sparse_train(attn, x, cos, sin, stats, stats["sparse_chunk"])
     # Stage 2. Indexer on detached inputs: it learns from its KL only, never moves the main model.
     I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))
     topk = attn.cfg.index_topk
@@ -175,8 +178,11 @@ def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None
     return model.head(model.norm(h).float())
 
 
-def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, positions=None, rows=None):
-    stats = {"want_recall": want_recall}
+def losses(model, x, y, w, stage: int, doc_coef: float, want_recall=False, positions=None, rows=None,
+           sparse_chunk: int = 0):
+    """sparse_chunk (stage 2): use the O(T k) gathered attention of model/sparse_train.py, in row
+    chunks of this size, instead of the dense-masked one (0)."""
+    stats = {"want_recall": want_recall, "sparse_chunk": sparse_chunk if stage == 2 else 0}
     logits = forward_train(model, x, stage, stats, positions, rows)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     ans, doc = w >= 1, (w > 0) & (w < 1)
@@ -290,6 +296,9 @@ def main(argv=None):
     ap.add_argument("--pose-max", type=int, default=0,
                     help="train with skipped positions spanning up to this many (PoSE; 0 = plain positions)")
     ap.add_argument("--pose-prob", type=float, default=0.8, help="share of rows with skipped positions")
+    ap.add_argument("--sparse-chunk", type=int, default=0,
+                    help="stage 2: gather each row's top-k keys (O(T k) memory, model/sparse_train.py) in row chunks "
+                         "of this size; 0 = the dense-masked attention (O(T^2), fine up to ~4k tokens)")
     ap.add_argument("--index-rows", type=int, default=0,
                     help="stage 1: supervise only this many query rows per step (all question/answer rows + random "
                          "document rows), so contexts of 8k-32k real tokens fit (0 = every row)")
@@ -374,7 +383,7 @@ def main(argv=None):
             g["lr"] = lr
         want_recall = args.stage == 1 and (step + 1) % args.log_every == 0
         with amp:
-            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall, pos, rows)
+            L = losses(model, x, y, w, args.stage, args.doc_coef, want_recall, pos, rows, args.sparse_chunk)
         loss = L["kl"] if args.stage == 1 else (L["lm"] + L["kl"] if args.stage == 2 else L["lm"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
