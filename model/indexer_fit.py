@@ -176,6 +176,35 @@ def grow_index_heads(model, n_heads: int, seed: int = 0) -> None:
         ix.n_heads = n_heads
 
 
+@torch.no_grad()
+def grow_index_dim(model, head_dim: int) -> None:
+    """Double the indexer's head dim, scores unchanged until fitted. The key gains head_dim / 2
+    dims that mirror the old ones about their mean (2 * mean - k): LayerNorm over all of them then
+    sees the old dims' mean and variance, so the old dims come out as before; the queries' new dims
+    are 0 (they move as soon as the fit does). The new dims are RoPE-free (appended after the old)."""
+    cfg = model.cfg
+    old = cfg.index_head_dim
+    if head_dim == old:
+        return
+    if head_dim != 2 * old:
+        raise ValueError(f"--index-dim {head_dim}: only doubling the model's {old} is supported")
+    cfg.index_head_dim = head_dim
+    for blk in model.layers:
+        ix = blk.attn.indexer
+        wk = ix.wk.weight  # [old, dim]
+        ix.wk = torch.nn.Linear(wk.shape[1], head_dim, bias=False)
+        ix.wk.weight.copy_(torch.cat([wk, 2 * wk.mean(0, keepdim=True).expand_as(wk) - wk]))
+        ln = ix.k_norm
+        ix.k_norm = torch.nn.LayerNorm(head_dim, eps=ln.eps)
+        ix.k_norm.weight.copy_(torch.cat([ln.weight, ln.weight]))
+        ix.k_norm.bias.copy_(torch.cat([ln.bias, ln.bias]))
+        wq = ix.wq_b.weight.view(ix.n_heads, old, -1)
+        ix.wq_b = torch.nn.Linear(wq.shape[-1], ix.n_heads * head_dim, bias=False)
+        ix.wq_b.weight.copy_(torch.cat([wq, torch.zeros_like(wq)], 1).reshape(-1, wq.shape[-1]))
+        ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)  # queries() scales by head_dim^-1/2
+        ix.head_dim = head_dim
+
+
 def fit(args) -> None:
     torch.manual_seed(args.seed)
     model = load_any(args.model).train()
@@ -268,35 +297,6 @@ def fit(args) -> None:
             torch.save({"cfg": model.cfg, "model": model.state_dict(), "step": step + 1}, out / "ckpt.pt")
     if args.export:
         export(model, args.export)
-
-
-@torch.no_grad()
-def grow_index_dim(model, head_dim: int) -> None:
-    """Double the indexer's head dim, scores unchanged until fitted. The key gains head_dim / 2
-    dims that mirror the old ones about their mean (2 * mean - k): LayerNorm over all of them then
-    sees the old dims' mean and variance, so the old dims come out as before; the queries' new dims
-    are 0 (they move as soon as the fit does). The new dims are RoPE-free (appended after the old)."""
-    cfg = model.cfg
-    old = cfg.index_head_dim
-    if head_dim == old:
-        return
-    if head_dim != 2 * old:
-        raise ValueError(f"--index-dim {head_dim}: only doubling the model's {old} is supported")
-    cfg.index_head_dim = head_dim
-    for blk in model.layers:
-        ix = blk.attn.indexer
-        wk = ix.wk.weight  # [old, dim]
-        ix.wk = torch.nn.Linear(wk.shape[1], head_dim, bias=False)
-        ix.wk.weight.copy_(torch.cat([wk, 2 * wk.mean(0, keepdim=True).expand_as(wk) - wk]))
-        ln = ix.k_norm
-        ix.k_norm = torch.nn.LayerNorm(head_dim, eps=ln.eps)
-        ix.k_norm.weight.copy_(torch.cat([ln.weight, ln.weight]))
-        ix.k_norm.bias.copy_(torch.cat([ln.bias, ln.bias]))
-        wq = ix.wq_b.weight.view(ix.n_heads, old, -1)
-        ix.wq_b = torch.nn.Linear(wq.shape[-1], ix.n_heads * head_dim, bias=False)
-        ix.wq_b.weight.copy_(torch.cat([wq, torch.zeros_like(wq)], 1).reshape(-1, wq.shape[-1]))
-        ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)  # queries() scales by head_dim^-1/2
-        ix.head_dim = head_dim
 
 
 def main(argv=None):

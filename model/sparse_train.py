@@ -25,18 +25,16 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model.model import rope_interleaved
+from model.train import mla_latent, query_scores
 
 
 @torch.no_grad()
-def select_topk(idx_mod, x, qr, cos, sin, topk: int, chunk: int):
-    """-> (idx [B, T, k] long, valid [B, T, k] bool): each row's top-k causal keys by the indexer
-    (k = min(topk, T)); a row with fewer causal keys than k has its extra slots marked invalid."""
-    from model.train import query_scores
-
+def select_topk(idx_mod, keys, x, qr, cos, sin, topk: int, chunk: int):
+    """-> (idx [B, T, k] long, valid [B, T, k] bool): each row's top-k causal keys by the indexer,
+    keys [B, T, D] its key cache (k = min(topk, T)); a row with fewer causal keys than k has its
+    extra slots marked invalid."""
     B, T, _ = x.shape
     k = min(topk, T)
-    keys, _ = idx_mod.keys(x, cos, sin)
     s_pos = torch.arange(T, device=x.device)
     out = []
     for t0 in range(0, T, chunk):
@@ -78,19 +76,15 @@ def mla_sparse_train(attn, x, cos, sin, stats: dict, chunk: int):
     """Stage-2 MLA forward for training, x [B, T, dim] -> [B, T, dim]; appends the indexer's KL
     per row [B, T] to stats['kl'] (as model.train.mla_train does)."""
     B, T, _ = x.shape
-    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
-    qr = attn.q_norm(attn.wq_a(x))
-    q = attn.wq_b(qr).view(B, T, H, dn + dr)
-    kv = attn.wkv_a(x)
-    c_kv = attn.kv_norm(kv[..., :r])  # [B, T, r]
-    k_pe = rope_interleaved(kv[..., r:], cos, sin)  # [B, T, dr]
+    H, dn, dv, r = attn.n_heads, attn.dn, attn.dv, attn.r
+    qr, q, c_kv, k_pe = mla_latent(attn, x, cos, sin)
     w_b = attn.wkv_b.weight.view(H, dn + dv, r)
     q_abs = torch.einsum("bthd,hdr->bthr", q[..., :dn], w_b[:, :dn])  # the key half of wkv_b folded in
-    q_pe = rope_interleaved(q[..., dn:], cos, sin)
+    q_pe = q[..., dn:]
     # The indexer sees detached inputs: it learns from its KL only, never moves the main model.
     xd, qrd = x.detach(), qr.detach()
-    idx, valid = select_topk(attn.indexer, xd, qrd, cos, sin, attn.cfg.index_topk, chunk)
     ikeys, _ = attn.indexer.keys(xd, cos, sin)
+    idx, valid = select_topk(attn.indexer, ikeys.detach(), xd, qrd, cos, sin, attn.cfg.index_topk, chunk)
     outs, kls = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)

@@ -45,7 +45,6 @@ from model import data
 from model.config import preset
 from model.load import build_model, load_model, save_checkpoint
 from model.model import Transformer, rope_half, rope_interleaved
-from model.sparse_train import mla_sparse_train
 from model.tokenizer import ByteTokenizer
 
 
@@ -66,20 +65,28 @@ def query_scores(idx_mod, k, x, qr, cos, sin):
     return torch.einsum("bths,bth->bts", s, w.float())
 
 
-def mla_qkv(attn, x, cos, sin):
-    """MLA in its MHA form from the module's own weights: x [B, T, dim] -> (qr [B, T, q_lora]: the
-    query latent the indexer reads too, q [B, H, T, dqk], k [B, H, T, dqk], v [B, H, T, dv])."""
+def mla_latent(attn, x, cos, sin):
+    """MLA's query and compressed key/value from the module's own weights: x [B, T, dim] ->
+    (qr [B, T, q_lora]: the query latent the indexer reads too, q [B, T, H, dn + dr] with RoPE on
+    its last dr dims, c_kv [B, T, r]: the normalized latent, k_pe [B, T, dr]: the shared RoPE key)."""
     B, T, _ = x.shape
-    H, dn, dr, dv, r = attn.n_heads, attn.dn, attn.dr, attn.dv, attn.r
+    H, dn, dr, r = attn.n_heads, attn.dn, attn.dr, attn.r
     qr = attn.q_norm(attn.wq_a(x))
     q = attn.wq_b(qr).view(B, T, H, dn + dr)
-    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1).transpose(1, 2)
+    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1)
     kv = attn.wkv_a(x)
-    c_kv = attn.kv_norm(kv[..., :r])
-    k_pe = rope_interleaved(kv[..., r:], cos, sin)  # [B, T, dr]
+    return qr, q, attn.kv_norm(kv[..., :r]), rope_interleaved(kv[..., r:], cos, sin)
+
+
+def mla_qkv(attn, x, cos, sin):
+    """MLA in its MHA form: x [B, T, dim] -> (qr [B, T, q_lora], q [B, H, T, dqk], k [B, H, T, dqk],
+    v [B, H, T, dv])."""
+    B, T, _ = x.shape
+    H, dn, dr, dv = attn.n_heads, attn.dn, attn.dr, attn.dv
+    qr, q, c_kv, k_pe = mla_latent(attn, x, cos, sin)
     kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
     k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)
-    return qr, q, k, kvb[..., dn:].transpose(1, 2)
+    return qr, q.transpose(1, 2), k, kvb[..., dn:].transpose(1, 2)
 
 
 def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
@@ -100,7 +107,9 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
             _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
-    if stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys (model/sparse_train.py)
+    if stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys
+        from model.sparse_train import mla_sparse_train  # it builds on this module's helpers
+
         return mla_sparse_train(attn, x, cos, sin, stats, stats["sparse_chunk"])
     # Stage 2. Indexer on detached inputs: it learns from its KL only, never moves the main model.
     I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))

@@ -61,7 +61,8 @@ def test_short_rows_keep_all_their_causal_keys():
     h = blk.attn_norm(m.embed(x))
     cos, sin = m.rotary(torch.arange(T)[None], torch.float32)
     qr = blk.attn.q_norm(blk.attn.wq_a(h))
-    idx, valid = select_topk(blk.attn.indexer, h, qr, cos, sin, 64, 32)
+    keys, _ = blk.attn.indexer.keys(h, cos, sin)
+    idx, valid = select_topk(blk.attn.indexer, keys, h, qr, cos, sin, 64, 32)
     assert T > 64 and idx.shape == (1, T, 64)
     for t in (0, 10, 63, 64, T - 1):
         chosen = set(idx[0, t][valid[0, t]].tolist())
