@@ -13,26 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.cache import new_sequence_cache  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.config import preset  # noqa: E402
 from model.load import build_model  # noqa: E402
+from model_prefill import prefill  # noqa: E402  the same chunked prefill through the caches
 
 
 def prefill_seconds(heads: int, dim: int, L: int, chunk: int) -> float:
     model = build_model(preset("dsa-tiny", index_n_heads=heads, index_head_dim=dim)).init_weights(seed=0).eval()
-    ids = torch.randint(8, model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
-    cache = [new_sequence_cache(model.cfg.num_hidden_layers, capacity=L)]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, L, chunk):
-            model(ids[:, s: s + chunk], s, cache, last_only=True)
-    return time.perf_counter() - t0
+    return prefill(model, L, chunk)["seconds"]
 
 
 def main():

@@ -94,6 +94,10 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only; default every
     row): the query indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long
     context would not fit, [B, H, R, T] do, and the attention output goes through the flash kernel."""
+    if stage == 2 and stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys
+        from model.sparse_train import mla_sparse_train  # it builds on this module's helpers
+
+        return mla_sparse_train(attn, x, cos, sin, stats, stats["sparse_chunk"])
     B, T, _ = x.shape
     H, dv = attn.n_heads, attn.dv
     qr, q, k, v = mla_qkv(attn, x, cos, sin)
@@ -107,10 +111,6 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
             _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
-    if stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys
-        from model.sparse_train import mla_sparse_train  # it builds on this module's helpers
-
-        return mla_sparse_train(attn, x, cos, sin, stats, stats["sparse_chunk"])
     # Stage 2. Indexer on detached inputs: it learns from its KL only, never moves the main model.
     I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin).masked_fill(~causal, float("-inf"))
     topk = attn.cfg.index_topk
