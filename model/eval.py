@@ -10,7 +10,11 @@ ones. Prompts are prefilled in chunks through the model's own cache (the inferen
     .venv/bin/python -m model.eval --lengths 1024,4096 --samples 20            # quick
     .venv/bin/python -m model.eval --lengths 1024,4096,16384,32768,65536,131072 --samples 50 \\
         --long-samples 4 --dense-max-len 32768 --out benchmarks/results/eval_dsa-tiny.json
-    .venv/bin/python -m model.eval --model tmp/run/s2 --tiny-check     # any weights dir / run dir
+    .venv/bin/python -m model.eval --model tmp/run/s2 --lengths 1024 --samples 6   # any weights dir / run dir
+
+Each cell's per-sample outcomes are kept under "samples" (mode -> task -> length -> one record per
+example, with an id that names the example), so `model.eval_report` can pair DSA and dense on the
+same examples, also when the two modes ran in different files.
 """
 
 from __future__ import annotations
@@ -159,12 +163,15 @@ def main(argv=None):
                 if mode == "dense" and n > a.dense_max_len:
                     continue
                 set_dense(model, mode == "dense")
-                ok, secs, toks = 0, 0.0, 0
-                for ids, a0 in enc:
+                ok, secs, toks, per = 0, 0.0, 0, []
+                for i, (ids, a0) in enumerate(enc):
                     c, dt = answer_correct(model, ids, a0)
                     ok += c
                     secs += dt
                     toks += len(ids) - 1
+                    # The id names the example: the same seed, task, length and count draw the same ones.
+                    per.append({"example": f"{a.seed}-{task}-{n}-{ns}-{i}", "tokens": len(ids), "correct": bool(c)})
+                res["samples"].setdefault(mode, {}).setdefault(task, {})[str(n)] = per
                 cell = {"acc": ok / ns, "n": ns, "tokens_mean": toks / ns, "prefill_tok_s": toks / secs, "seconds": secs}
                 res["accuracy"].setdefault(mode, {}).setdefault(task, {})[str(n)] = cell
                 res["speed"].setdefault(mode, {})[str(n)] = toks / secs

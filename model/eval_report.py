@@ -4,13 +4,17 @@ and context length (DSA vs dense, samples, prefill speed) and the indexer recall
     .venv/bin/python -m model.eval_report benchmarks/results/eval_dsa-tiny*.json
 
 A (task, length, mode) cell measured in several files is merged: samples are added up, so a
-cell's accuracy is over every sample that was run.
+cell's accuracy is over every sample that was run. Where a file holds both modes' per-sample
+outcomes for a cell (eval.py records them), DSA and dense are also paired example by example:
+how many only one of them answered, with an exact two-sided sign test on those (McNemar's test),
+which says whether a gap between the two is more than the luck of the draw.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -30,6 +34,50 @@ def merge(paths: list[str]) -> tuple[dict, list[dict]]:
                     m["secs"] += c["seconds"]
         recall += r.get("recall", [])
     return cells, recall
+
+
+def pairs(paths: list[str]) -> dict:
+    """-> {(task, n): {"both", "dsa_only", "dense_only", "neither"}} over the examples that were run
+    in both modes, in one file or in two (matched by the example ids that eval.py records; files
+    from before it recorded them add nothing). The files must be one model's."""
+    seen: dict = {}  # (mode, example id) -> correct
+    for p in paths:
+        for mode, tasks in json.loads(Path(p).read_text()).get("samples", {}).items():
+            for task, by_len in tasks.items():
+                for n, recs in by_len.items():
+                    for rec in recs:
+                        key = (mode, task, int(n), rec["example"])
+                        if seen.setdefault(key, rec["correct"]) != rec["correct"]:
+                            raise ValueError(f"{p}: example {rec['example']} ({mode}) disagrees with an earlier file: "
+                                             "are these files one model's?")
+    out: dict = {}
+    names = {(True, True): "both", (True, False): "dsa_only", (False, True): "dense_only", (False, False): "neither"}
+    for (mode, task, n, ex), ok in seen.items():
+        if mode != "dsa" or ("dense", task, n, ex) not in seen:
+            continue
+        c = out.setdefault((task, n), dict.fromkeys(names.values(), 0))
+        c[names[(ok, seen[("dense", task, n, ex)])]] += 1
+    return out
+
+
+def sign_test(a: int, b: int) -> float:
+    """Exact two-sided p of a split a:b of the discordant pairs under 'either mode is as likely to
+    be the one that is right' (McNemar's exact test)."""
+    m = a + b
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(a, b) + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+
+def pair_lines(pc: dict) -> list[str]:
+    out = []
+    for (task, n), c in sorted(pc.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        tot = sum(c.values())
+        out.append(f"- {task} at {n}, {tot} examples run in both modes: only DSA right on {c['dsa_only']}, only dense "
+                   f"on {c['dense_only']}, both on {c['both']}, neither on {c['neither']} "
+                   f"(exact sign test p = {sign_test(c['dsa_only'], c['dense_only']):.2g})")
+    return out
 
 
 def table(cells: dict) -> list[str]:
@@ -62,6 +110,10 @@ def main(argv=None):
     print("\n".join(table(cells)))
     print()
     print("\n".join(recall_lines(recall)))
+    pl = pair_lines(pairs(a.files))
+    if pl:
+        print()
+        print("\n".join(pl))
 
 
 if __name__ == "__main__":
