@@ -4,8 +4,8 @@ and context length (DSA vs dense, samples, prefill speed) and the indexer recall
     .venv/bin/python -m model.eval_report benchmarks/results/eval_dsa-tiny*.json
 
 A (task, length, mode) cell measured in several files is merged: samples are added up, so a
-cell's accuracy is over every sample that was run. Where a file holds both modes' per-sample
-outcomes for a cell (eval.py records them), DSA and dense are also paired example by example:
+cell's accuracy is over every sample that was run. Where the files hold both modes' outcomes on the
+same examples (eval.py records each sample with an id), DSA and dense are also paired example by example:
 how many only one of them answered, with an exact two-sided sign test on those (McNemar's test),
 which says whether a gap between the two is more than the luck of the draw.
 """
@@ -40,7 +40,7 @@ def pairs(paths: list[str]) -> dict:
     """-> {(task, n): {"both", "dsa_only", "dense_only", "neither"}} over the examples that were run
     in both modes, in one file or in two (matched by the example ids that eval.py records; files
     from before it recorded them add nothing). The files must be one model's."""
-    seen: dict = {}  # (mode, example id) -> correct
+    seen: dict = {}  # (mode, task, length, example id) -> correct
     for p in paths:
         for mode, tasks in json.loads(Path(p).read_text()).get("samples", {}).items():
             for task, by_len in tasks.items():
