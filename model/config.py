@@ -45,6 +45,10 @@ class ModelConfig:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 2048
+    # How the indexer heads combine (our knob, not in HF configs): "relu" is V3.2's
+    # sum_h w_h ReLU(q_h.k); "mixture" is log sum_h exp(b_h + q_h.k / sqrt(d)), a mixture of
+    # per-head softmaxes like the dense attention's own p_t (see Indexer).
+    index_score: str = "relu"
     # MoE
     n_routed_experts: int = 256
     n_shared_experts: int = 1
@@ -99,12 +103,14 @@ class ModelConfig:
                 raise ValueError(f"invalid model config ({self.name}): {msg}")
 
         need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim must be >= qk_rope_head_dim (RoPE on the first rope dims)")
+        need(self.index_score in ("relu", "mixture"), f"index_score {self.index_score!r} is not 'relu' or 'mixture'")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
         need(self.n_routed_experts % max(self.n_group, 1) == 0, "n_routed_experts must divide into n_group groups")
         need(self.topk_group <= self.n_group, "topk_group must be <= n_group")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be <= n_routed_experts")
         need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace must be <= num_hidden_layers")
         if self.fp8_numerics:
+            need(self.index_score == "relu", "fp8_numerics supports index_score 'relu' only (V3.2's FP8 indexer)")
             d = self.index_head_dim
             need(d & (d - 1) == 0, "fp8_numerics needs a power-of-two index_head_dim (Hadamard rotation)")
         return self

@@ -157,6 +157,9 @@ def grow_index_heads(model, n_heads: int, seed: int = 0) -> None:
     of weights_proj are scaled by sqrt(n_heads / old) to undo the n_heads^-1/2 in queries()."""
     cfg = model.cfg
     old = cfg.index_n_heads
+    if cfg.index_score == "mixture" and n_heads != old:
+        # a head with log-weight 0 adds exp(dot) to the mixture: it is not silent, and weights_proj has no bias
+        raise ValueError("--index-heads: growing a 'mixture' indexer is not supported (new heads cannot start silent)")
     if n_heads < old:
         raise ValueError(f"--index-heads {n_heads} < the model's {old}: heads can only be added")
     if n_heads == old:
@@ -201,13 +204,18 @@ def grow_index_dim(model, head_dim: int) -> None:
         wq = ix.wq_b.weight.view(ix.n_heads, old, -1)
         ix.wq_b = torch.nn.Linear(wq.shape[-1], ix.n_heads * head_dim, bias=False)
         ix.wq_b.weight.copy_(torch.cat([wq, torch.zeros_like(wq)], 1).reshape(-1, wq.shape[-1]))
-        ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)  # queries() scales by head_dim^-1/2
+        if cfg.index_score == "mixture":  # queries() scales q by head_dim^-1/2; w is a log-weight
+            ix.wq_b.weight.mul_((head_dim / old) ** 0.5)
+        else:  # queries() folds head_dim^-1/2 into w
+            ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)
         ix.head_dim = head_dim
 
 
 def fit(args) -> None:
     torch.manual_seed(args.seed)
     model = load_any(args.model).train()
+    if args.index_score:
+        model.cfg.index_score = args.index_score  # the modules share this config object
     if args.index_heads:
         grow_index_heads(model, args.index_heads, args.seed)
     if args.index_dim:
@@ -328,6 +336,8 @@ def main(argv=None):
     f.add_argument("--target-flat", type=float, default=0.0, help="mix this much of the uniform distribution over those entries into the target")
     f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep)")
     f.add_argument("--index-dim", type=int, default=0, help="double each indexer's head dim first (0 = keep)")
+    f.add_argument("--index-score", choices=("relu", "mixture"), default=None,
+                   help="fit the indexers with this way of combining their heads (default: the model's)")
     f.add_argument("--export", default=None, help="save the weights here (the service's layout)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -97,8 +97,23 @@ def rope_half(x, cos, sin):
 
 
 # ---------------------------------------------------------------- lightning indexer
+def combine_heads(dots, w, score: str):
+    """Index scores from per-head dot products dots [..., H, S] and head weights w [..., H] (what
+    Indexer.queries returns): "relu" (V3.2) sum_h w_h ReLU(dot_h); "mixture" logsumexp_h(w_h + dot_h),
+    whose softmax over keys is a mixture of per-head softmaxes, the shape of the dense p_t."""
+    if score == "mixture":
+        return (dots + w[..., None]).logsumexp(-2)
+    return torch.einsum("...hs,...h->...s", dots.relu(), w)
+
+
 class Indexer(nn.Module):
-    """Scores I[t,s] = sum_h w[t,h] * d^-1/2 * ReLU(q[t,h].k[s]); the attention keeps the top-k s."""
+    """Scores I[t,s] = sum_h w[t,h] * d^-1/2 * ReLU(q[t,h].k[s]) (cfg.index_score "relu", V3.2's), or
+    log sum_h exp(b[t,h] + d^-1/2 q[t,h].k[s]) ("mixture"); the attention keeps the top-k s.
+
+    Why "mixture" exists: the indexer learns to imitate p_t, the dense attention summed over heads,
+    a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends on
+    every key; a ReLU sum cannot express that, a mixture of per-head softmaxes can (b_h plays the
+    normalizer's part). On dsa-tiny it raises the recall of the dense top-k (MODEL_CARD.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,10 +135,13 @@ class Indexer(nn.Module):
         return k8, ks.squeeze(-1)
 
     def queries(self, x, qr, cos, sin):
-        """-> (q [B, T, H, D], w [B, T, H] fp32 holding every scale but k's)."""
+        """-> (q [B, T, H, D], w [B, T, H] fp32): for "relu" w holds every scale but k's; for
+        "mixture" q holds d^-1/2 and w is the heads' log-weights b (no FP8 path: validate() refuses it)."""
         B, T, _ = x.shape
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
         q = torch.cat([rope_half(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim:]], -1)
+        if self.cfg.index_score == "mixture":
+            return q * self.head_dim**-0.5, self.weights_proj(x.float())
         w = self.weights_proj(x.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         if not self.cfg.fp8_numerics:
             return q, w
@@ -181,7 +199,8 @@ class MLA(nn.Module):
                 c.write(sp, kv[b], ik[b], None if iks is None else iks[b])
             idx = None
             if not self.cfg.dense_attention and end > self.cfg.index_topk:
-                idx = indexer_topk(iq[b], c.index_k(end), iw[b], self.cfg.index_topk, k_scale=c.index_scale(end), start_pos=sp)
+                idx = indexer_topk(iq[b], c.index_k(end), iw[b], self.cfg.index_topk, k_scale=c.index_scale(end),
+                                   start_pos=sp, score=self.cfg.index_score)
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.
             row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 else "absorb")
             if row_mode == "mha":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from model.model import combine_heads
 from model.train import mla_latent, query_scores
 
 
@@ -66,8 +67,8 @@ def _attend(q_abs, q_pe, c_kv, k_pe, idx, valid, w_uv, scale):
 def _indexer_kl(idx_mod, keys, x, qr, cos, sin, idx, valid, p):
     """KL(p || softmax(I)) over each row's selected keys -> [B, c]. keys: the indexer keys [B, S, D]."""
     q, w = idx_mod.queries(x, qr, cos, sin)  # [B, c, HI, D], [B, c, HI]
-    s = torch.einsum("bchd,bckd->bchk", q.float(), _gather(keys.float(), idx)).relu()
-    I = torch.einsum("bchk,bch->bck", s, w.float())
+    dots = torch.einsum("bchd,bckd->bchk", q.float(), _gather(keys.float(), idx))
+    I = combine_heads(dots, w.float(), idx_mod.cfg.index_score)
     logq = I.masked_fill(~valid, float("-inf")).log_softmax(-1)
     return torch.where(valid & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from model import data
 from model.config import preset
 from model.load import build_model, load_model, save_checkpoint
-from model.model import Transformer, rope_half, rope_interleaved
+from model.model import Transformer, combine_heads, rope_half, rope_interleaved
 from model.tokenizer import ByteTokenizer
 
 
@@ -61,8 +61,8 @@ def index_scores(idx_mod, x, qr, cos, sin, rows=None):
 def query_scores(idx_mod, k, x, qr, cos, sin):
     """Indexer scores [B, T, S] of the queries at x/qr/cos/sin [B, T, ...] against keys k [B, S, D]."""
     q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
-    s = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu()
-    return torch.einsum("bths,bth->bts", s, w.float())
+    dots = torch.einsum("bthd,bsd->bths", q.float(), k.float())
+    return combine_heads(dots, w.float(), idx_mod.cfg.index_score)
 
 
 def mla_latent(attn, x, cos, sin):

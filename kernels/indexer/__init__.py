@@ -1,7 +1,7 @@
 """Lightning indexer ops (DSA): index scores and streaming top-k selection.
 
-    indexer_logits(q, k, w, *, k_scale=None, start_pos=0) -> fp32 [T, S]
-    indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0) -> int32 [T, topk]
+    indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu") -> fp32 [T, S]
+    indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu") -> int32 [T, topk]
 
 Backends: naive.py (fp32 reference), torch_impl.py (fast CPU), triton.py (GPU / interpreter);
 chosen by kernels/dispatch.py. Equations and layouts: kernels/README.md.
@@ -18,7 +18,15 @@ from kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
 __all__ = ["indexer_logits", "indexer_topk"]
 
 
-def _validate(q, k, w, k_scale, start_pos):
+SCORES = ("relu", "mixture")
+
+
+def _validate(q, k, w, k_scale, start_pos, score):
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    if score == "mixture" and is_fp8(q):
+        raise ValueError("score='mixture' needs bf16/fp16/fp32 q and k: FP8 q's per-head scale would have to "
+                         "multiply each head's dot product, which w (added in log space) cannot carry")
     check_tensor("q", q, ("T", "H", "D"), FLOAT_DTYPES + FP8_DTYPES)
     T, H, D = q.shape
     k_dtypes = FP8_DTYPES if is_fp8(q) else FLOAT_DTYPES
@@ -30,7 +38,7 @@ def _validate(q, k, w, k_scale, start_pos):
         raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
 
 
-def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
     """Index scores of every (query, key) pair, causal.
 
     Args:
@@ -40,24 +48,26 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
         w: [T, H] fp32 head weights; holds every scale except k's (q's FP8 scale, 1/sqrt(H*D)...).
         k_scale: [S] fp32 per-key dequant scale (>= 0), or None (= 1).
         start_pos: absolute position of query 0.
+        score: how heads combine. "relu" (V3.2): w holds the head weights. "mixture": w holds
+           log-weights and q any 1/sqrt(D) (float q/k only).
     Returns:
-        fp32 [T, S]: out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s]), and -inf
-        where s > start_pos + t.
+        fp32 [T, S], -inf where s > start_pos + t, else with d = q[t, h] . k[s] * k_scale[s]:
+        "relu": out[t, s] = sum_h w[t, h] * ReLU(d);  "mixture": out[t, s] = log sum_h exp(w[t, h] + d).
     """
-    _validate(q, k, w, k_scale, start_pos)
+    _validate(q, k, w, k_scale, start_pos, score)
     impl = dispatch.load("indexer", dispatch.backend_for(q))
-    return impl.indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos)
+    return impl.indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos, score=score)
 
 
-def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0):
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
     """Top-`topk` keys per query by the index score of `indexer_logits` (same arguments).
 
     Streams over S in blocks (the torch and triton backends never hold [T, S]).
     Returns int32 [T, topk]: key indices sorted by DESCENDING score (ties either way);
     a row with fewer than `topk` causal keys (or S < topk) is padded at the end with -1.
     """
-    _validate(q, k, w, k_scale, start_pos)
+    _validate(q, k, w, k_scale, start_pos, score)
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
     impl = dispatch.load("indexer", dispatch.backend_for(q))
-    return impl.indexer_topk(q, k, w, topk, k_scale=k_scale, start_pos=start_pos)
+    return impl.indexer_topk(q, k, w, topk, k_scale=k_scale, start_pos=start_pos, score=score)

@@ -4,6 +4,7 @@ This is the oracle every other indexer backend is tested against (tests/kernels/
 Same signatures as the public ops in `kernels.indexer`; no validation here (the public op does it).
 
     out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s])      (s <= start_pos + t, else -inf)
+    score="mixture":  out[t, s] = log sum_h exp(w[t, h] + q[t, h] . k[s] * k_scale[s])
 
 Run the tests:  .venv/bin/python -m pytest -q tests/kernels -k indexer
 """
@@ -13,22 +14,25 @@ from __future__ import annotations
 import torch
 
 
-def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
     """q [T, H, D], k [S, D], w [T, H] fp32, k_scale [S] or None -> fp32 [T, S] (causal -inf)."""
     T, S = q.shape[0], k.shape[0]
     qf, kf, wf = q.float(), k.float(), w.float()
     dots = torch.einsum("thd,sd->ths", qf, kf)  # [T, H, S]
     if k_scale is not None:
         dots = dots * k_scale.float()[None, None, :]
-    out = torch.einsum("th,ths->ts", wf, torch.relu(dots))  # [T, S]
+    if score == "mixture":
+        out = (dots + wf[:, :, None]).logsumexp(1)  # [T, S]
+    else:
+        out = torch.einsum("th,ths->ts", wf, torch.relu(dots))  # [T, S]
     q_pos = start_pos + torch.arange(T, device=q.device)[:, None]  # absolute position of each query
     k_pos = torch.arange(S, device=q.device)[None, :]
     return out.masked_fill(k_pos > q_pos, float("-inf"))
 
 
-def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0):
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
     """Top-`topk` key indices per query -> int32 [T, topk], descending score, -1 padded."""
-    scores = indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos)  # [T, S]
+    scores = indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos, score=score)  # [T, S]
     T, S = scores.shape
     if topk > S:  # pad with -inf columns so torch.topk has enough candidates
         scores = torch.cat([scores, scores.new_full((T, topk - S), float("-inf"))], dim=1)

@@ -11,6 +11,7 @@ a [T, H, S] tensor in either op. Per (T chunk, S block):
 Math dtype: bf16 GEMMs (fp32 accumulate; ~2.5x fp32 speed on this CPU) when the inputs are
 bf16/fp16/FP8 (FP8 upcast to bf16 block by block, which is exact); fp32 GEMMs for fp32 inputs.
 k_scale is applied after the ReLU (ReLU(x*c) = c*ReLU(x) for c >= 0, and dequant scales are > 0).
+score="mixture" (log sum_h exp(w + dot)): the same GEMM, then a fp32 logsumexp over the heads.
 Differentiable for float inputs (plain torch ops), though the model should not rely on speed there.
 
 Test: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
@@ -41,6 +42,15 @@ def _block_scores(qm, k_blk, w, ks_blk, dt):
     x = torch.relu(qm @ k_blk.to(dt).t())  # [Tc*H, Sb]
     s = torch.bmm(w.to(dt)[:, None, :], x.view(Tc, H, -1))[:, 0].float()  # [Tc, Sb]
     return s if ks_blk is None else s * ks_blk
+
+
+def _mixture_scores(qm, k_blk, w, ks_blk, dt):
+    """score="mixture": fp32 [Tc, Sb] = logsumexp_h(w[:, h] + dot_h * ks); differentiable."""
+    Tc, H = w.shape
+    x = (qm @ k_blk.to(dt).t()).float().view(Tc, H, -1)
+    if ks_blk is not None:
+        x = x * ks_blk
+    return (x + w[:, :, None]).logsumexp(1)
 
 
 class _Scratch:
@@ -77,7 +87,7 @@ def _blocks(p_first: int, p_last: int, S: int, s_block: int):
         yield s0, s1, s1 - 1 > p_first
 
 
-def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None, score="relu"):
     s_block = s_block or S_BLOCK
     T, H, D = q.shape
     S = k.shape[0]
@@ -86,7 +96,10 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
     out = torch.empty(T, S, dtype=torch.float32, device=q.device)
     tc = _t_chunk(H, s_block)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, w, k_scale))
-    block_scores = _block_scores if grad else _Scratch(min(tc, T), H, s_block, dt, q.device).scores
+    if score == "mixture":
+        block_scores = _mixture_scores
+    else:
+        block_scores = _block_scores if grad else _Scratch(min(tc, T), H, s_block, dt, q.device).scores
     for t0 in range(0, T, tc):
         t1 = min(t0 + tc, T)
         qm = q[t0:t1].reshape(-1, D).to(dt)
@@ -95,12 +108,14 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, s_block=None):
         for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
             ks = None if k_scale is None else k_scale[s0:s1]
             s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
+            if needs_mask and grad and score == "mixture":
+                s = s.clone()  # logsumexp's backward reads its output: mask a copy
             out[t0:t1, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
         out[t0:t1, s_end:] = float("-inf")
     return out
 
 
-def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, score="relu"):
     s_block = s_block or S_BLOCK
     T, H, D = q.shape
     S = k.shape[0]
@@ -108,7 +123,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
     w = w.float()
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
     tc = _t_chunk(H, s_block)
-    scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
+    block_scores = _mixture_scores if score == "mixture" else _Scratch(min(tc, T), H, s_block, dt, q.device).scores
     with torch.no_grad():
         for t0 in range(0, T, tc):
             t1 = min(t0 + tc, T)
@@ -118,7 +133,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None):
             idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
             for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
                 ks = None if k_scale is None else k_scale[s0:s1]
-                s = scratch.scores(qm, k[s0:s1], w[t0:t1], ks, dt)
+                s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
                 if needs_mask:
                     _causal_mask_(s, p_first, s0)
                 vals, idx = _merge(vals, idx, s, s0, topk)

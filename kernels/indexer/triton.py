@@ -2,7 +2,8 @@
 
 Kernel `_logits_kernel`: one program per (BLOCK_T queries, BLOCK_S keys) tile. It loads the key
 tile once, loops over the H heads (q tile of head h, tl.dot -> [BLOCK_T, BLOCK_S] fp32, ReLU,
-times w[:, h]), multiplies by k_scale, writes -inf above the causal diagonal, and skips the dot
+times w[:, h]; or, for score="mixture", an online logsumexp of w[:, h] + dot * k_scale over the
+heads), multiplies by k_scale, writes -inf above the causal diagonal, and skips the dot
 products of tiles that lie entirely in the future. FP8 inputs go straight into tl.dot on
 sm_89+ GPUs (FP8 tensor cores, fp32 accumulate); elsewhere (and in the interpreter) they are
 upcast to bf16 in registers, which is exact.
@@ -36,7 +37,7 @@ def _logits_kernel(
     T, H, D, start_pos, s_lo, s_hi,
     stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
     HAS_KS: tl.constexpr, DOT_CAST: tl.constexpr,  # 0: as loaded, 1: to bf16 (FP8), 2: to fp32
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, MIXTURE: tl.constexpr,  # MIXTURE: logsumexp_h(w + dot * ks), not sum_h w * ReLU(dot) * ks
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -48,6 +49,7 @@ def _logits_kernel(
     s_ok = offs_s < s_hi
     d_ok = offs_d < D
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+    run_max = tl.full((BLOCK_T, BLOCK_S), float("-inf"), dtype=tl.float32)  # MIXTURE: online logsumexp
     last_pos = start_pos + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1
     if s_lo + pid_s * BLOCK_S <= last_pos:  # tile not entirely in the future
         k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :],
@@ -68,8 +70,18 @@ def _logits_kernel(
                 x = tl.dot(qh, tl.trans(k), input_precision="ieee")  # [BLOCK_T, BLOCK_S] fp32
             else:
                 x = tl.dot(qh, tl.trans(k))
-            acc += tl.maximum(x, 0.0) * wh[:, None]
-        if HAS_KS:
+            if MIXTURE:
+                if HAS_KS:
+                    x = x * tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)[None, :]
+                x = x + wh[:, None]
+                new_max = tl.maximum(run_max, x)
+                acc = acc * tl.exp(run_max - new_max) + tl.exp(x - new_max)  # acc: sum of exp(. - run_max)
+                run_max = new_max
+            else:
+                acc += tl.maximum(x, 0.0) * wh[:, None]
+        if MIXTURE:
+            acc = run_max + tl.log(acc)
+        elif HAS_KS:
             ks = tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)
             acc = acc * ks[None, :]
     future = offs_s[None, :] > (start_pos + offs_t)[:, None]
@@ -99,7 +111,7 @@ def _prep(q, k, w):
     return q.contiguous(), k.contiguous(), w.float().contiguous(), cast
 
 
-def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast):
+def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score):
     """out[t0:t1, 0:s_hi-s_lo] <- scores of queries t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1."""
     T, H, D = q.shape
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -113,24 +125,24 @@ def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast):
         qs, k, ws, ks, out,
         t1 - t0, H, D, start_pos + t0, s_lo, s_hi,
         qs.stride(0), qs.stride(1), k.stride(0), ws.stride(0), out.stride(0),
-        HAS_KS=k_scale is not None, DOT_CAST=cast, IEEE=q.dtype == torch.float32,
+        HAS_KS=k_scale is not None, DOT_CAST=cast, IEEE=q.dtype == torch.float32, MIXTURE=score == "mixture",
         BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
         num_warps=4, num_stages=2,
     )
 
 
-def indexer_logits(q, k, w, *, k_scale=None, start_pos=0):
+def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
     T, S = q.shape[0], k.shape[0]
     q, k, w, cast = _prep(q, k, w)
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
     out = torch.empty(T, S, dtype=torch.float32, device=q.device)
     if T and S:
-        _launch(q, k, w, k_scale, out, start_pos, 0, T, 0, S, cast)
+        _launch(q, k, w, k_scale, out, start_pos, 0, T, 0, S, cast, score)
     return out
 
 
-def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_chunk=None):
+def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_chunk=None, score="relu"):
     T, H, _ = q.shape
     S = k.shape[0]
     q, k, w, cast = _prep(q, k, w)
@@ -145,7 +157,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_ch
         vals = torch.empty(t1 - t0, 0, dtype=torch.float32, device=q.device)
         idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
         for s0, s1, _ in _blocks(start_pos + t0, start_pos + t1 - 1, S, s_block):
-            _launch(q, k, w, k_scale, buf, start_pos, t0, t1, s0, s1, cast)
+            _launch(q, k, w, k_scale, buf, start_pos, t0, t1, s0, s1, cast, score)
             vals, idx = _merge(vals, idx, buf[: t1 - t0, : s1 - s0], s0, topk)
         vals, order = vals.sort(dim=1, descending=True)
         idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)

@@ -65,6 +65,13 @@ def test_topk_matches_naive_scores(backend, small_blocks, case, dtype):
     scores = naive.indexer_logits(q, k, w, k_scale=ks, start_pos=sp)  # [T, S] oracle
     ref = naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp)
     idx = indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp)
+    check_topk(idx, ref, scores, case, dtype)
+
+
+def check_topk(idx, ref, scores, case, dtype):
+    """idx (backend) against ref (naive top-k) and the oracle scores [T, S]: padding, causality,
+    uniqueness, and the chosen keys' scores equal to the true top-k's, in descending order."""
+    T, S, sp, H, D, topk = case
     assert idx.shape == (T, topk) and idx.dtype == torch.int32
     # same number of valid entries per row, all at the front, unique, causal
     n_valid = torch.clamp(torch.arange(T, device=idx.device) + sp + 1, max=S).clamp(max=topk)
@@ -88,6 +95,36 @@ def test_topk_matches_naive_scores(backend, small_blocks, case, dtype):
     assert rises.max().item() <= atol, "not sorted by descending score"
 
 
+MIX_DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", MIX_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_mixture_score_matches_naive(backend, small_blocks, case, dtype):
+    """score="mixture": log sum_h exp(w + q.k * k_scale), logits and top-k, with a key scale."""
+    T, S, sp, H, D, topk = case
+    q, k, w, _ = make_inputs(T, S, H, D, dtype, seed=4)
+    ks = (torch.rand(S, generator=torch.Generator().manual_seed(5)) + 0.5).to(DEVICE)
+    ref = naive.indexer_logits(q, k, w, k_scale=ks, start_pos=sp, score="mixture")
+    lse = (torch.einsum("thd,sd->ths", q.float(), k.float()) * ks + w[:, :, None]).logsumexp(1)
+    fin = torch.isfinite(ref)
+    assert torch.allclose(ref[fin], lse[fin], atol=1e-5), "naive mixture is not logsumexp_h(w + dot)"
+    out = indexer_logits(q, k, w, k_scale=ks, start_pos=sp, score="mixture")
+    assert torch.equal(torch.isneginf(out), ~fin) and not out.isnan().any()
+    assert rms_ratio(out[fin], ref[fin]) < TOL[dtype]
+    idx = indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="mixture")
+    check_topk(idx, naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="mixture"), ref, case, dtype)
+
+
+def test_mixture_score_refuses_fp8_and_unknown_scores():
+    q, k, w, ks = make_inputs(4, 10, 2, 16, FP8)
+    with pytest.raises(ValueError, match="mixture"):
+        indexer_topk(q, k, w, 3, k_scale=ks, score="mixture")
+    q, k, w, _ = make_inputs(4, 10, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="score"):
+        indexer_logits(q, k, w, score="softmax")
+
+
 def test_topk_streams_many_blocks_default_sizes():
     """Default block sizes, S spanning several 4096-key blocks, scores from the fp32 oracle."""
     T, S, H, D, topk = 6, 9000, 2, 16, 37
@@ -106,7 +143,8 @@ def test_empty_cache_gives_all_padding(backend):
     assert torch.equal(indexer_topk(q, k, w, 5), torch.full((T, 5), -1, dtype=torch.int32, device=q.device))
 
 
-def test_logits_gradients_match_naive(monkeypatch, small_blocks):
+@pytest.mark.parametrize("score", ["relu", "mixture"])
+def test_logits_gradients_match_naive(monkeypatch, small_blocks, score):
     monkeypatch.setenv("DSA_KERNEL_BACKEND", "torch")
     T, S, sp, H, D = 9, 40, 31, 3, 16
     q, k, w, _ = make_inputs(T, S, H, D, torch.float32)
@@ -114,7 +152,7 @@ def test_logits_gradients_match_naive(monkeypatch, small_blocks):
     grads = []
     for fn in (naive.indexer_logits, indexer_logits):
         leaves = [t.clone().requires_grad_() for t in (q, k, w)]
-        out = fn(*leaves, k_scale=ks, start_pos=sp)
+        out = fn(*leaves, k_scale=ks, start_pos=sp, score=score)
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
         (out.masked_fill(out.isneginf(), 0) * dout).sum().backward()
         grads.append([t.grad for t in leaves])

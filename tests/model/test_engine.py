@@ -66,6 +66,15 @@ def test_cached_greedy_equals_full_recomputation(model, n_prompt, chunk, block):
     assert c.finish_reason == "length" and len(c.logprobs) == 24
 
 
+def test_mixture_indexer_cached_greedy_equals_full_recomputation():
+    """index_score "mixture" (log-sum-exp over indexer heads) through the engine's cached, chunked
+    sparse path selects what the uncached model selects."""
+    m = random_model(tiny_config(0, index_score="mixture"), 0)
+    ids = ids_of(50, 7)
+    c = engine(m).complete(ids, SamplingParams(max_tokens=16, **GREEDY))
+    assert c.token_ids == greedy_full(m, ids, 16)
+
+
 def test_logprobs_are_the_models_and_match_score(model):
     ids = ids_of(40, 1)
     eng = engine(model)

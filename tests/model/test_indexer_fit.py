@@ -6,6 +6,7 @@ the same rows, fitting lowers it, and only the indexer moves; collect/fit run en
 
 import random
 
+import pytest
 import torch
 
 from model import data, indexer_fit, train
@@ -68,25 +69,25 @@ def test_fit_lowers_the_kl_and_moves_only_the_indexer(tmp_path):
     assert mean_kl(m2) < 0.9 * mean_kl(load_model(tmp_path / "w"))
 
 
+def _layer0_scores(model, x, rows):
+    """Layer 0's index scores [1, R, T] of the query rows."""
+    cos, sin = model.rotary(torch.arange(x.shape[1])[None], torch.float32)
+    with torch.no_grad():
+        blk = model.layers[0]
+        xn = blk.attn_norm(model.embed(x))
+        qr = blk.attn.q_norm(blk.attn.wq_a(xn))
+        return train.index_scores(blk.attn.indexer, xn, qr, cos, sin, rows)
+
+
 def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
     """--index-heads adds silent heads: the same scores (so the same top-k) right after growing;
     the export loads with the new head count."""
     m = _tiny().eval()
     x, y, w, rows, tok = _example()
-    cos, sin = m.rotary(torch.arange(x.shape[1])[None], torch.float32)
-
-    def scores(model):
-        with torch.no_grad():
-            h = model.embed(x)
-            blk = model.layers[0]
-            xn = blk.attn_norm(h)
-            qr = blk.attn.q_norm(blk.attn.wq_a(xn))
-            return train.index_scores(blk.attn.indexer, xn, qr, cos, sin, rows)
-
     old = m.cfg.index_n_heads
-    before = scores(m)
+    before = _layer0_scores(m, x, rows)
     indexer_fit.grow_index_heads(m, 2 * old)
-    after = scores(m)
+    after = _layer0_scores(m, x, rows)
     assert m.layers[0].attn.indexer.wq_b.weight.shape[0] == 2 * old * m.cfg.index_head_dim
     assert torch.allclose(before, after, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
     train.export(m, tmp_path / "g")
@@ -99,3 +100,23 @@ def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
         assert "only be added" in str(e)
     else:
         raise AssertionError("shrinking the indexer must be refused")
+
+
+@pytest.mark.parametrize("score", ["relu", "mixture"])
+def test_doubled_head_dim_keeps_the_scores_until_fitted(score):
+    """--index-dim 2d: the same scores right after growing, for both ways of combining heads."""
+    m = _tiny().eval()
+    m.cfg.index_score = score
+    x, y, w, rows, tok = _example()
+    before = _layer0_scores(m, x, rows)
+    indexer_fit.grow_index_dim(m, 2 * m.cfg.index_head_dim)
+    after = _layer0_scores(m, x, rows)
+    assert m.layers[0].attn.indexer.wk.weight.shape[0] == m.cfg.index_head_dim
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+def test_mixture_indexer_refuses_to_grow_heads():
+    m = _tiny().eval()
+    m.cfg.index_score = "mixture"
+    with pytest.raises(ValueError, match="mixture"):
+        indexer_fit.grow_index_heads(m, 2 * m.cfg.index_n_heads)

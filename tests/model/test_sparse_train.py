@@ -6,6 +6,7 @@ stage 2 of model/train.py: the same LM loss, indexer KL and gradients for every 
 
 import random
 
+import pytest
 import torch
 
 from model import data, train
@@ -14,11 +15,11 @@ from model.load import build_model
 from model.tokenizer import ByteTokenizer
 
 
-def _model():
+def _model(**overrides):
     # 16 indexer heads: a random indexer with few heads has exact score ties (every head ReLU'd to 0),
     # and tied keys may be chosen either way by two top-k calls over differently shaped scores
     cfg = preset("dsa-tiny", hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, index_topk=64, index_n_heads=16)
+                 num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, index_topk=64, index_n_heads=16, **overrides)
     return build_model(cfg).init_weights(seed=0).train()
 
 
@@ -34,8 +35,9 @@ def _loss_and_grads(m, x, y, w, pos, sparse_chunk):
     return L, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-def test_sparse_stage2_matches_the_dense_masked_one():
-    m = _model()
+@pytest.mark.parametrize("score", ["relu", "mixture"])
+def test_sparse_stage2_matches_the_dense_masked_one(score):
+    m = _model(index_score=score)
     x, y, w = _batch()
     assert x.shape[0] == 2 and x.shape[1] > 2 * m.cfg.index_topk
     pos = train.skip_positions(random.Random(1), x, ByteTokenizer().special("<question>"), 4096)  # PoSE rows too

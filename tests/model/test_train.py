@@ -7,6 +7,7 @@ the indexer, checkpoints resume, eval writes its JSON.
 import json
 import random
 
+import pytest
 import torch
 
 from model import data, eval as evaluate, train
@@ -65,12 +66,14 @@ def test_stages_resume_and_eval(tmp_path):
     assert 0.0 <= res["recall"][0]["recall"] <= 1.0
 
 
-def test_sparse_training_attention_is_the_inference_dsa():
+@pytest.mark.parametrize("score", ["relu", "mixture"])
+def test_sparse_training_attention_is_the_inference_dsa(score):
     """Above index_topk the training attention (top-k mask over explicit scores) computes what the
-    inference path (indexer_topk + sparse_mla) computes. 16 indexer heads: no exact-zero score ties."""
+    inference path (indexer_topk + sparse_mla) computes, for both ways of combining indexer heads.
+    16 indexer heads: no exact-zero score ties."""
     import dataclasses
 
-    cfg = dataclasses.replace(train.tiny_cfg(), index_n_heads=16).validate()
+    cfg = dataclasses.replace(train.tiny_cfg(), index_n_heads=16, index_score=score).validate()
     m = build_model(cfg).init_weights(seed=0, std=0.08).eval()
     x = torch.randint(8, 200, (1, 150))
     with torch.no_grad():
