@@ -27,6 +27,9 @@ class RopeScaling:
     mscale_all_dim: float = 1.0
 
 
+INDEX_SCORES = ("relu", "mixture", "softmax_mixture")
+
+
 @dataclass
 class ModelConfig:
     # Names and defaults follow HF `DeepseekV32Config` (= the 671B model).
@@ -46,8 +49,9 @@ class ModelConfig:
     index_head_dim: int = 128
     index_topk: int = 2048
     # How the indexer heads combine (our knob, not in HF configs): "relu" is V3.2's
-    # sum_h w_h ReLU(q_h.k); "mixture" is log sum_h exp(b_h + q_h.k / sqrt(d)), a mixture of
-    # per-head softmaxes like the dense attention's own p_t (see Indexer).
+    # sum_h w_h ReLU(q_h.k); "mixture" is log sum_h exp(b_h + q_h.k / sqrt(d)); "softmax_mixture"
+    # also divides each head by its softmax normalizer over the causal keys, so softmax(I) is a
+    # mixture of per-head softmaxes, the form of the dense attention's own p_t (see Indexer).
     index_score: str = "relu"
     # MoE
     n_routed_experts: int = 256
@@ -103,7 +107,7 @@ class ModelConfig:
                 raise ValueError(f"invalid model config ({self.name}): {msg}")
 
         need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim must be >= qk_rope_head_dim (RoPE on the first rope dims)")
-        need(self.index_score in ("relu", "mixture"), f"index_score {self.index_score!r} is not 'relu' or 'mixture'")
+        need(self.index_score in INDEX_SCORES, f"index_score {self.index_score!r} is not one of {INDEX_SCORES}")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
         need(self.n_routed_experts % max(self.n_group, 1) == 0, "n_routed_experts must divide into n_group groups")
         need(self.topk_group <= self.n_group, "topk_group must be <= n_group")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from model import data
+from model.config import INDEX_SCORES
 from model.eval import load_any
 from model.tokenizer import ByteTokenizer
 from model.train import (_attention_target, _sdpa, export, index_rows, lr_at, mla_qkv, parse_len, query_scores,
@@ -119,7 +120,7 @@ def indexer_loss(idx_mod, rec: dict, layer: int, cos, sin, qa_weight: float, top
     x = rec["x"][layer].float()[None]
     rows = rec["rows"]
     k, _ = idx_mod.keys(x, cos, sin)  # [1, T, D]
-    I = query_scores(idx_mod, k, x[:, rows], rec["qr"][layer].float()[None], cos[:, rows], sin[:, rows])[0]  # [R, T]
+    I = query_scores(idx_mod, k, x[:, rows], rec["qr"][layer].float()[None], cos[:, rows], sin[:, rows], rows)[0]  # [R, T]
     T = x.shape[1]
     causal = torch.arange(T)[None] <= rows[:, None]
     logq = I.masked_fill(~causal, float("-inf")).log_softmax(-1)
@@ -157,9 +158,9 @@ def grow_index_heads(model, n_heads: int, seed: int = 0) -> None:
     of weights_proj are scaled by sqrt(n_heads / old) to undo the n_heads^-1/2 in queries()."""
     cfg = model.cfg
     old = cfg.index_n_heads
-    if cfg.index_score == "mixture" and n_heads != old:
+    if cfg.index_score != "relu" and n_heads != old:
         # a head with log-weight 0 adds exp(dot) to the mixture: it is not silent, and weights_proj has no bias
-        raise ValueError("--index-heads: growing a 'mixture' indexer is not supported (new heads cannot start silent)")
+        raise ValueError("--index-heads: growing a mixture indexer is not supported (new heads cannot start silent)")
     if n_heads < old:
         raise ValueError(f"--index-heads {n_heads} < the model's {old}: heads can only be added")
     if n_heads == old:
@@ -204,7 +205,7 @@ def grow_index_dim(model, head_dim: int) -> None:
         wq = ix.wq_b.weight.view(ix.n_heads, old, -1)
         ix.wq_b = torch.nn.Linear(wq.shape[-1], ix.n_heads * head_dim, bias=False)
         ix.wq_b.weight.copy_(torch.cat([wq, torch.zeros_like(wq)], 1).reshape(-1, wq.shape[-1]))
-        if cfg.index_score == "mixture":  # queries() scales q by head_dim^-1/2; w is a log-weight
+        if cfg.index_score != "relu":  # queries() scales q by head_dim^-1/2; w is a log-weight
             ix.wq_b.weight.mul_((head_dim / old) ** 0.5)
         else:  # queries() folds head_dim^-1/2 into w
             ix.weights_proj.weight.mul_((head_dim / old) ** 0.5)
@@ -336,7 +337,7 @@ def main(argv=None):
     f.add_argument("--target-flat", type=float, default=0.0, help="mix this much of the uniform distribution over those entries into the target")
     f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep)")
     f.add_argument("--index-dim", type=int, default=0, help="double each indexer's head dim first (0 = keep)")
-    f.add_argument("--index-score", choices=("relu", "mixture"), default=None,
+    f.add_argument("--index-score", choices=INDEX_SCORES, default=None,
                    help="fit the indexers with this way of combining their heads (default: the model's)")
     f.add_argument("--export", default=None, help="save the weights here (the service's layout)")
     a = ap.parse_args(argv)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import indexer_topk, sparse_mla
+from kernels import indexer_head_lse, indexer_topk, sparse_mla
 from model import fp8
 from model.cache import ContiguousLayerCache
 from model.config import ModelConfig
@@ -97,23 +97,38 @@ def rope_half(x, cos, sin):
 
 
 # ---------------------------------------------------------------- lightning indexer
-def combine_heads(dots, w, score: str):
+def combine_heads(dots, w, score: str, lse=None):
     """Index scores from per-head dot products dots [..., H, S] and head weights w [..., H] (what
-    Indexer.queries returns): "relu" (V3.2) sum_h w_h ReLU(dot_h); "mixture" logsumexp_h(w_h + dot_h),
-    whose softmax over keys is a mixture of per-head softmaxes, the shape of the dense p_t."""
-    if score == "mixture":
-        return (dots + w[..., None]).logsumexp(-2)
-    return torch.einsum("...hs,...h->...s", dots.relu(), w)
+    Indexer.queries returns): "relu" (V3.2) sum_h w_h ReLU(dot_h); "mixture" logsumexp_h(w_h + dot_h);
+    "softmax_mixture" logsumexp_h(w_h + dot_h - lse_h), lse [..., H] each head's log-normalizer over
+    the query's causal keys (head_lse)."""
+    if score == "relu":
+        return torch.einsum("...hs,...h->...s", dots.relu(), w)
+    if score == "softmax_mixture":
+        if lse is None:
+            raise ValueError("index_score 'softmax_mixture' needs each head's log-normalizer (lse)")
+        w = w - lse
+    return (dots + w[..., None]).logsumexp(-2)
+
+
+def head_lse(dots, causal):
+    """Each indexer head's log-normalizer over the causal keys: dots [..., H, S], causal
+    broadcastable to [..., S] (True = the query may see the key) -> [..., H]."""
+    return dots.masked_fill(~causal[..., None, :], float("-inf")).logsumexp(-1)
 
 
 class Indexer(nn.Module):
-    """Scores I[t,s] = sum_h w[t,h] * d^-1/2 * ReLU(q[t,h].k[s]) (cfg.index_score "relu", V3.2's), or
-    log sum_h exp(b[t,h] + d^-1/2 q[t,h].k[s]) ("mixture"); the attention keeps the top-k s.
+    """Scores I[t,s] (the attention keeps the top-k s), by cfg.index_score, with d_h = q[t,h].k[s]:
+      "relu" (V3.2's):     sum_h w[t,h] * D^-1/2 * ReLU(d_h)
+      "mixture":           log sum_h exp(b[t,h] + D^-1/2 d_h)
+      "softmax_mixture":   log sum_h exp(b[t,h]) softmax_s(D^-1/2 d_h)   (softmax over causal keys)
 
-    Why "mixture" exists: the indexer learns to imitate p_t, the dense attention summed over heads,
-    a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends on
-    every key; a ReLU sum cannot express that, a mixture of per-head softmaxes can (b_h plays the
-    normalizer's part). On dsa-tiny it raises the recall of the dense top-k (MODEL_CARD.md)."""
+    Why the mixtures: the indexer learns to imitate p_t, the dense attention summed over heads, which
+    is a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends
+    on every key the query sees; "softmax_mixture" has exactly that form (softmax(I) = sum_h pi_h
+    softmax_h with pi = softmax(b)), where a ReLU sum can only approximate it. It costs one more pass
+    over the keys (each head's normalizer, kernels.indexer_head_lse). dsa-tiny uses it; the recall
+    figures are in its MODEL_CARD.md."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,11 +151,11 @@ class Indexer(nn.Module):
 
     def queries(self, x, qr, cos, sin):
         """-> (q [B, T, H, D], w [B, T, H] fp32): for "relu" w holds every scale but k's; for
-        "mixture" q holds d^-1/2 and w is the heads' log-weights b (no FP8 path: validate() refuses it)."""
+        the mixtures q holds d^-1/2 and w is the heads' log-weights b (no FP8 path: validate() refuses it)."""
         B, T, _ = x.shape
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
         q = torch.cat([rope_half(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim:]], -1)
-        if self.cfg.index_score == "mixture":
+        if self.cfg.index_score != "relu":
             return q * self.head_dim**-0.5, self.weights_proj(x.float())
         w = self.weights_proj(x.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         if not self.cfg.fp8_numerics:
@@ -165,6 +180,14 @@ class MLA(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.dv, cfg.hidden_size, bias=False)
         self.indexer = Indexer(cfg)
         self.scale = cfg.softmax_scale
+
+    def _select(self, iq, iw, c, end: int, sp: int):
+        """Top-k key indices [T, topk] of the queries at sp.. over the cached keys 0..end-1."""
+        keys, scale, score = c.index_k(end), c.index_scale(end), self.cfg.index_score
+        if score == "softmax_mixture":  # fold each head's log-normalizer into its log-weight
+            iw = iw - indexer_head_lse(iq, keys, k_scale=scale, start_pos=sp)
+        return indexer_topk(iq, keys, iw, self.cfg.index_topk, k_scale=scale, start_pos=sp,
+                            score="relu" if score == "relu" else "mixture")
 
     def forward(self, x, cos, sin, start_pos: list[int], caches=None, mode: str = "auto", trace=None):
         """x [B, T, dim]; row b holds positions start_pos[b] .. start_pos[b] + T - 1.
@@ -199,8 +222,7 @@ class MLA(nn.Module):
                 c.write(sp, kv[b], ik[b], None if iks is None else iks[b])
             idx = None
             if not self.cfg.dense_attention and end > self.cfg.index_topk:
-                idx = indexer_topk(iq[b], c.index_k(end), iw[b], self.cfg.index_topk, k_scale=c.index_scale(end),
-                                   start_pos=sp, score=self.cfg.index_score)
+                idx = self._select(iq[b], iw[b], c, end, sp)
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.
             row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 else "absorb")
             if row_mode == "mha":

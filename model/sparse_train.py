@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model.model import combine_heads
+from model.model import combine_heads, head_lse
 from model.train import mla_latent, query_scores
 
 
@@ -40,7 +40,7 @@ def select_topk(idx_mod, keys, x, qr, cos, sin, topk: int, chunk: int):
     out = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        I = query_scores(idx_mod, keys, x[:, t0:t1], qr[:, t0:t1], cos[:, t0:t1], sin[:, t0:t1])  # [B, c, T]
+        I = query_scores(idx_mod, keys, x[:, t0:t1], qr[:, t0:t1], cos[:, t0:t1], sin[:, t0:t1], s_pos[t0:t1])  # [B, c, T]
         I = I.masked_fill(s_pos[None, None] > s_pos[t0:t1, None], float("-inf"))
         out.append(I.topk(k, -1)[1])
     idx = torch.cat(out, 1)
@@ -64,11 +64,16 @@ def _attend(q_abs, q_pe, c_kv, k_pe, idx, valid, w_uv, scale):
     return o, p / p.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def _indexer_kl(idx_mod, keys, x, qr, cos, sin, idx, valid, p):
-    """KL(p || softmax(I)) over each row's selected keys -> [B, c]. keys: the indexer keys [B, S, D]."""
+def _indexer_kl(idx_mod, keys, x, qr, cos, sin, idx, valid, p, q_pos):
+    """KL(p || softmax(I)) over each row's selected keys -> [B, c]. keys: the indexer keys [B, S, D];
+    q_pos [c]: the rows' indices (softmax_mixture normalizes each head over all their causal keys)."""
     q, w = idx_mod.queries(x, qr, cos, sin)  # [B, c, HI, D], [B, c, HI]
     dots = torch.einsum("bchd,bckd->bchk", q.float(), _gather(keys.float(), idx))
-    I = combine_heads(dots, w.float(), idx_mod.cfg.index_score)
+    lse = None
+    if idx_mod.cfg.index_score == "softmax_mixture":
+        every = torch.einsum("bchd,bsd->bchs", q.float(), keys.float())
+        lse = head_lse(every, torch.arange(keys.shape[1], device=keys.device)[None] <= q_pos[:, None])
+    I = combine_heads(dots, w.float(), idx_mod.cfg.index_score, lse)
     logq = I.masked_fill(~valid, float("-inf")).log_softmax(-1)
     return torch.where(valid & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)
 
@@ -94,6 +99,6 @@ def mla_sparse_train(attn, x, cos, sin, stats: dict, chunk: int):
                           attn.scale, use_reentrant=False)
         outs.append(o)
         kls.append(checkpoint(_indexer_kl, attn.indexer, ikeys, xd[:, sl], qrd[:, sl], cos[:, sl], sin[:, sl],
-                              idx[:, sl], valid[:, sl], p, use_reentrant=False))
+                              idx[:, sl], valid[:, sl], p, torch.arange(t0, t1, device=x.device), use_reentrant=False))
     stats.setdefault("kl", []).append(torch.cat(kls, 1))
     return attn.wo(torch.cat(outs, 1).reshape(B, T, H * dv))

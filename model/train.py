@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from model import data
 from model.config import preset
 from model.load import build_model, load_model, save_checkpoint
-from model.model import Transformer, combine_heads, rope_half, rope_interleaved
+from model.model import Transformer, combine_heads, head_lse, rope_half, rope_interleaved
 from model.tokenizer import ByteTokenizer
 
 
@@ -53,16 +53,22 @@ def index_scores(idx_mod, x, qr, cos, sin, rows=None):
     """Lightning-indexer scores I [B, T, S] (no mask) from the Indexer module's own pieces; with
     rows (query indices [R]) only those queries' scores [B, R, S]."""
     k, _ = idx_mod.keys(x, cos, sin)  # [B, S, D]
+    q_pos = torch.arange(x.shape[1], device=x.device) if rows is None else rows
     if rows is not None:
         x, qr, cos, sin = x[:, rows], qr[:, rows], cos[:, rows], sin[:, rows]
-    return query_scores(idx_mod, k, x, qr, cos, sin)
+    return query_scores(idx_mod, k, x, qr, cos, sin, q_pos)
 
 
-def query_scores(idx_mod, k, x, qr, cos, sin):
-    """Indexer scores [B, T, S] of the queries at x/qr/cos/sin [B, T, ...] against keys k [B, S, D]."""
+def query_scores(idx_mod, k, x, qr, cos, sin, q_pos):
+    """Indexer scores [B, T, S] of the queries at x/qr/cos/sin [B, T, ...] against keys k [B, S, D];
+    q_pos [T]: each query's index in the key sequence (it sees keys 0..q_pos; the softmax_mixture
+    score normalizes each head over those). Keys past q_pos get scores too: callers mask them."""
     q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
     dots = torch.einsum("bthd,bsd->bths", q.float(), k.float())
-    return combine_heads(dots, w.float(), idx_mod.cfg.index_score)
+    score, lse = idx_mod.cfg.index_score, None
+    if score == "softmax_mixture":
+        lse = head_lse(dots, torch.arange(k.shape[1], device=k.device)[None] <= q_pos[:, None])
+    return combine_heads(dots, w.float(), score, lse)
 
 
 def mla_latent(attn, x, cos, sin):

@@ -2,6 +2,7 @@
 
     indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu") -> fp32 [T, S]
     indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu") -> int32 [T, topk]
+    indexer_head_lse(q, k, *, k_scale=None, start_pos=0) -> fp32 [T, H]   (softmax_mixture's normalizers)
 
 Backends: naive.py (fp32 reference), torch_impl.py (fast CPU), triton.py (GPU / interpreter);
 chosen by kernels/dispatch.py. Equations and layouts: kernels/README.md.
@@ -15,7 +16,7 @@ import torch
 from kernels import dispatch
 from kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
 
-__all__ = ["indexer_logits", "indexer_topk"]
+__all__ = ["indexer_head_lse", "indexer_logits", "indexer_topk"]
 
 
 SCORES = ("relu", "mixture")
@@ -71,3 +72,17 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
         raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
     impl = dispatch.load("indexer", dispatch.backend_for(q))
     return impl.indexer_topk(q, k, w, topk, k_scale=k_scale, start_pos=start_pos, score=score)
+
+
+def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
+    """Each head's log-normalizer over the query's causal keys (float q/k only):
+    out[t, h] = log sum_{s <= start_pos + t} exp(q[t, h] . k[s] * k_scale[s]), fp32 [T, H].
+
+    The "softmax_mixture" indexer subtracts it from the heads' log-weights and then ranks with
+    score="mixture": a second pass over the keys, since a key's rank needs every head's final
+    normalizer. Streams over S like indexer_topk (torch; the triton backend runs the same torch
+    code, a GEMM and a logsumexp per key block). A query with no causal key gets -inf.
+    """
+    _validate(q, k, q.new_zeros(q.shape[:2], dtype=torch.float32), k_scale, start_pos, "mixture")
+    impl = dispatch.load("indexer", dispatch.backend_for(q))
+    return impl.indexer_head_lse(q, k, k_scale=k_scale, start_pos=start_pos)

@@ -5,6 +5,7 @@ Same signatures as the public ops in `kernels.indexer`; no validation here (the 
 
     out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s])      (s <= start_pos + t, else -inf)
     score="mixture":  out[t, s] = log sum_h exp(w[t, h] + q[t, h] . k[s] * k_scale[s])
+    indexer_head_lse:  out[t, h] = log sum_{s <= start_pos + t} exp(q[t, h] . k[s] * k_scale[s])
 
 Run the tests:  .venv/bin/python -m pytest -q tests/kernels -k indexer
 """
@@ -39,3 +40,14 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
     vals, idx = scores.topk(topk, dim=-1, sorted=True)
     idx = idx.masked_fill(vals == float("-inf"), -1)
     return idx.to(torch.int32)
+
+
+def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
+    """Each head's log-normalizer over the causal keys -> fp32 [T, H]."""
+    T, S = q.shape[0], k.shape[0]
+    dots = torch.einsum("thd,sd->ths", q.float(), k.float())  # [T, H, S]
+    if k_scale is not None:
+        dots = dots * k_scale.float()[None, None, :]
+    q_pos = start_pos + torch.arange(T, device=q.device)[:, None, None]
+    k_pos = torch.arange(S, device=q.device)[None, None, :]
+    return dots.masked_fill(k_pos > q_pos, float("-inf")).logsumexp(-1)

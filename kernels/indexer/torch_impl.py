@@ -12,6 +12,8 @@ Math dtype: bf16 GEMMs (fp32 accumulate; ~2.5x fp32 speed on this CPU) when the 
 bf16/fp16/FP8 (FP8 upcast to bf16 block by block, which is exact); fp32 GEMMs for fp32 inputs.
 k_scale is applied after the ReLU (ReLU(x*c) = c*ReLU(x) for c >= 0, and dequant scales are > 0).
 score="mixture" (log sum_h exp(w + dot)): the same GEMM, then a fp32 logsumexp over the heads.
+indexer_head_lse: the same blocks, a GEMM and a logsumexp over each block's keys per head, merged
+with logaddexp (inference only, no autograd).
 Differentiable for float inputs (plain torch ops), though the model should not rely on speed there.
 
 Test: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
@@ -164,6 +166,29 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
             idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)
             out[t0:t1, : idx.shape[1]] = idx
             out[t0:t1, idx.shape[1]:] = -1
+    return out
+
+
+@torch.no_grad()
+def indexer_head_lse(q, k, *, k_scale=None, start_pos=0, s_block=None):
+    s_block = s_block or S_BLOCK
+    T, H, D = q.shape
+    S = k.shape[0]
+    dt = _math_dtype(q)
+    out = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    tc = _t_chunk(H, s_block)
+    for t0 in range(0, T, tc):
+        t1 = min(t0 + tc, T)
+        qm = q[t0:t1].reshape(-1, D).to(dt)
+        p_first, p_last = start_pos + t0, start_pos + t1 - 1
+        for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
+            x = (qm @ k[s0:s1].to(dt).t()).float().view(t1 - t0, H, s1 - s0)
+            if k_scale is not None:
+                x.mul_(k_scale[s0:s1])
+            if needs_mask:
+                qpos = p_first + torch.arange(t1 - t0, device=q.device)[:, None, None]
+                x.masked_fill_(s0 + torch.arange(s1 - s0, device=q.device)[None, None, :] > qpos, float("-inf"))
+            torch.logaddexp(out[t0:t1], x.logsumexp(-1), out=out[t0:t1])
     return out
 
 

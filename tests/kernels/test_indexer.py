@@ -8,7 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
 import pytest
 import torch
 
-from kernels import indexer_logits, indexer_topk
+from kernels import indexer_head_lse, indexer_logits, indexer_topk
 from kernels.indexer import naive
 
 from .conftest import DEVICE, rms_ratio
@@ -116,10 +116,29 @@ def test_mixture_score_matches_naive(backend, small_blocks, case, dtype):
     check_topk(idx, naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="mixture"), ref, case, dtype)
 
 
+@pytest.mark.parametrize("dtype", MIX_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_head_lse_matches_naive(backend, small_blocks, case, dtype):
+    """Each head's log-normalizer over the causal keys (softmax_mixture's first pass)."""
+    T, S, sp, H, D, _ = case
+    q, k, _, _ = make_inputs(T, S, H, D, dtype, seed=6)
+    ks = (torch.rand(S, generator=torch.Generator().manual_seed(7)) + 0.5).to(DEVICE)
+    ref = naive.indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
+    dots = torch.einsum("thd,sd->ths", q.float(), k.float()) * ks
+    for t in (0, T - 1):  # the oracle itself, row by row
+        want = dots[t, :, : sp + t + 1].logsumexp(-1)
+        assert torch.allclose(ref[t], want, atol=1e-5)
+    out = indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
+    assert out.shape == (T, H) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rms_ratio(out, ref) < TOL[dtype]  # bf16: the GEMM's outputs round to ~2^-9 relative
+
+
 def test_mixture_score_refuses_fp8_and_unknown_scores():
     q, k, w, ks = make_inputs(4, 10, 2, 16, FP8)
     with pytest.raises(ValueError, match="mixture"):
         indexer_topk(q, k, w, 3, k_scale=ks, score="mixture")
+    with pytest.raises(ValueError, match="mixture"):
+        indexer_head_lse(q, k, k_scale=ks)
     q, k, w, _ = make_inputs(4, 10, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="score"):
         indexer_logits(q, k, w, score="softmax")

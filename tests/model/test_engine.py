@@ -66,10 +66,11 @@ def test_cached_greedy_equals_full_recomputation(model, n_prompt, chunk, block):
     assert c.finish_reason == "length" and len(c.logprobs) == 24
 
 
-def test_mixture_indexer_cached_greedy_equals_full_recomputation():
-    """index_score "mixture" (log-sum-exp over indexer heads) through the engine's cached, chunked
-    sparse path selects what the uncached model selects."""
-    m = random_model(tiny_config(0, index_score="mixture"), 0)
+@pytest.mark.parametrize("score", ["mixture", "softmax_mixture"])
+def test_mixture_indexers_cached_greedy_equals_full_recomputation(score):
+    """The mixture index scores through the engine's cached, chunked sparse path select what the
+    uncached model selects (softmax_mixture: each head normalized over the keys seen so far)."""
+    m = random_model(tiny_config(0, index_score=score), 0)
     ids = ids_of(50, 7)
     c = engine(m).complete(ids, SamplingParams(max_tokens=16, **GREEDY))
     assert c.token_ids == greedy_full(m, ids, 16)

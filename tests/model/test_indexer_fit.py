@@ -102,7 +102,7 @@ def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
         raise AssertionError("shrinking the indexer must be refused")
 
 
-@pytest.mark.parametrize("score", ["relu", "mixture"])
+@pytest.mark.parametrize("score", ["relu", "mixture", "softmax_mixture"])
 def test_doubled_head_dim_keeps_the_scores_until_fitted(score):
     """--index-dim 2d: the same scores right after growing, for both ways of combining heads."""
     m = _tiny().eval()

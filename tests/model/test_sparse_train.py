@@ -35,7 +35,7 @@ def _loss_and_grads(m, x, y, w, pos, sparse_chunk):
     return L, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("score", ["relu", "mixture"])
+@pytest.mark.parametrize("score", ["relu", "mixture", "softmax_mixture"])
 def test_sparse_stage2_matches_the_dense_masked_one(score):
     m = _model(index_score=score)
     x, y, w = _batch()

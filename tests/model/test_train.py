@@ -66,7 +66,7 @@ def test_stages_resume_and_eval(tmp_path):
     assert 0.0 <= res["recall"][0]["recall"] <= 1.0
 
 
-@pytest.mark.parametrize("score", ["relu", "mixture"])
+@pytest.mark.parametrize("score", ["relu", "mixture", "softmax_mixture"])
 def test_sparse_training_attention_is_the_inference_dsa(score):
     """Above index_topk the training attention (top-k mask over explicit scores) computes what the
     inference path (indexer_topk + sparse_mla) computes, for both ways of combining indexer heads.
