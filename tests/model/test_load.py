@@ -121,3 +121,17 @@ def test_preset_without_weights_is_seeded_and_unknown_preset_errors():
     assert torch.equal(a.layers[0].attn.wq_a.weight, b.layers[0].attn.wq_a.weight)
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         load_model("no-such-model")
+
+
+def test_smix_variant_shares_the_default_main_model():
+    """model/weights/dsa-tiny-smix: the default's main-model tensors exactly, only the indexer refitted
+    (softmax mixture, head dim 64): what its model card claims, so its dense figures are the default's."""
+    from model.load import WEIGHTS_DIR
+
+    base, smix = load_model("dsa-tiny").state_dict(), load_model(WEIGHTS_DIR / "dsa-tiny-smix")
+    assert smix.cfg.index_score == "softmax_mixture" and smix.cfg.index_head_dim == 64
+    sd = smix.state_dict()
+    main = [k for k in base if ".indexer." not in k]
+    assert main and set(main) == {k for k in sd if ".indexer." not in k}
+    assert all(torch.equal(base[k], sd[k]) for k in main)
+    assert any(not torch.equal(base[k], sd[k]) for k in base if ".indexer." in k and base[k].shape == sd[k].shape)
