@@ -1,0 +1,77 @@
+"""Cost of the indexer's head-combination forms on this CPU: relu (V3.2), mixture and
+softmax_mixture (normalizer pass + mixture top-k), for one chunk of queries at the end of a long
+context, through the kernels' torch path. Ratios to relu 4x32 in the same run.
+
+    .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --out benchmarks/results/indexer_score_cost.json
+
+Correctness gate (nothing is reported when red): on a small case, each form's top-k scores equal
+the naive reference's. The last line of stdout is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from kernels.indexer import naive, torch_impl
+
+FORMS = [("relu", 4, 32), ("mixture", 4, 32), ("softmax_mixture", 4, 32), ("softmax_mixture", 4, 64)]
+
+
+def select(q, k, w, topk, start_pos, form):
+    """The model's selection (MLA._select) for one form."""
+    if form == "softmax_mixture":
+        w = w - torch_impl.indexer_head_lse(q, k, start_pos=start_pos)
+    return torch_impl.indexer_topk(q, k, w, topk, start_pos=start_pos, score="relu" if form == "relu" else "mixture")
+
+
+def gate() -> None:
+    g = torch.Generator().manual_seed(0)
+    T, S, H, D, topk = 16, 300, 4, 32, 20
+    q, k, w = torch.randn(T, H, D, generator=g), torch.randn(S, D, generator=g), torch.randn(T, H, generator=g)
+    for form, _, _ in FORMS:
+        ww = w - naive.indexer_head_lse(q, k, start_pos=S - T) if form == "softmax_mixture" else w
+        ref = naive.indexer_logits(q, k, ww, start_pos=S - T, score="relu" if form == "relu" else "mixture")
+        got = ref.gather(1, select(q, k, w, topk, S - T, form).long())
+        if not torch.allclose(got, ref.topk(topk, 1).values, atol=1e-4):
+            raise SystemExit(f"correctness gate red: {form} top-k differs from naive")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=1024)
+    ap.add_argument("--keys", type=int, default=32768)
+    ap.add_argument("--topk", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many timings per form")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    gate()
+    T, S = a.queries, a.keys
+    times = {}
+    for form, H, D in FORMS:
+        g = torch.Generator().manual_seed(1)
+        q = (torch.randn(T, H, D, generator=g) * D**-0.5).bfloat16()
+        k, w = torch.randn(S, D, generator=g).bfloat16(), torch.randn(T, H, generator=g)
+        runs = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            select(q, k, w, a.topk, S - T, form)
+            runs.append(time.perf_counter() - t0)
+        times[f"{form} {H}x{D}"] = sorted(runs)[len(runs) // 2]
+    base = times["relu 4x32"]
+    res = {"queries": T, "keys": S, "topk": a.topk, "threads": a.threads, "dtype": "bf16", "seconds": times,
+           "ratio_to_relu_4x32": {f: round(t / base, 2) for f, t in times.items()}}
+    for f, t in times.items():
+        print(f"{f:22s} {t:6.3f} s  {t / base:4.2f}x")
+    if a.out:
+        open(a.out, "w").write(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
