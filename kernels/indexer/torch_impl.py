@@ -62,6 +62,7 @@ class _Scratch:
         self.x = torch.empty(tc * H * s_block, dtype=dt, device=device)
         self.s = torch.empty(tc * s_block, dtype=dt, device=device)
         self.f = torch.empty(tc * s_block, dtype=torch.float32, device=device) if dt != torch.float32 else None
+        self.xf = None
 
     def scores(self, qm, k_blk, w, ks_blk, dt):
         """qm [Tc*H, D] (dt), k_blk [Sb, D], w [Tc, H] fp32, ks_blk [Sb] or None -> fp32 [Tc, Sb] view."""
@@ -79,7 +80,7 @@ class _Scratch:
         over the head dim of [Tc, H, Sb] with fresh tensors costs 2-3x."""
         Tc, H = w.shape
         Sb = k_blk.shape[0]
-        if getattr(self, "xf", None) is None:
+        if self.xf is None:  # the fp32 per-head buffer only the mixture needs
             self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
         if dt == torch.float32:
             f = torch.mm(qm, k_blk.t(), out=self.xf[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb)

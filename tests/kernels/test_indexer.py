@@ -95,6 +95,11 @@ def check_topk(idx, ref, scores, case, dtype):
     assert rises.max().item() <= atol, "not sorted by descending score"
 
 
+def key_scale(S, seed):
+    """A positive per-key scale [S] in [0.5, 1.5) for float keys (the mixture tests' k_scale)."""
+    return (torch.rand(S, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
+
+
 MIX_DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16)]
 
 
@@ -104,7 +109,7 @@ def test_mixture_score_matches_naive(backend, small_blocks, case, dtype):
     """score="mixture": log sum_h exp(w + q.k * k_scale), logits and top-k, with a key scale."""
     T, S, sp, H, D, topk = case
     q, k, w, _ = make_inputs(T, S, H, D, dtype, seed=4)
-    ks = (torch.rand(S, generator=torch.Generator().manual_seed(5)) + 0.5).to(DEVICE)
+    ks = key_scale(S, seed=5)
     ref = naive.indexer_logits(q, k, w, k_scale=ks, start_pos=sp, score="mixture")
     lse = (torch.einsum("thd,sd->ths", q.float(), k.float()) * ks + w[:, :, None]).logsumexp(1)
     fin = torch.isfinite(ref)
@@ -122,7 +127,7 @@ def test_head_lse_matches_naive(backend, small_blocks, case, dtype):
     """Each head's log-normalizer over the causal keys (softmax_mixture's first pass)."""
     T, S, sp, H, D, _ = case
     q, k, _, _ = make_inputs(T, S, H, D, dtype, seed=6)
-    ks = (torch.rand(S, generator=torch.Generator().manual_seed(7)) + 0.5).to(DEVICE)
+    ks = key_scale(S, seed=7)
     ref = naive.indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
     dots = torch.einsum("thd,sd->ths", q.float(), k.float()) * ks
     for t in (0, T - 1):  # the oracle itself, row by row
