@@ -111,10 +111,11 @@ def combine_heads(dots, w, score: str, lse=None):
     return (dots + w[..., None]).logsumexp(-2)
 
 
-def head_lse(dots, causal):
-    """Each indexer head's log-normalizer over the causal keys: dots [..., H, S], causal
-    broadcastable to [..., S] (True = the query may see the key) -> [..., H]."""
-    return dots.masked_fill(~causal[..., None, :], float("-inf")).logsumexp(-1)
+def head_lse(dots, q_pos):
+    """Each indexer head's log-normalizer over the causal keys: dots [..., T, H, S] of queries at key
+    indices q_pos [T] (query t sees keys 0..q_pos[t]) -> [..., T, H]."""
+    causal = torch.arange(dots.shape[-1], device=dots.device)[None] <= q_pos[:, None]  # [T, S]
+    return dots.masked_fill(~causal[:, None, :], float("-inf")).logsumexp(-1)
 
 
 class Indexer(nn.Module):
@@ -127,8 +128,8 @@ class Indexer(nn.Module):
     is a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends
     on every key the query sees; "softmax_mixture" has exactly that form (softmax(I) = sum_h pi_h
     softmax_h with pi = softmax(b)), where a ReLU sum can only approximate it. It costs one more pass
-    over the keys (each head's normalizer, kernels.indexer_head_lse). dsa-tiny uses it; the recall
-    figures are in its MODEL_CARD.md."""
+    over the keys (each head's normalizer, kernels.indexer_head_lse). The dsa-tiny-smix weights use it;
+    the recall figures are in dsa-tiny's MODEL_CARD.md ("Run 5")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

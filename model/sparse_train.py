@@ -72,7 +72,7 @@ def _indexer_kl(idx_mod, keys, x, qr, cos, sin, idx, valid, p, q_pos):
     lse = None
     if idx_mod.cfg.index_score == "softmax_mixture":
         every = torch.einsum("bchd,bsd->bchs", q.float(), keys.float())
-        lse = head_lse(every, torch.arange(keys.shape[1], device=keys.device)[None] <= q_pos[:, None])
+        lse = head_lse(every, q_pos)
     I = combine_heads(dots, w.float(), idx_mod.cfg.index_score, lse)
     logq = I.masked_fill(~valid, float("-inf")).log_softmax(-1)
     return torch.where(valid & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)

@@ -67,7 +67,7 @@ def query_scores(idx_mod, k, x, qr, cos, sin, q_pos):
     dots = torch.einsum("bthd,bsd->bths", q.float(), k.float())
     score, lse = idx_mod.cfg.index_score, None
     if score == "softmax_mixture":
-        lse = head_lse(dots, torch.arange(k.shape[1], device=k.device)[None] <= q_pos[:, None])
+        lse = head_lse(dots, q_pos)
     return combine_heads(dots, w.float(), score, lse)
 
 
