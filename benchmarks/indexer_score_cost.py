@@ -1,5 +1,6 @@
 """Cost of the indexer's head-combination forms on this CPU: relu (V3.2), mixture and
-softmax_mixture (normalizer pass + mixture top-k), for one chunk of queries at the end of a long
+softmax_mixture (normalizer pass + mixture top-k, fused in one call; "_2pass" as two calls), at
+4 and 8 heads, for one chunk of queries at the end of a long
 context, through the kernels' torch path. Ratios to relu 4x32 in the same run.
 
     .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --out benchmarks/results/indexer_score_cost.json
@@ -18,22 +19,24 @@ import torch
 
 from kernels.indexer import naive, torch_impl
 
-FORMS = [("relu", 4, 32), ("mixture", 4, 32), ("softmax_mixture", 4, 32), ("softmax_mixture", 4, 64)]
+FORMS = [("relu", 4, 32), ("mixture", 4, 32), ("softmax_mixture", 4, 32), ("softmax_mixture", 4, 64),
+         ("softmax_mixture_2pass", 4, 64), ("softmax_mixture", 8, 32), ("softmax_mixture", 8, 64)]
 
 
 def select(q, k, w, topk, start_pos, form):
-    """The model's selection (MLA._select) for one form."""
-    if form == "softmax_mixture":
-        w = w - torch_impl.indexer_head_lse(q, k, start_pos=start_pos)
-    return torch_impl.indexer_topk(q, k, w, topk, start_pos=start_pos, score="relu" if form == "relu" else "mixture")
+    """The model's selection (MLA._select) for one form; "softmax_mixture_2pass" is the same ranking
+    as two calls (the normalizer pass, then the mixture top-k), as the model ran it before the fusion."""
+    if form == "softmax_mixture_2pass":
+        w, form = w - torch_impl.indexer_head_lse(q, k, start_pos=start_pos), "mixture"
+    return torch_impl.indexer_topk(q, k, w, topk, start_pos=start_pos, score=form)
 
 
 def gate() -> None:
     g = torch.Generator().manual_seed(0)
     T, S, H, D, topk = 16, 300, 4, 32, 20
     q, k, w = torch.randn(T, H, D, generator=g), torch.randn(S, D, generator=g), torch.randn(T, H, generator=g)
-    for form, _, _ in FORMS:
-        ww = w - naive.indexer_head_lse(q, k, start_pos=S - T) if form == "softmax_mixture" else w
+    for form in dict.fromkeys(f for f, _, _ in FORMS):
+        ww = w - naive.indexer_head_lse(q, k, start_pos=S - T) if form.startswith("softmax_mixture") else w
         ref = naive.indexer_logits(q, k, ww, start_pos=S - T, score="relu" if form == "relu" else "mixture")
         got = ref.gather(1, select(q, k, w, topk, S - T, form).long())
         if not torch.allclose(got, ref.topk(topk, 1).values, atol=1e-4):

@@ -152,31 +152,48 @@ def load_dir(path: str) -> list[dict]:
 
 
 @torch.no_grad()
-def grow_index_heads(model, n_heads: int, seed: int = 0) -> None:
-    """Give every indexer n_heads heads, the old ones kept and the new ones silent (their rows of
-    weights_proj are 0), so the scores I_t are unchanged until the fit moves them. The old rows
-    of weights_proj are scaled by sqrt(n_heads / old) to undo the n_heads^-1/2 in queries()."""
+def grow_index_heads(model, n_heads: int, seed: int = 0, split_noise: float = 0.05) -> None:
+    """Give every indexer n_heads heads, with the scores' ranking unchanged until the fit moves them.
+
+    "relu": the old heads are kept and the new ones are silent (their rows of weights_proj are 0);
+    the old rows of weights_proj are scaled by sqrt(n_heads / old) to undo the n_heads^-1/2 in queries().
+    Mixtures: a head with log-weight 0 is not silent (weights_proj has no bias), so instead every
+    head is copied n_heads / old times. Each copy adds the same exp(b_h) * term, so I_t moves by
+    log(n_heads / old) for every key: the same top-k and the same softmax(I_t). The copies' query
+    rows and weight rows get Gaussian noise of split_noise times their tensor's std, or the fit
+    would move them identically forever."""
     cfg = model.cfg
     old = cfg.index_n_heads
-    if cfg.index_score != "relu" and n_heads != old:
-        # a head with log-weight 0 adds exp(dot) to the mixture: it is not silent, and weights_proj has no bias
-        raise ValueError("--index-heads: growing a mixture indexer is not supported (new heads cannot start silent)")
     if n_heads < old:
         raise ValueError(f"--index-heads {n_heads} < the model's {old}: heads can only be added")
     if n_heads == old:
         return
+    mixture = cfg.index_score != "relu"
+    if mixture and n_heads % old:
+        raise ValueError(f"--index-heads {n_heads}: a mixture indexer grows by copying its {old} heads, "
+                         f"so it needs a multiple of {old}")
     g = torch.Generator().manual_seed(seed)
     cfg.index_n_heads = n_heads
     for blk in model.layers:
         ix = blk.attn.indexer
         d = ix.head_dim
         wq = ix.wq_b.weight  # [old * d, q_lora]
-        new_q = torch.randn((n_heads - old) * d, wq.shape[1], generator=g) * wq.std()
-        ix.wq_b = torch.nn.Linear(wq.shape[1], n_heads * d, bias=False)
-        ix.wq_b.weight.copy_(torch.cat([wq, new_q.to(wq.dtype)]))
         wp = ix.weights_proj.weight  # [old, dim] fp32
+        if mixture:
+            reps = n_heads // old - 1
+            new_q = wq.repeat(reps, 1)
+            new_q = new_q + torch.randn(new_q.shape, generator=g).to(wq.dtype) * wq.std() * split_noise
+            new_w = wp.repeat(reps, 1)
+            new_w = new_w + torch.randn(new_w.shape, generator=g) * wp.std() * split_noise
+            wp_old = wp
+        else:
+            new_q = (torch.randn((n_heads - old) * d, wq.shape[1], generator=g) * wq.std()).to(wq.dtype)
+            new_w = wp.new_zeros(n_heads - old, wp.shape[1])
+            wp_old = wp * (n_heads / old) ** 0.5
+        ix.wq_b = torch.nn.Linear(wq.shape[1], n_heads * d, bias=False)
+        ix.wq_b.weight.copy_(torch.cat([wq, new_q]))
         ix.weights_proj = torch.nn.Linear(wp.shape[1], n_heads, bias=False, dtype=torch.float32)
-        ix.weights_proj.weight.copy_(torch.cat([wp * (n_heads / old) ** 0.5, wp.new_zeros(n_heads - old, wp.shape[1])]))
+        ix.weights_proj.weight.copy_(torch.cat([wp_old, new_w]))
         ix.n_heads = n_heads
 
 
@@ -335,7 +352,7 @@ def main(argv=None):
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--target-keep", type=int, default=0, help="cut the cached p_t to its N largest entries (0 = as cached)")
     f.add_argument("--target-flat", type=float, default=0.0, help="mix this much of the uniform distribution over those entries into the target")
-    f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep)")
+    f.add_argument("--index-heads", type=int, default=0, help="grow each indexer to this many heads first (0 = keep; mixtures: a multiple of the heads, by copying)")
     f.add_argument("--index-dim", type=int, default=0, help="double each indexer's head dim first (0 = keep)")
     f.add_argument("--index-score", choices=INDEX_SCORES, default=None,
                    help="fit the indexers with this way of combining their heads (default: the model's)")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import indexer_head_lse, indexer_topk, sparse_mla
+from kernels import indexer_topk, sparse_mla
 from model import fp8
 from model.cache import ContiguousLayerCache
 from model.config import ModelConfig
@@ -128,7 +128,7 @@ class Indexer(nn.Module):
     is a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends
     on every key the query sees; "softmax_mixture" has exactly that form (softmax(I) = sum_h pi_h
     softmax_h with pi = softmax(b)), where a ReLU sum can only approximate it. It costs one more pass
-    over the keys (each head's normalizer, kernels.indexer_head_lse). The dsa-tiny-smix weights use it;
+    over the keys (each head's normalizer), fused into kernels.indexer_topk. The dsa-tiny-smix weights use it;
     the recall figures are in dsa-tiny's MODEL_CARD.md ("Run 5")."""
 
     def __init__(self, cfg: ModelConfig):
@@ -184,11 +184,8 @@ class MLA(nn.Module):
 
     def _select(self, iq, iw, c, end: int, sp: int):
         """Top-k key indices [T, topk] of the queries at sp.. over the cached keys 0..end-1."""
-        keys, scale, score = c.index_k(end), c.index_scale(end), self.cfg.index_score
-        if score == "softmax_mixture":  # fold each head's log-normalizer into its log-weight
-            iw = iw - indexer_head_lse(iq, keys, k_scale=scale, start_pos=sp)
-        return indexer_topk(iq, keys, iw, self.cfg.index_topk, k_scale=scale, start_pos=sp,
-                            score="relu" if score == "relu" else "mixture")
+        return indexer_topk(iq, c.index_k(end), iw, self.cfg.index_topk, k_scale=c.index_scale(end), start_pos=sp,
+                            score=self.cfg.index_score)
 
     def forward(self, x, cos, sin, start_pos: list[int], caches=None, mode: str = "auto", trace=None):
         """x [B, T, dim]; row b holds positions start_pos[b] .. start_pos[b] + T - 1.

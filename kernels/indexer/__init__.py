@@ -2,6 +2,7 @@
 
     indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu") -> fp32 [T, S]
     indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu") -> int32 [T, topk]
+        (score also "softmax_mixture": the mixture of w - indexer_head_lse, in one call)
     indexer_head_lse(q, k, *, k_scale=None, start_pos=0) -> fp32 [T, H]   (softmax_mixture's normalizers)
 
 Backends: naive.py (fp32 reference), torch_impl.py (fast CPU), triton.py (GPU / interpreter);
@@ -20,13 +21,14 @@ __all__ = ["indexer_head_lse", "indexer_logits", "indexer_topk"]
 
 
 SCORES = ("relu", "mixture")
+TOPK_SCORES = SCORES + ("softmax_mixture",)
 
 
-def _validate(q, k, w, k_scale, start_pos, score):
-    if score not in SCORES:
-        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
-    if score == "mixture" and is_fp8(q):
-        raise ValueError("score='mixture' needs bf16/fp16/fp32 q and k: FP8 q's per-head scale would have to "
+def _validate(q, k, w, k_scale, start_pos, score, scores=SCORES):
+    if score not in scores:
+        raise ValueError(f"score: expected one of {scores}, got {score!r}")
+    if score != "relu" and is_fp8(q):
+        raise ValueError(f"score={score!r} (a mixture) needs bf16/fp16/fp32 q and k: FP8 q's per-head scale would have to "
                          "multiply each head's dot product, which w (added in log space) cannot carry")
     check_tensor("q", q, ("T", "H", "D"), FLOAT_DTYPES + FP8_DTYPES)
     T, H, D = q.shape
@@ -66,8 +68,14 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
     Streams over S in blocks (the torch and triton backends never hold [T, S]).
     Returns int32 [T, topk]: key indices sorted by DESCENDING score (ties either way);
     a row with fewer than `topk` causal keys (or S < topk) is padded at the end with -1.
+
+    score="softmax_mixture" (w: the heads' raw log-weights b) ranks as score="mixture" with
+    w - indexer_head_lse(q, k, ...): each head's softmax over the causal keys, mixed with weights
+    softmax(b). The torch backend fuses the two passes per chunk of queries and ranks in
+    probability space (no max and no log per key; keys whose every head's probability underflows
+    fp32 tie at 0); the others compose the two ops.
     """
-    _validate(q, k, w, k_scale, start_pos, score)
+    _validate(q, k, w, k_scale, start_pos, score, TOPK_SCORES)
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
     impl = dispatch.load("indexer", dispatch.backend_for(q))
@@ -80,8 +88,9 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
 
     The "softmax_mixture" indexer subtracts it from the heads' log-weights and then ranks with
     score="mixture": a second pass over the keys, since a key's rank needs every head's final
-    normalizer. Streams over S like indexer_topk (torch; the triton backend runs the same torch
-    code, a GEMM and a logsumexp per key block). A query with no causal key gets -inf.
+    normalizer (indexer_topk(score="softmax_mixture") does both). Streams over S like indexer_topk
+    (torch; the triton backend runs the same torch code, a GEMM and a logsumexp per key block).
+    A query with no causal key gets -inf.
     """
     _validate(q, k, q.new_zeros(q.shape[:2], dtype=torch.float32), k_scale, start_pos, "mixture")
     impl = dispatch.load("indexer", dispatch.backend_for(q))

@@ -6,6 +6,7 @@ Same signatures as the public ops in `kernels.indexer`; no validation here (the 
     out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s])      (s <= start_pos + t, else -inf)
     score="mixture":  out[t, s] = log sum_h exp(w[t, h] + q[t, h] . k[s] * k_scale[s])
     indexer_head_lse:  out[t, h] = log sum_{s <= start_pos + t} exp(q[t, h] . k[s] * k_scale[s])
+    indexer_topk score="softmax_mixture": the "mixture" top-k of w - indexer_head_lse
 
 Run the tests:  .venv/bin/python -m pytest -q tests/kernels -k indexer
 """
@@ -32,7 +33,10 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
 
 
 def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
-    """Top-`topk` key indices per query -> int32 [T, topk], descending score, -1 padded."""
+    """Top-`topk` key indices per query -> int32 [T, topk], descending score, -1 padded.
+    score="softmax_mixture": the "mixture" ranking of w minus each head's log-normalizer."""
+    if score == "softmax_mixture":
+        w, score = w.float() - indexer_head_lse(q, k, k_scale=k_scale, start_pos=start_pos), "mixture"
     scores = indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos, score=score)  # [T, S]
     T, S = scores.shape
     if topk > S:  # pad with -inf columns so torch.topk has enough candidates

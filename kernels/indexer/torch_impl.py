@@ -22,6 +22,8 @@ Bench: .venv/bin/python benchmarks/kernels_cpu.py
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.checks import is_fp8
@@ -74,32 +76,61 @@ class _Scratch:
         return f if ks_blk is None else f.mul_(ks_blk)
 
 
-    def mixture_scores(self, qm, k_blk, w, ks_blk, dt):
-        """score="mixture" into reused buffers: fp32 [Tc, Sb] = logsumexp_h(w[:, h] + dot_h * ks), in
-        place (max, subtract, exp, sum, log): ~1.15x the ReLU path here, where torch.logsumexp
-        over the head dim of [Tc, H, Sb] with fresh tensors costs 2-3x."""
-        Tc, H = w.shape
+    def dots(self, qm, k_blk, ks_blk, dt, Tc, H):
+        """fp32 [Tc, H, Sb] = q.k * ks in a reused buffer (the mixtures' per-head work is fp32)."""
         Sb = k_blk.shape[0]
-        if self.xf is None:  # the fp32 per-head buffer only the mixture needs
+        if self.xf is None:  # the fp32 per-head buffer only the mixtures need
             self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
         if dt == torch.float32:
             f = torch.mm(qm, k_blk.t(), out=self.xf[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb)
         else:
             x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb))
             f = self.xf[: Tc * H * Sb].view(Tc, H, Sb).copy_(x.view(Tc, H, Sb))
-        if ks_blk is not None:
-            f.mul_(ks_blk)
+        return f if ks_blk is None else f.mul_(ks_blk)
+
+    def mixture_scores(self, qm, k_blk, w, ks_blk, dt):
+        """score="mixture" into reused buffers: fp32 [Tc, Sb] = logsumexp_h(w[:, h] + dot_h * ks), in
+        place (max, subtract, exp, sum, log): ~1.15x the ReLU path here, where torch.logsumexp
+        over the head dim of [Tc, H, Sb] with fresh tensors costs 2-3x."""
+        f = self.dots(qm, k_blk, ks_blk, dt, *w.shape)
         f.add_(w[:, :, None])
         m = f.amax(1, keepdim=True)
         f.sub_(m).exp_()
         return f.sum(1).log_().add_(m[:, 0])
 
+    def softmax_mixture_probs(self, qm, k_blk, w, ks_blk, dt, *, m, c):
+        """score="softmax_mixture", the ranking pass: fp32 [Tc, Sb] = sum_h c[:, h] * exp(dot_h - m[:, h])
+        (m, c from _head_normalizers). A weighted head sum like the ReLU path's, with exp for ReLU."""
+        f = self.dots(qm, k_blk, ks_blk, dt, *w.shape)
+        f.sub_(m[:, :, None]).exp_()
+        return torch.bmm(c[:, None, :], f)[:, 0]
+
+
+def _head_normalizers(scratch, qm, k, w, k_scale, p_first, p_last, s_block, dt):
+    """softmax_mixture's first pass for one chunk of queries: each head's running max m [Tc, H] and
+    sum z of exp(dot - m) over the causal keys (an online softmax), folded with the log-weights w
+    into c = exp(w - max_h w) / z. Then sum_h c[h] exp(dot_h - m[h]) = exp(I - max_h w), with I the
+    "mixture" score of w - head_lse: the same ranking, with no max over the heads and no log per
+    key, and every exponent <= 0 on causal keys (no overflow). Keys whose every head sits more
+    than ~87 nats below its maximum come out as 0 (fp32 underflow) and tie among themselves."""
+    Tc, H = w.shape
+    m = torch.full((Tc, H), float("-inf"), dtype=torch.float32, device=qm.device)
+    z = torch.zeros(Tc, H, dtype=torch.float32, device=qm.device)
+    for s0, s1, needs_mask in _blocks(p_first, p_last, k.shape[0], s_block):
+        f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H)
+        if needs_mask:
+            _causal_mask_(f, p_first, s0)
+        m_new = torch.maximum(m, f.amax(-1))  # finite from block 0 on: key 0 is causal for every query
+        z.mul_((m - m_new).exp_()).add_(f.sub_(m_new[:, :, None]).exp_().sum(-1))
+        m = m_new
+    return m, (w - w.amax(-1, keepdim=True)).exp_().div_(z)
+
 
 def _causal_mask_(s, q_pos0, s0):
-    """-inf where key s0 + j > query q_pos0 + i (in place on s [Tc, Sb])."""
-    Tc, Sb = s.shape
-    qpos = q_pos0 + torch.arange(Tc, device=s.device)[:, None]
-    kpos = s0 + torch.arange(Sb, device=s.device)[None, :]
+    """-inf where key s0 + j > query q_pos0 + i (in place on s [Tc, Sb] or [Tc, H, Sb])."""
+    Tc, Sb = s.shape[0], s.shape[-1]
+    qpos = (q_pos0 + torch.arange(Tc, device=s.device)).view(Tc, *[1] * (s.dim() - 1))
+    kpos = s0 + torch.arange(Sb, device=s.device)
     return s.masked_fill_(kpos > qpos, float("-inf"))
 
 
@@ -149,7 +180,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
     tc = _t_chunk(H, s_block)
     scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
-    block_scores = scratch.mixture_scores if score == "mixture" else scratch.scores
+    block_scores = {"relu": scratch.scores, "mixture": scratch.mixture_scores}.get(score)
     with torch.no_grad():
         for t0 in range(0, T, tc):
             t1 = min(t0 + tc, T)
@@ -157,6 +188,9 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
             p_first, p_last = start_pos + t0, start_pos + t1 - 1
             vals = torch.empty(t1 - t0, 0, dtype=torch.float32, device=q.device)  # running top-k
             idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
+            if score == "softmax_mixture":
+                m, c = _head_normalizers(scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
+                block_scores = functools.partial(scratch.softmax_mixture_probs, m=m, c=c)
             for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
                 ks = None if k_scale is None else k_scale[s0:s1]
                 s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
@@ -196,6 +230,16 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0, s_block=None):
 def _merge(vals, idx, s, s0, topk):
     """Running top-k (vals, idx [Tc, R]) merged with block scores s [Tc, Sb] of keys s0.."""
     R = vals.shape[1]
+    blk = None  # the block's candidates' positions in s (None: all of s)
+    if R == topk:
+        # Full: only keys above a row's k-th best can enter. When few do, take the block's top c
+        # (c = the most any row has) first: torch.topk's cost grows with k (16 of 4096 costs
+        # ~1/10 of 256 of 4096 here), and late blocks of a long context bring few new keys.
+        c = int((s > vals.amin(1, keepdim=True)).sum(1).max())
+        if c == 0:
+            return vals, idx
+        if 2 * c < s.shape[1]:
+            s, blk = s.topk(c, dim=1, sorted=False)
     cat = torch.cat([vals, s], dim=1)
     kk = min(topk, cat.shape[1])
     if kk == cat.shape[1]:  # everything fits: no selection needed yet
@@ -204,5 +248,8 @@ def _merge(vals, idx, s, s0, topk):
     else:
         new_vals, pos = cat.topk(kk, dim=1, sorted=False)
     from_run = pos < R
-    new_idx = torch.where(from_run, idx.gather(1, pos.clamp(max=max(R - 1, 0))) if R else pos, pos - R + s0)
+    in_blk = (pos - R).clamp(min=0)
+    if blk is not None:
+        in_blk = blk.gather(1, in_blk)
+    new_idx = torch.where(from_run, idx.gather(1, pos.clamp(max=max(R - 1, 0))) if R else pos, in_blk + s0)
     return new_vals, new_idx

@@ -27,7 +27,7 @@ from kernels.checks import is_fp8
 from kernels.indexer.torch_impl import _blocks, _merge
 # The softmax_mixture normalizers: a GEMM and a logsumexp per key block in torch (cuBLAS on a GPU);
 # no fused Triton kernel for it yet.
-from kernels.indexer.torch_impl import indexer_head_lse  # noqa: F401
+from kernels.indexer.torch_impl import indexer_head_lse
 
 # indexer_topk streaming: keys per merge step and queries per chunk (buffer = T_CHUNK x S_BLOCK fp32)
 S_BLOCK_CUDA, T_CHUNK_CUDA = 16384, 2048
@@ -146,6 +146,8 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
 
 
 def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_chunk=None, score="relu"):
+    if score == "softmax_mixture":  # the normalizer pass (torch code), then the mixture kernel
+        w, score = w.float() - indexer_head_lse(q, k, k_scale=k_scale, start_pos=start_pos), "mixture"
     T, H, _ = q.shape
     S = k.shape[0]
     q, k, w, cast = _prep(q, k, w)

@@ -138,15 +138,42 @@ def test_head_lse_matches_naive(backend, small_blocks, case, dtype):
     assert rms_ratio(out, ref) < TOL[dtype]  # bf16: the GEMM's outputs round to ~2^-9 relative
 
 
+@pytest.mark.parametrize("dtype", MIX_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_softmax_mixture_topk_matches_naive(backend, small_blocks, case, dtype):
+    """indexer_topk(score="softmax_mixture"): each head's softmax over the causal keys, mixed with
+    weights softmax(w); the torch backend ranks in probability space in one call."""
+    T, S, sp, H, D, topk = case
+    q, k, w, _ = make_inputs(T, S, H, D, dtype, seed=8)
+    q = q * 2  # peakier heads than make_inputs gives, so the per-head normalizers differ
+    ks = key_scale(S, seed=9)
+    lse = naive.indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
+    ref_scores = naive.indexer_logits(q, k, w - lse, k_scale=ks, start_pos=sp, score="mixture")
+    # the oracle itself: log of the softmax(w)-weighted mixture of per-head softmaxes (+ a row constant)
+    t = T - 1
+    dots = torch.einsum("hd,sd->hs", q[t].float(), k[: sp + t + 1].float()) * ks[: sp + t + 1]
+    mix = (w[t].softmax(0)[:, None] * dots.softmax(-1)).sum(0).log()
+    got_row = ref_scores[t, : sp + t + 1]
+    assert torch.allclose(got_row - got_row.max(), mix - mix.max(), atol=1e-4)
+    ref = naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
+    assert torch.equal(ref, naive.indexer_topk(q, k, w - lse, topk, k_scale=ks, start_pos=sp, score="mixture"))
+    idx = indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
+    check_topk(idx, ref, ref_scores, case, dtype)
+
+
 def test_mixture_score_refuses_fp8_and_unknown_scores():
     q, k, w, ks = make_inputs(4, 10, 2, 16, FP8)
     with pytest.raises(ValueError, match="mixture"):
         indexer_topk(q, k, w, 3, k_scale=ks, score="mixture")
     with pytest.raises(ValueError, match="mixture"):
+        indexer_topk(q, k, w, 3, k_scale=ks, score="softmax_mixture")
+    with pytest.raises(ValueError, match="mixture"):
         indexer_head_lse(q, k, k_scale=ks)
     q, k, w, _ = make_inputs(4, 10, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="score"):
         indexer_logits(q, k, w, score="softmax")
+    with pytest.raises(ValueError, match="score"):  # logits: use w - indexer_head_lse with "mixture"
+        indexer_logits(q, k, w, score="softmax_mixture")
 
 
 def test_topk_streams_many_blocks_default_sizes():

@@ -4,6 +4,7 @@ the same rows, fitting lowers it, and only the indexer moves; collect/fit run en
     .venv/bin/python -m pytest -q tests/model/test_indexer_fit.py
 """
 
+import math
 import random
 
 import pytest
@@ -115,8 +116,33 @@ def test_doubled_head_dim_keeps_the_scores_until_fitted(score):
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
 
 
-def test_mixture_indexer_refuses_to_grow_heads():
+@pytest.mark.parametrize("score", ["mixture", "softmax_mixture"])
+def test_mixture_heads_grow_by_copying_without_moving_the_ranking(score):
+    """A mixture indexer doubled by copying its heads: every score moves by log 2 and nothing else
+    (the same top-k and softmax); with the split noise on, the copies differ from their originals."""
+    m = _tiny().eval()
+    m.cfg.index_score = score
+    x, y, w, rows, tok = _example()
+    old, d = m.cfg.index_n_heads, m.cfg.index_head_dim
+    before = _layer0_scores(m, x, rows)
+    indexer_fit.grow_index_heads(m, 2 * old, split_noise=0.0)
+    after = _layer0_scores(m, x, rows)
+    seen = torch.isfinite(before)
+    assert torch.equal(seen, torch.isfinite(after))
+    assert torch.allclose(after[seen] - before[seen], torch.full_like(before[seen], math.log(2)), atol=1e-4)
+    wq = m.layers[0].attn.indexer.wq_b.weight
+    assert wq.shape[0] == 2 * old * d and torch.equal(wq[: old * d], wq[old * d:])
+
+    m2 = _tiny().eval()
+    m2.cfg.index_score = score
+    indexer_fit.grow_index_heads(m2, 2 * old)  # the default split noise
+    wq2 = m2.layers[0].attn.indexer.wq_b.weight.detach()
+    assert not torch.equal(wq2[: old * d], wq2[old * d:])
+    assert torch.allclose(wq2[: old * d], wq2[old * d:], atol=0.5 * float(wq2.std()))
+
+
+def test_mixture_indexer_grows_by_whole_copies_only():
     m = _tiny().eval()
     m.cfg.index_score = "mixture"
-    with pytest.raises(ValueError, match="mixture"):
-        indexer_fit.grow_index_heads(m, 2 * m.cfg.index_n_heads)
+    with pytest.raises(ValueError, match="multiple"):
+        indexer_fit.grow_index_heads(m, m.cfg.index_n_heads + 1)
