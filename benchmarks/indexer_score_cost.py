@@ -4,6 +4,8 @@ softmax_mixture (normalizer pass + mixture top-k, fused in one call; "_2pass" as
 context, through the kernels' torch path. Ratios to relu 4x32 in the same run.
 
     .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --out benchmarks/results/indexer_score_cost.json
+    .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --topk-only --repeats 7 \
+        --out benchmarks/results/indexer_topk_step.json
 
 Correctness gate (nothing is reported when red): on a small case, each form's top-k scores equal
 the naive reference's. The last line of stdout is the JSON.
@@ -43,6 +45,32 @@ def gate() -> None:
             raise SystemExit(f"correctness gate red: {form} top-k differs from naive")
 
 
+def topk_only(repeats: int) -> dict:
+    """Seconds of the top-k step alone for 128 queries: one _row_topk over the row against a running
+    merge per 4096-key block (how the torch path selected before) and one plain torch.topk."""
+    res = {}
+    for S in (8192, 32768, 131072):
+        g = torch.Generator().manual_seed(S)
+        x = torch.randn(128, S, generator=g) + torch.linspace(0, 2, S)  # a mild recency trend
+
+        def merged():
+            vals, idx = torch.empty(128, 0), torch.empty(128, 0, dtype=torch.int64)
+            for s0 in range(0, S, 4096):
+                vals, idx = torch_impl._merge(vals, idx, x[:, s0:s0 + 4096], s0, 256)
+
+        fns = {"row_topk": lambda: torch_impl._row_topk(x, 256), "merge_per_4096_block": merged,
+               "plain_topk": lambda: x.topk(256, 1, sorted=False)}
+        res[S] = {name: min(timed(f) for _ in range(repeats)) for name, f in fns.items()}
+        print(S, {n: f"{t * 1e3:.1f} ms" for n, t in res[S].items()})
+    return res
+
+
+def timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=1024)
@@ -51,8 +79,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="median of this many timings per form")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--topk-only", action="store_true", help="time the top-k step alone (min of --repeats)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.topk_only:
+        res = {"queries": 128, "topk": 256, "threads": a.threads, "seconds": topk_only(a.repeats)}
+        if a.out:
+            open(a.out, "w").write(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res))
+        return
     gate()
     T, S = a.queries, a.keys
     times = {}
@@ -60,11 +95,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(1)
         q = (torch.randn(T, H, D, generator=g) * D**-0.5).bfloat16()
         k, w = torch.randn(S, D, generator=g).bfloat16(), torch.randn(T, H, generator=g)
-        runs = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            select(q, k, w, a.topk, S - T, form)
-            runs.append(time.perf_counter() - t0)
+        runs = [timed(lambda: select(q, k, w, a.topk, S - T, form)) for _ in range(a.repeats)]
         times[f"{form} {H}x{D}"] = sorted(runs)[len(runs) // 2]
     base = times["relu 4x32"]
     res = {"queries": T, "keys": S, "topk": a.topk, "threads": a.threads, "dtype": "bf16", "seconds": times,

@@ -1,19 +1,23 @@
-"""Lightning indexer, fast CPU PyTorch path: blocked over T and S, streaming top-k.
+"""Lightning indexer, fast CPU PyTorch path: blocked over T and S.
 
-Never materializes [T, S] in `indexer_topk` (memory O(T_chunk * (S_block + topk))), and never
-a [T, H, S] tensor in either op. Per (T chunk, S block):
+Never a [T, H, S] tensor; `indexer_topk` holds the scores of one chunk of queries against every
+key ([T_chunk, S] fp32, T_chunk * S <= ROW_BUDGET), never [T, S]. Per (T chunk, S block):
 
     x      = relu(q_chunk.view(Tc*H, D) @ k_blk^T)          one GEMM for all heads
     scores = bmm(w[Tc, 1, H], x.view(Tc, H, Sb)) * k_scale   weighted head sum, then key scale
     causal -inf mask only on diagonal blocks; blocks entirely in the future are skipped;
-    running top-k: topk(cat(running, block)) per block.
+then one top-k per chunk over its whole row (_row_topk: group maxima first), where a running
+merge per 4096-key block costs ~2x more at 32k keys and ~6x at 128k (`--topk-only` of
+benchmarks/indexer_score_cost.py).
 
 Math dtype: bf16 GEMMs (fp32 accumulate; ~2.5x fp32 speed on this CPU) when the inputs are
 bf16/fp16/FP8 (FP8 upcast to bf16 block by block, which is exact); fp32 GEMMs for fp32 inputs.
 k_scale is applied after the ReLU (ReLU(x*c) = c*ReLU(x) for c >= 0, and dequant scales are > 0).
 score="mixture" (log sum_h exp(w + dot)): the same GEMM, then a fp32 logsumexp over the heads.
 indexer_head_lse: the same blocks, a GEMM and a logsumexp over each block's keys per head, merged
-with logaddexp (inference only, no autograd).
+with logaddexp (inference only, no autograd). indexer_topk(score="softmax_mixture") fuses it in one
+pass over the keys per chunk (_softmax_mixture_rows): the per-head exps are kept, so ranking is a
+weighted head sum like the ReLU path's, with no second GEMM or exp.
 Differentiable for float inputs (plain torch ops), though the model should not rely on speed there.
 
 Test: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
@@ -22,14 +26,14 @@ Bench: .venv/bin/python benchmarks/kernels_cpu.py
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kernels.checks import is_fp8
 
 S_BLOCK = 4096  # keys per block
 PAIR_BUDGET = 1 << 21  # Tc * H * S_BLOCK elements per block intermediate (4 MiB in bf16)
+ROW_BUDGET = 1 << 23  # Tc * S fp32 scores of one chunk of queries for indexer_topk (32 MiB)
+TOPK_GROUP_RATIO, MAX_TOPK_GROUP = 4, 32  # _row_topk: groups of G keys, G <= 32 and n / G >= 4 * k
 
 
 def _math_dtype(q: torch.Tensor) -> torch.dtype:
@@ -76,17 +80,20 @@ class _Scratch:
         return f if ks_blk is None else f.mul_(ks_blk)
 
 
-    def dots(self, qm, k_blk, ks_blk, dt, Tc, H):
-        """fp32 [Tc, H, Sb] = q.k * ks in a reused buffer (the mixtures' per-head work is fp32)."""
+    def dots(self, qm, k_blk, ks_blk, dt, Tc, H, out=None):
+        """fp32 [Tc, H, Sb] = q.k * ks, into `out` (a [Tc, H, Sb] view) or a reused buffer (the
+        mixtures' per-head work is fp32)."""
         Sb = k_blk.shape[0]
-        if self.xf is None:  # the fp32 per-head buffer only the mixtures need
-            self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
-        if dt == torch.float32:
-            f = torch.mm(qm, k_blk.t(), out=self.xf[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb)
+        if out is None:
+            if self.xf is None:  # the fp32 per-head buffer only the mixtures need
+                self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
+            out = self.xf[: Tc * H * Sb].view(Tc, H, Sb)
+        if dt == torch.float32 and out.is_contiguous():
+            torch.mm(qm, k_blk.t(), out=out.view(Tc * H, Sb))
         else:
             x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb))
-            f = self.xf[: Tc * H * Sb].view(Tc, H, Sb).copy_(x.view(Tc, H, Sb))
-        return f if ks_blk is None else f.mul_(ks_blk)
+            out.copy_(x.view(Tc, H, Sb))
+        return out if ks_blk is None else out.mul_(ks_blk)
 
     def mixture_scores(self, qm, k_blk, w, ks_blk, dt):
         """score="mixture" into reused buffers: fp32 [Tc, Sb] = logsumexp_h(w[:, h] + dot_h * ks), in
@@ -98,32 +105,36 @@ class _Scratch:
         f.sub_(m).exp_()
         return f.sum(1).log_().add_(m[:, 0])
 
-    def softmax_mixture_probs(self, qm, k_blk, w, ks_blk, dt, *, m, c):
-        """score="softmax_mixture", the ranking pass: fp32 [Tc, Sb] = sum_h c[:, h] * exp(dot_h - m[:, h])
-        (m, c from _head_normalizers). A weighted head sum like the ReLU path's, with exp for ReLU."""
-        f = self.dots(qm, k_blk, ks_blk, dt, *w.shape)
-        f.sub_(m[:, :, None]).exp_()
-        return torch.bmm(c[:, None, :], f)[:, 0]
 
+def _softmax_mixture_rows(row, e, scratch, qm, k, w, k_scale, p_first, p_last, s_block, dt):
+    """score="softmax_mixture" for one chunk of queries: row [Tc, s_end] <- exp(I - max_h w) with I
+    the "mixture" score of w - head_lse, i.e. sum_h softmax(w)_h softmax_h(dot) up to a row factor.
 
-def _head_normalizers(scratch, qm, k, w, k_scale, p_first, p_last, s_block, dt):
-    """softmax_mixture's first pass for one chunk of queries: each head's running max m [Tc, H] and
-    sum z of exp(dot - m) over the causal keys (an online softmax), folded with the log-weights w
-    into c = exp(w - max_h w) / z. Then sum_h c[h] exp(dot_h - m[h]) = exp(I - max_h w), with I the
-    "mixture" score of w - head_lse: the same ranking, with no max over the heads and no log per
-    key, and every exponent <= 0 on causal keys (no overflow). Keys whose every head sits more
-    than ~87 nats below its maximum come out as 0 (fp32 underflow) and tie among themselves."""
+    One pass over the keys: per block, e [Tc, H, s_end] (fp32) keeps exp(dot - the block's max) and
+    an online sum gives each head's normalizer z relative to its running max m. The ranking then
+    needs no second GEMM or exp: block b's keys score sum_h c_h exp(bm_bh - m_h) e_h with
+    c = exp(w - max_h w) / z, a head-weighted sum like the ReLU path's (no max, no log per key;
+    every exponent <= 0, so no overflow). Keys whose every head sits more than ~87 nats below its
+    maximum come out as 0 (fp32 underflow) and tie among themselves."""
     Tc, H = w.shape
     m = torch.full((Tc, H), float("-inf"), dtype=torch.float32, device=qm.device)
     z = torch.zeros(Tc, H, dtype=torch.float32, device=qm.device)
+    blocks = []
     for s0, s1, needs_mask in _blocks(p_first, p_last, k.shape[0], s_block):
+        # the block's elementwise work on a contiguous (cache-resident) buffer, then one copy out
         f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H)
         if needs_mask:
             _causal_mask_(f, p_first, s0)
-        m_new = torch.maximum(m, f.amax(-1))  # finite from block 0 on: key 0 is causal for every query
-        z.mul_((m - m_new).exp_()).add_(f.sub_(m_new[:, :, None]).exp_().sum(-1))
+        bm = f.amax(-1)  # -inf where a query sees no key of this block
+        e[:, :, s0:s1] = f.sub_(bm.nan_to_num(neginf=0.0)[:, :, None]).exp_()
+        m_new = torch.maximum(m, bm)  # finite from block 0 on: key 0 is causal for every query
+        z = z * (m - m_new).exp() + f.sum(-1) * (bm - m_new).exp()
         m = m_new
-    return m, (w - w.amax(-1, keepdim=True)).exp_().div_(z)
+        blocks.append((s0, s1, needs_mask, bm))
+    c = (w - w.amax(-1, keepdim=True)).exp_().div_(z)
+    for s0, s1, needs_mask, bm in blocks:
+        s = torch.bmm((c * (bm - m).exp())[:, None, :], e[:, :, s0:s1])[:, 0]
+        row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
 
 
 def _causal_mask_(s, q_pos0, s0):
@@ -178,25 +189,28 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
     dt = _math_dtype(q)
     w = w.float()
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
-    tc = _t_chunk(H, s_block)
+    smix = score == "softmax_mixture"
+    # one chunk's scores [tc, S] (and for softmax_mixture its per-head exps [tc, H, S]) within ROW_BUDGET
+    tc = min(_t_chunk(H, s_block), max(1, ROW_BUDGET // max(S * (H if smix else 1), 1)))
     scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
-    block_scores = {"relu": scratch.scores, "mixture": scratch.mixture_scores}.get(score)
+    rows = torch.empty(min(tc, T) * S, dtype=torch.float32, device=q.device)
+    exps = torch.empty(min(tc, T) * H * S if smix else 0, dtype=torch.float32, device=q.device)
+    block_scores = scratch.mixture_scores if score == "mixture" else scratch.scores
     with torch.no_grad():
         for t0 in range(0, T, tc):
             t1 = min(t0 + tc, T)
             qm = q[t0:t1].reshape(-1, D).to(dt)
             p_first, p_last = start_pos + t0, start_pos + t1 - 1
-            vals = torch.empty(t1 - t0, 0, dtype=torch.float32, device=q.device)  # running top-k
-            idx = torch.empty(t1 - t0, 0, dtype=torch.int64, device=q.device)
-            if score == "softmax_mixture":
-                m, c = _head_normalizers(scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
-                block_scores = functools.partial(scratch.softmax_mixture_probs, m=m, c=c)
-            for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
+            s_end = min(S, p_last + 1)
+            row = rows[: (t1 - t0) * s_end].view(t1 - t0, s_end)
+            if smix:
+                e = exps[: (t1 - t0) * H * s_end].view(t1 - t0, H, s_end)
+                _softmax_mixture_rows(row, e, scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
+            for s0, s1, needs_mask in [] if smix else _blocks(p_first, p_last, S, s_block):
                 ks = None if k_scale is None else k_scale[s0:s1]
                 s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
-                if needs_mask:
-                    _causal_mask_(s, p_first, s0)
-                vals, idx = _merge(vals, idx, s, s0, topk)
+                row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
+            vals, idx = _row_topk(row, topk)
             vals, order = vals.sort(dim=1, descending=True)
             idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)
             out[t0:t1, : idx.shape[1]] = idx
@@ -228,18 +242,9 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0, s_block=None):
 
 
 def _merge(vals, idx, s, s0, topk):
-    """Running top-k (vals, idx [Tc, R]) merged with block scores s [Tc, Sb] of keys s0.."""
+    """Running top-k (vals, idx [Tc, R]) merged with block scores s [Tc, Sb] of keys s0.. (the
+    Triton backend's streaming merge)."""
     R = vals.shape[1]
-    blk = None  # the block's candidates' positions in s (None: all of s)
-    if R == topk:
-        # Full: only keys above a row's k-th best can enter. When few do, take the block's top c
-        # (c = the most any row has) first: torch.topk's cost grows with k (16 of 4096 costs
-        # ~1/10 of 256 of 4096 here), and late blocks of a long context bring few new keys.
-        c = int((s > vals.amin(1, keepdim=True)).sum(1).max())
-        if c == 0:
-            return vals, idx
-        if 2 * c < s.shape[1]:
-            s, blk = s.topk(c, dim=1, sorted=False)
     cat = torch.cat([vals, s], dim=1)
     kk = min(topk, cat.shape[1])
     if kk == cat.shape[1]:  # everything fits: no selection needed yet
@@ -248,8 +253,29 @@ def _merge(vals, idx, s, s0, topk):
     else:
         new_vals, pos = cat.topk(kk, dim=1, sorted=False)
     from_run = pos < R
-    in_blk = (pos - R).clamp(min=0)
-    if blk is not None:
-        in_blk = blk.gather(1, in_blk)
-    new_idx = torch.where(from_run, idx.gather(1, pos.clamp(max=max(R - 1, 0))) if R else pos, in_blk + s0)
+    new_idx = torch.where(from_run, idx.gather(1, pos.clamp(max=max(R - 1, 0))) if R else pos, pos - R + s0)
     return new_vals, new_idx
+
+
+def _row_topk(x, k):
+    """(values, indices) of the k largest entries of each row of x [R, n] (unsorted; all of them
+    when n <= k). Rows are first cut into groups of G keys: a key in the top k lies in one of the k
+    groups with the largest maxima (each of k better groups would hold a key above it), so one
+    topk over n / G group maxima and one over the k * G keys of the chosen groups give the exact
+    answer (ties either way). torch.topk costs ~5-8 ns per entry here; with G = 32 at 32k keys
+    that is ~1/2 of one topk over the row and ~1/2-1/6 of a merge per 4096-key block."""
+    R, n = x.shape
+    if n <= k:
+        return x, torch.arange(n, device=x.device).expand(R, n)
+    G = 1
+    while 2 * G <= MAX_TOPK_GROUP and n // (2 * G) >= TOPK_GROUP_RATIO * k:
+        G *= 2
+    if G == 1:
+        return x.topk(k, dim=1, sorted=False)
+    ng = n // G  # the last n - ng * G keys (fewer than G) are always candidates
+    _, top_groups = x[:, : ng * G].view(R, ng, G).amax(-1).topk(k, dim=1, sorted=False)
+    cols = (top_groups[:, :, None] * G + torch.arange(G, device=x.device)).view(R, k * G)
+    if ng * G < n:
+        cols = torch.cat([cols, torch.arange(ng * G, n, device=x.device).expand(R, -1)], 1)
+    vals, pos = x.gather(1, cols).topk(k, dim=1, sorted=False)
+    return vals, cols.gather(1, pos)

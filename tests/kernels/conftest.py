@@ -59,4 +59,6 @@ def small_blocks(monkeypatch):
 
     monkeypatch.setattr(it, "S_BLOCK", 48)
     monkeypatch.setattr(it, "PAIR_BUDGET", 48 * 16 * 4)
+    monkeypatch.setattr(it, "ROW_BUDGET", 16 * 150)  # several query chunks per call
+    monkeypatch.setattr(it, "TOPK_GROUP_RATIO", 1)  # the grouped row top-k on small rows too
     monkeypatch.setattr(st, "CHUNK_BYTES", 1)  # one query row per chunk

@@ -176,6 +176,27 @@ def test_mixture_score_refuses_fp8_and_unknown_scores():
         indexer_logits(q, k, w, score="softmax_mixture")
 
 
+@pytest.mark.parametrize("n,k", [(5000, 20), (4099, 64), (700, 37), (300, 300), (40, 64)])
+def test_row_topk_by_group_maxima_is_exact(n, k):
+    """torch_impl._row_topk (one topk over group maxima, one over the chosen groups) keeps the same
+    values as torch.topk, with heavy ties, -inf tails and rows shorter than k."""
+    from kernels.indexer import torch_impl
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=g)
+    x[1] = torch.randint(0, 5, (n,), generator=g).float()  # ties everywhere
+    x[2, n // 3:] = float("-inf")  # a causal tail
+    x[3] = float("-inf")
+    x[3, :3] = 1.0
+    vals, idx = torch_impl._row_topk(x, k)
+    kk = min(k, n)
+    assert vals.shape == idx.shape == (6, kk)
+    assert torch.equal(x.gather(1, idx), vals)
+    for r in range(6):
+        assert idx[r].unique().numel() == kk, f"row {r}: a key chosen twice"
+    assert torch.equal(vals.sort(1).values, x.topk(kk, 1).values.sort(1).values)
+
+
 def test_topk_streams_many_blocks_default_sizes():
     """Default block sizes, S spanning several 4096-key blocks, scores from the fp32 oracle."""
     T, S, H, D, topk = 6, 9000, 2, 16, 37
