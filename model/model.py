@@ -128,8 +128,8 @@ class Indexer(nn.Module):
     is a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends
     on every key the query sees; "softmax_mixture" has exactly that form (softmax(I) = sum_h pi_h
     softmax_h with pi = softmax(b)), where a ReLU sum can only approximate it. It costs one more pass
-    over the keys (each head's normalizer), fused into kernels.indexer_topk. The dsa-tiny-smix weights use it;
-    the recall figures are in dsa-tiny's MODEL_CARD.md ("Run 5")."""
+    over the keys (each head's normalizer), fused into kernels.indexer_topk. The shipped dsa-tiny weights use it (run 6);
+    the recall figures are in dsa-tiny's MODEL_CARD.md ("Measured" and "Indexer score study")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -123,15 +123,17 @@ def test_preset_without_weights_is_seeded_and_unknown_preset_errors():
         load_model("no-such-model")
 
 
-def test_smix_variant_shares_the_default_main_model():
-    """model/weights/dsa-tiny-smix: the default's main-model tensors exactly, only the indexer refitted
-    (softmax mixture, head dim 64): what its model card claims, so its dense figures are the default's."""
+def test_relu_variant_shares_the_default_main_model():
+    """model/weights/dsa-tiny-relu (run 4b, V3.2's ReLU indexer) and the default (run 6, the same
+    main model with the indexer refitted as a softmax mixture): the main-model tensors are equal,
+    only the indexer differs. What the model card claims, so the dense figures stand for both."""
     from model.load import WEIGHTS_DIR
 
-    base, smix = load_model("dsa-tiny").state_dict(), load_model(WEIGHTS_DIR / "dsa-tiny-smix")
-    assert smix.cfg.index_score == "softmax_mixture" and smix.cfg.index_head_dim == 64
-    sd = smix.state_dict()
-    main = [k for k in base if ".indexer." not in k]
-    assert main and set(main) == {k for k in sd if ".indexer." not in k}
-    assert all(torch.equal(base[k], sd[k]) for k in main)
-    assert any(not torch.equal(base[k], sd[k]) for k in base if ".indexer." in k and base[k].shape == sd[k].shape)
+    base, relu = load_model("dsa-tiny"), load_model(WEIGHTS_DIR / "dsa-tiny-relu")
+    assert base.cfg.index_score == "softmax_mixture" and (base.cfg.index_n_heads, base.cfg.index_head_dim) == (8, 64)
+    assert relu.cfg.index_score == "relu" and (relu.cfg.index_n_heads, relu.cfg.index_head_dim) == (4, 32)
+    a, b = base.state_dict(), relu.state_dict()
+    main = [k for k in a if ".indexer." not in k]
+    assert main and set(main) == {k for k in b if ".indexer." not in k}
+    assert all(torch.equal(a[k], b[k]) for k in main)
+    assert {k for k in a if ".indexer." in k} == {k for k in b if ".indexer." in k}
