@@ -206,10 +206,11 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
             if smix:
                 e = exps[: (t1 - t0) * H * s_end].view(t1 - t0, H, s_end)
                 _softmax_mixture_rows(row, e, scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
-            for s0, s1, needs_mask in [] if smix else _blocks(p_first, p_last, S, s_block):
-                ks = None if k_scale is None else k_scale[s0:s1]
-                s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
-                row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
+            else:
+                for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
+                    ks = None if k_scale is None else k_scale[s0:s1]
+                    s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
+                    row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
             vals, idx = _row_topk(row, topk)
             vals, order = vals.sort(dim=1, descending=True)
             idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)
