@@ -79,21 +79,17 @@ class _Scratch:
         f = s.view(Tc, Sb) if self.f is None else self.f[: Tc * Sb].view(Tc, Sb).copy_(s.view(Tc, Sb))
         return f if ks_blk is None else f.mul_(ks_blk)
 
-
-    def dots(self, qm, k_blk, ks_blk, dt, Tc, H, out=None):
-        """fp32 [Tc, H, Sb] = q.k * ks, into `out` (a [Tc, H, Sb] view) or a reused buffer (the
-        mixtures' per-head work is fp32)."""
+    def dots(self, qm, k_blk, ks_blk, dt, Tc, H):
+        """fp32 [Tc, H, Sb] = q.k * ks in a reused buffer (the mixtures' per-head work is fp32)."""
         Sb = k_blk.shape[0]
-        if out is None:
-            if self.xf is None:  # the fp32 per-head buffer only the mixtures need
-                self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
-            out = self.xf[: Tc * H * Sb].view(Tc, H, Sb)
-        if dt == torch.float32 and out.is_contiguous():
-            torch.mm(qm, k_blk.t(), out=out.view(Tc * H, Sb))
+        if self.xf is None:  # the fp32 per-head buffer only the mixtures need
+            self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
+        if dt == torch.float32:
+            f = torch.mm(qm, k_blk.t(), out=self.xf[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb)
         else:
             x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb))
-            out.copy_(x.view(Tc, H, Sb))
-        return out if ks_blk is None else out.mul_(ks_blk)
+            f = self.xf[: Tc * H * Sb].view(Tc, H, Sb).copy_(x.view(Tc, H, Sb))
+        return f if ks_blk is None else f.mul_(ks_blk)
 
     def mixture_scores(self, qm, k_blk, w, ks_blk, dt):
         """score="mixture" into reused buffers: fp32 [Tc, Sb] = logsumexp_h(w[:, h] + dot_h * ks), in
