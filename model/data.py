@@ -141,30 +141,35 @@ class Example:
     question: str
     answer: str
     task: str
+    # Values (or, for vt, variable names) planted in the documents that are not the answer: what a
+    # model that found the needles but confused them would say. Drawn without touching the rng, so
+    # adding this field left every seeded example as it was.
+    distractors: tuple[str, ...] = ()
 
     def ids(self, tok: ByteTokenizer) -> list[int]:
         return tok.prompt_ids(self.documents, self.question) + tok.encode(self.answer) + [tok.eos_id]
 
 
-def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
-    """-> (needle snippets in document order, question, answer)."""
+def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str, tuple[str, ...]]:
+    """-> (needle snippets in document order, question, answer, distractor values)."""
     if task in ("niah_single", "niah_multikey"):
         ent, attr, val = _entity(rng), rng.choice(_ATTRS), _value(rng)
-        needles = [render_fact(rng, ent, attr, val)]
+        needles, others = [render_fact(rng, ent, attr, val)], []
         if task == "niah_multikey":  # distractors: same attribute other entities, same entity other attributes
             for _ in range(rng.randint(3, 6)):
                 e2 = ent if rng.random() < 0.25 else _entity(rng)
                 a2 = rng.choice([a for a in _ATTRS if a != attr]) if e2 == ent else attr
-                needles.append(render_fact(rng, e2, a2, _value(rng)))
+                others.append(_value(rng))
+                needles.append(render_fact(rng, e2, a2, others[-1]))
             rng.shuffle(needles)
-        return needles, render_question(rng, ent, attr), val
+        return needles, render_question(rng, ent, attr), val, tuple(others)
     if task == "niah_multivalue":
         ent, attr = _entity(rng), rng.choice(_ATTRS)
         vals = [_value(rng) for _ in range(rng.randint(2, 4))]
         needles = [f"One of the {attr} values of {ent} is {v}." if rng.random() < 0.5 else
                    f"{ent} also lists {v} as a {attr}." for v in vals]
         q = f"What are all the {attr} values of {ent}?"
-        return needles, q, ", ".join(vals)
+        return needles, q, ", ".join(vals), ()
     if task == "niah_multiquery":
         attr = rng.choice(_ATTRS)
         facts = [(_entity(rng), attr, _value(rng)) for _ in range(rng.randint(2, 3))]
@@ -175,7 +180,7 @@ def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
         q = f"What are the {attr} values of {', '.join(names[:-1])} and {names[-1]}?"
         ans = ", ".join(facts[i][2] for i in order)
         rng.shuffle(needles)
-        return needles, q, ans
+        return needles, q, ans, ()
     if task == "vt":
         val = str(rng.randint(10000, 99999))
         names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(rng.randint(2, 4))]
@@ -184,17 +189,18 @@ def _needles(rng: random.Random, task: str) -> tuple[list[str], str, str]:
         d = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(2)]
         needles += [f"VAR {d[0]} = {rng.randint(10000, 99999)}.", f"VAR {d[1]} = VAR {d[0]}."]
         q = f"Which variables are assigned the value {val}? List them in order."
-        return needles, q, ", ".join(names)
+        return needles, q, ", ".join(names), (", ".join(d),)
     if task == "quote":
         ent, attr, val = _entity(rng), rng.choice(_ATTRS), _value(rng)
         fact = render_fact(rng, ent, attr, val)
         q = rng.choice((f"Quote the sentence about the {attr} of {ent}.", f"Which line mentions {ent}'s {attr}?",
                         f"Repeat what the documents say about the {attr} of {ent}."))
-        return [fact], q, fact
+        return [fact], q, fact, ()
     if task == "fact":
         rows = [(_entity(rng), rng.choice(_ATTRS), _value(rng)) for _ in range(rng.randint(3, 6))]
-        e, a, v = rows[rng.randrange(len(rows))]
-        return [render_table(rng, rows)], render_question(rng, e, a), v
+        i = rng.randrange(len(rows))
+        e, a, v = rows[i]
+        return [render_table(rng, rows)], render_question(rng, e, a), v, tuple(r[2] for j, r in enumerate(rows) if j != i)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
@@ -219,7 +225,7 @@ def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenize
     tok = tok or ByteTokenizer()
     if task == "recite":
         return recite_example(rng, n_tokens)
-    needles, question, answer = _needles(rng, task)
+    needles, question, answer, distractors = _needles(rng, task)
     # Names that the filler mentions (other entities than the needles').
     names = tuple(_entity(rng) for _ in range(rng.randint(1, 3)))
     n_docs = max(1, min(rng.randint(1, 4), n_tokens // 200 or 1))
@@ -265,7 +271,7 @@ def make_example(rng: random.Random, task: str, n_tokens: int, tok: ByteTokenize
         elif layout < 0.4:
             text = hard_wrap(text, rng.randint(50, 100))
         docs.append((f"{rng.choice(_DOCNAMES)}_{i + 1}.{rng.choice(('txt', 'md', 'pdf'))}", text))
-    return Example(docs, question, answer, task)
+    return Example(docs, question, answer, task, distractors)
 
 
 def hard_wrap(text: str, width: int) -> str:

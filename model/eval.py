@@ -31,6 +31,7 @@ import torch
 
 from model import data
 from model.cache import new_sequence_cache
+from model.failure_kinds import failure_kind
 from model.load import build_model, load_model
 from model.tokenizer import ByteTokenizer
 
@@ -46,8 +47,10 @@ def load_any(path: str, device="cpu"):
 
 
 @torch.no_grad()
-def answer_correct(model, ids: list[int], a0: int, chunk: int = 4096) -> tuple[bool, float]:
-    """-> (greedy exact match of ids[a0:], prefill seconds)."""
+def answer_correct(model, ids: list[int], a0: int, chunk: int = 4096, eos: int | None = None
+                   ) -> tuple[bool, float, list[int] | None]:
+    """-> (greedy exact match of ids[a0:], prefill seconds, the model's own answer tokens when it
+    is wrong and `eos` is given, else None)."""
     dev = next(model.parameters()).device
     x = torch.tensor([ids[:-1]], device=dev)
     cache = [new_sequence_cache(model.cfg.num_hidden_layers, capacity=len(ids))]
@@ -59,7 +62,23 @@ def answer_correct(model, ids: list[int], a0: int, chunk: int = 4096) -> tuple[b
             preds.append(logits[0, lo - s:].argmax(-1))
     dt = time.perf_counter() - t0
     pred = torch.cat(preds).tolist()
-    return pred == ids[a0:], dt
+    ok = pred == ids[a0:]
+    return ok, dt, (None if ok or eos is None else _greedy_after_mismatch(model, cache, ids, a0, pred, eos))
+
+
+def _greedy_after_mismatch(model, cache, ids, a0, pred, eos, extra: int = 16) -> list[int]:
+    """The greedy answer, continued from the first wrong token of the teacher-forced pass. The cache
+    holds the prompt and the true answer; rows past the current position are overwritten or never
+    read (attention reads up to the current position only)."""
+    dev = next(model.parameters()).device
+    j = next(i for i, (p, t) in enumerate(zip(pred, ids[a0:])) if p != t)
+    out = ids[a0: a0 + j] + [pred[j]]
+    limit = len(ids) - a0 + extra
+    while out[-1] != eos and len(out) < limit:
+        pos = a0 + len(out) - 1
+        logits = model(torch.tensor([[out[-1]]], device=dev), pos, cache)
+        out.append(int(logits[0, -1].argmax()))
+    return out[:-1] if out[-1] == eos else out
 
 
 def set_dense(model, dense: bool):
@@ -165,12 +184,16 @@ def main(argv=None):
                 set_dense(model, mode == "dense")
                 ok, secs, toks, per = 0, 0.0, 0, []
                 for i, (ids, a0) in enumerate(enc):
-                    c, dt = answer_correct(model, ids, a0)
+                    c, dt, got = answer_correct(model, ids, a0, eos=tok.eos_id)
                     ok += c
-                    secs += dt
+                    secs += dt  # prefill only: the decode of a wrong answer is not timed
                     toks += len(ids) - 1
                     # The id names the example: the same seed, task, length and count draw the same ones.
-                    per.append({"example": f"{a.seed}-{task}-{n}-{ns}-{i}", "tokens": len(ids), "correct": bool(c)})
+                    rec = {"example": f"{a.seed}-{task}-{n}-{ns}-{i}", "tokens": len(ids), "correct": bool(c)}
+                    if got is not None:
+                        rec["output"] = tok.decode(got)
+                        rec["failure"] = failure_kind(exs[i], rec["output"])
+                    per.append(rec)
                 res["samples"].setdefault(mode, {}).setdefault(task, {})[str(n)] = per
                 cell = {"acc": ok / ns, "n": ns, "tokens_mean": toks / ns, "prefill_tok_s": toks / secs, "seconds": secs}
                 res["accuracy"].setdefault(mode, {}).setdefault(task, {})[str(n)] = cell

@@ -46,16 +46,21 @@ def test_answer_correct_is_greedy_exact_match(tiny):
     for i in range(3):
         ids, a0 = data.encode(data.make_example(rng, "niah_single", 700, tok, depth=(i + 0.5) / 3), tok)
         decoded = greedy_decode(tiny, ids[:a0], len(ids) - a0)
-        ok, secs = answer_correct(tiny, ids, a0, chunk=256)  # several prefill chunks
+        ok, secs, got = answer_correct(tiny, ids, a0, chunk=256, eos=tok.eos_id)  # several prefill chunks
         assert ok == (decoded == ids[a0:])
         assert secs > 0
         verdicts.append(ok)
-        # The same prompt with one answer byte changed: the greedy decode no longer matches it.
+        # The same prompt with one answer byte changed: the greedy decode no longer matches it, and
+        # the output that answer_correct reports for it is the real greedy decode up to <eos>.
         wrong = list(ids)
         wrong[a0 + 1] = tok.encode("#")[0] if wrong[a0 + 1] != tok.encode("#")[0] else tok.encode("%")[0]
-        bad, _ = answer_correct(tiny, wrong, a0, chunk=256)
+        bad, _, got = answer_correct(tiny, wrong, a0, chunk=256, eos=tok.eos_id)
         assert bad == (decoded == wrong[a0:])
         assert not (ok and bad)
+        if not bad:
+            full = greedy_decode(tiny, ids[:a0], len(ids) - a0 + 16)
+            want = full[: full.index(tok.eos_id)] if tok.eos_id in full else full
+            assert got == want
     # dsa-tiny answers short single-needle questions (100% at 1k in the model card): the metric
     # must be seen saying yes, not only no.
     assert any(verdicts)

@@ -1,0 +1,51 @@
+"""Why a wrong answer was wrong: sort a model's free-running output on a model/data.py example
+into one failure kind, so the eval can say whether a task fails at finding the needle, at telling
+similar needles apart, or at copying what it found.
+
+Kinds, in the order they are tried (the first that fits):
+- "order": the answer's items, all of them, in another order (multi-query, multi-value, vt);
+- "distractor": the output, or one of its items, is a value planted in the documents for another
+  key (another entity's or attribute's value, another table row, the other variable chain);
+- "near copy": within 2 edits (or a tenth of the answer's length) of the answer: found and
+  mis-copied, such as a digit dropped from a run of zeros;
+- "partial": some of the answer's items, not all;
+- "other": none of these (not found, or made up).
+
+    from model.failure_kinds import failure_kind
+    failure_kind(example, "4120000")  # -> "near copy" when the answer is "41200000"
+"""
+
+from __future__ import annotations
+
+KINDS = ("order", "distractor", "near copy", "partial", "other")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), O(len(a) len(b))."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def failure_kind(example, output: str) -> str:
+    """The kind (one of KINDS) of a wrong `output` to `example` (a model.data.Example)."""
+    out, ans = output.strip(), example.answer.strip()
+    got, want = _items(out), _items(ans)
+    if len(want) > 1 and sorted(got) == sorted(want):
+        return "order"
+    planted = {d.strip() for d in example.distractors} | {i for d in example.distractors for i in _items(d)}
+    if out in planted or any(g in planted and g not in want for g in got):
+        return "distractor"
+    if edit_distance(out, ans) <= max(2, len(ans) // 10):
+        return "near copy"
+    if set(got) & set(want):
+        return "partial"
+    return "other"
