@@ -18,6 +18,7 @@ import torch
 from model import data, eval_report
 from model.cache import new_sequence_cache
 from model.eval import answer_correct, main as eval_main
+from model.failure_kinds import KINDS
 from model.load import load_model
 from model.tokenizer import ByteTokenizer
 
@@ -79,6 +80,10 @@ def test_eval_file_cells_samples_and_report(tmp_path):
             assert cell["n"] == len(recs) == 3
             assert cell["acc"] == pytest.approx(sum(r["correct"] for r in recs) / 3)
             assert [r["example"] for r in recs] == [f"1234-{task}-600-3-{i}" for i in range(3)]
+            for r in recs:  # a wrong answer keeps the model's own output and its failure kind
+                assert ("failure" in r) == (not r["correct"]) and r.get("failure", "other") in KINDS
+    wrong = sum(not r["correct"] for m in res["samples"].values() for t in m.values() for r in t["600"])
+    assert sum(sum(c.values()) for c in eval_report.failures([str(out), str(out)]).values()) == wrong
     rec = res["recall"][0]
     assert rec["tokens"] == 600 and len(rec["recall_per_layer"]) == 4
     assert 0.0 < rec["recall"] <= 1.0 and 0.0 < rec["mass"] <= 1.0
@@ -119,3 +124,15 @@ def test_sign_test():
     assert eval_report.sign_test(0, 7) == eval_report.sign_test(7, 0)
     # 8 discordant pairs split 7:1: P(X <= 1) = 9 / 256, doubled.
     assert eval_report.sign_test(7, 1) == pytest.approx(18 / 256)
+
+
+def test_paired_difference_and_length_lines():
+    # 100 pairs, 6 only DSA right, 2 only dense: +4 points, se = sqrt(8 - 100 * 0.04^2) / 100
+    d, lo, hi = eval_report.paired_difference(6, 2, 100)
+    se = (8 - 100 * 0.04 ** 2) ** 0.5 / 100
+    assert d == pytest.approx(4.0) and lo == pytest.approx(100 * (0.04 - 1.96 * se)) and hi == pytest.approx(100 * (0.04 + 1.96 * se))
+    assert eval_report.paired_difference(0, 0, 10) == (0.0, 0.0, 0.0)
+    pc = {("a", 1024): {"both": 5, "dsa_only": 1, "dense_only": 0, "neither": 4},
+          ("b", 1024): {"both": 0, "dsa_only": 0, "dense_only": 3, "neither": 7}}
+    (line,) = eval_report.length_lines(pc)
+    assert "20 paired examples of 2 tasks" in line and "DSA 30.0%" in line and "dense 40.0%" in line and "-10.0 points" in line
