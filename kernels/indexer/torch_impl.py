@@ -79,16 +79,19 @@ class _Scratch:
         f = s.view(Tc, Sb) if self.f is None else self.f[: Tc * Sb].view(Tc, Sb).copy_(s.view(Tc, Sb))
         return f if ks_blk is None else f.mul_(ks_blk)
 
-    def dots(self, qm, k_blk, ks_blk, dt, Tc, H):
-        """fp32 [Tc, H, Sb] = q.k * ks in a reused buffer (the mixtures' per-head work is fp32)."""
+    def dots(self, qm, k_blk, ks_blk, dt, Tc, H, out=None):
+        """fp32 [Tc, H, Sb] = q.k * ks, into `out` (contiguous fp32 [Tc, H, Sb]) or a reused buffer
+        (the mixtures' per-head work is fp32)."""
         Sb = k_blk.shape[0]
-        if self.xf is None:  # the fp32 per-head buffer only the mixtures need
-            self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
+        if out is None:
+            if self.xf is None:  # the fp32 per-head buffer only the mixtures need
+                self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
+            out = self.xf[: Tc * H * Sb].view(Tc, H, Sb)
         if dt == torch.float32:
-            f = torch.mm(qm, k_blk.t(), out=self.xf[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb)
+            f = torch.mm(qm, k_blk.t(), out=out.view(Tc * H, Sb)).view(Tc, H, Sb)
         else:
             x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb))
-            f = self.xf[: Tc * H * Sb].view(Tc, H, Sb).copy_(x.view(Tc, H, Sb))
+            f = out.copy_(x.view(Tc, H, Sb))
         return f if ks_blk is None else f.mul_(ks_blk)
 
     def mixture_scores(self, qm, k_blk, w, ks_blk, dt):
@@ -106,30 +109,34 @@ def _softmax_mixture_rows(row, e, scratch, qm, k, w, k_scale, p_first, p_last, s
     """score="softmax_mixture" for one chunk of queries: row [Tc, s_end] <- exp(I - max_h w) with I
     the "mixture" score of w - head_lse, i.e. sum_h softmax(w)_h softmax_h(dot) up to a row factor.
 
-    One pass over the keys: per block, e [Tc, H, s_end] (fp32) keeps exp(dot - the block's max) and
-    an online sum gives each head's normalizer z relative to its running max m. The ranking then
-    needs no second GEMM or exp: block b's keys score sum_h c_h exp(bm_bh - m_h) e_h with
-    c = exp(w - max_h w) / z, a head-weighted sum like the ReLU path's (no max, no log per key;
-    every exponent <= 0, so no overflow). Keys whose every head sits more than ~87 nats below its
-    maximum come out as 0 (fp32 underflow) and tie among themselves."""
+    One pass over the keys: per block, a slice of e (flat fp32, >= Tc * H * s_end) receives the
+    block's dots [Tc, H, Sb] straight from the GEMM and turns them in place into exp(dot - the
+    block's max), while an online sum gives each head's normalizer z relative to its running max m.
+    Each block owns a contiguous slice, so no pass copies the exps out of a scratch buffer (that
+    copy was a fifth of the selection's time). The ranking then needs no second GEMM or exp: block
+    b's keys score sum_h c_h exp(bm_bh - m_h) e_h with c = exp(w - max_h w) / z, a head-weighted sum
+    like the ReLU path's (no max, no log per key; every exponent <= 0, so no overflow). Keys whose
+    every head sits more than ~87 nats below its maximum come out as 0 (fp32 underflow) and tie
+    among themselves."""
     Tc, H = w.shape
     m = torch.full((Tc, H), float("-inf"), dtype=torch.float32, device=qm.device)
     z = torch.zeros(Tc, H, dtype=torch.float32, device=qm.device)
-    blocks = []
+    blocks, off = [], 0
     for s0, s1, needs_mask in _blocks(p_first, p_last, k.shape[0], s_block):
-        # the block's elementwise work on a contiguous (cache-resident) buffer, then one copy out
-        f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H)
+        eb = e[off: off + Tc * H * (s1 - s0)].view(Tc, H, s1 - s0)
+        off += eb.numel()
+        f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H, out=eb)
         if needs_mask:
             _causal_mask_(f, p_first, s0)
         bm = f.amax(-1)  # -inf where a query sees no key of this block
-        e[:, :, s0:s1] = f.sub_(bm.nan_to_num(neginf=0.0)[:, :, None]).exp_()
+        f.sub_(bm.nan_to_num(neginf=0.0)[:, :, None]).exp_()
         m_new = torch.maximum(m, bm)  # finite from block 0 on: key 0 is causal for every query
         z = z * (m - m_new).exp() + f.sum(-1) * (bm - m_new).exp()
         m = m_new
-        blocks.append((s0, s1, needs_mask, bm))
+        blocks.append((s0, s1, needs_mask, bm, f))
     c = (w - w.amax(-1, keepdim=True)).exp_().div_(z)
-    for s0, s1, needs_mask, bm in blocks:
-        s = torch.bmm((c * (bm - m).exp())[:, None, :], e[:, :, s0:s1])[:, 0]
+    for s0, s1, needs_mask, bm, f in blocks:
+        s = torch.bmm((c * (bm - m).exp())[:, None, :], f)[:, 0]
         row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
 
 
@@ -200,8 +207,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
             s_end = min(S, p_last + 1)
             row = rows[: (t1 - t0) * s_end].view(t1 - t0, s_end)
             if smix:
-                e = exps[: (t1 - t0) * H * s_end].view(t1 - t0, H, s_end)
-                _softmax_mixture_rows(row, e, scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
+                _softmax_mixture_rows(row, exps, scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
             else:
                 for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
                     ks = None if k_scale is None else k_scale[s0:s1]
