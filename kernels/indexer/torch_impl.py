@@ -105,38 +105,57 @@ class _Scratch:
         return f.sum(1).log_().add_(m[:, 0])
 
 
-def _softmax_mixture_rows(row, e, scratch, qm, k, w, k_scale, p_first, p_last, s_block, dt):
+def _softmax_mixture_rows(row, e, scratch, qm, k, k1, w, k_scale, p_first, p_last, s_block, dt):
     """score="softmax_mixture" for one chunk of queries: row [Tc, s_end] <- exp(I - max_h w) with I
     the "mixture" score of w - head_lse, i.e. sum_h softmax(w)_h softmax_h(dot) up to a row factor.
 
-    One pass over the keys: per block, a slice of e (flat fp32, >= Tc * H * s_end) receives the
-    block's dots [Tc, H, Sb] straight from the GEMM and turns them in place into exp(dot - the
-    block's max), while an online sum gives each head's normalizer z relative to its running max m.
-    Each block owns a contiguous slice, so no pass copies the exps out of a scratch buffer (that
-    copy was a fifth of the selection's time). The ranking then needs no second GEMM or exp: block
-    b's keys score sum_h c_h exp(bm_bh - m_h) e_h with c = exp(w - max_h w) / z, a head-weighted sum
-    like the ReLU path's (no max, no log per key; every exponent <= 0, so no overflow). Keys whose
-    every head sits more than ~87 nats below its maximum come out as 0 (fp32 underflow) and tie
-    among themselves."""
+    One pass over the keys. Each block's dots [Tc, H, Sb] land in that block's own slice of e (flat
+    fp32, >= Tc * H * s_end) and become exps there, in place: no pass copies exps out of a scratch
+    buffer. Block 0 (every query sees key 0) is taken relative to its own max r [Tc, H]; every
+    later block relative to the same r, which the GEMM subtracts for free: q gets a column -r and
+    the keys a column of ones (k1, [S, D + 1]), so dot - r comes out of the GEMM and the block
+    needs no max pass and no subtraction, only exp and sum (half the elementwise passes). A block
+    whose dots exceed r by more than fp32's exp range (~88) overflows its sum; it is redone
+    against its own max. Each block b then holds exps relative to its reference ref_b, and an
+    online sum gives each head's normalizer z relative to m = max_b ref_b. The ranking needs no
+    second GEMM or exp: block b's keys score sum_h c_h exp(ref_bh - m_h) e_h with
+    c = exp(w - max_h w) / z, a head-weighted sum like the ReLU path's (no max, no log per key).
+    Keys whose every head sits more than ~87 nats below its reference come out as 0 (fp32
+    underflow) and tie among themselves. k1 is None with k_scale (FP8 keys): every block then
+    takes its own max."""
     Tc, H = w.shape
-    m = torch.full((Tc, H), float("-inf"), dtype=torch.float32, device=qm.device)
-    z = torch.zeros(Tc, H, dtype=torch.float32, device=qm.device)
-    blocks, off = [], 0
+    blocks, off, q1 = [], 0, None
     for s0, s1, needs_mask in _blocks(p_first, p_last, k.shape[0], s_block):
-        eb = e[off: off + Tc * H * (s1 - s0)].view(Tc, H, s1 - s0)
+        Sb = s1 - s0
+        eb = e[off: off + Tc * H * Sb].view(Tc, H, Sb)
         off += eb.numel()
-        f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H, out=eb)
-        if needs_mask:
-            _causal_mask_(f, p_first, s0)
-        bm = f.amax(-1)  # -inf where a query sees no key of this block
-        f.sub_(bm.nan_to_num(neginf=0.0)[:, :, None]).exp_()
-        m_new = torch.maximum(m, bm)  # finite from block 0 on: key 0 is causal for every query
-        z = z * (m - m_new).exp() + f.sum(-1) * (bm - m_new).exp()
-        m = m_new
-        blocks.append((s0, s1, needs_mask, bm, f))
+        f = None
+        if q1 is not None:
+            if dt == torch.float32:
+                f = torch.mm(q1, k1[s0:s1].t(), out=eb.view(Tc * H, Sb)).view(Tc, H, Sb)
+            else:
+                f = eb.copy_(torch.mm(q1, k1[s0:s1].t(), out=scratch.x[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb))
+            if needs_mask:
+                _causal_mask_(f, p_first, s0)
+            zb = f.exp_().sum(-1)
+            ref = r
+            if not torch.isfinite(zb).all():
+                f = None  # overflow: redo this block against its own max
+        if f is None:
+            f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H, out=eb)
+            if needs_mask:
+                _causal_mask_(f, p_first, s0)
+            ref = f.amax(-1).nan_to_num_(neginf=0.0)  # 0 where a query sees no key of this block
+            zb = f.sub_(ref[:, :, None]).exp_().sum(-1)
+            if q1 is None and k1 is not None:  # block 0: its max is the reference of every later block
+                q1 = torch.cat([qm, -ref.reshape(-1, 1).to(dt)], 1)
+                r = -q1[:, -1].float().view(Tc, H)  # as the GEMM sees it (rounded to dt)
+        blocks.append((s0, s1, needs_mask, ref, zb, f))
+    m = torch.stack([b[3] for b in blocks]).amax(0)
+    z = sum(zb * (ref - m).exp() for _, _, _, ref, zb, _ in blocks)
     c = (w - w.amax(-1, keepdim=True)).exp_().div_(z)
-    for s0, s1, needs_mask, bm, f in blocks:
-        s = torch.bmm((c * (bm - m).exp())[:, None, :], f)[:, 0]
+    for s0, s1, needs_mask, ref, _, f in blocks:
+        s = torch.bmm((c * (ref - m).exp())[:, None, :], f)[:, 0]
         row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
 
 
@@ -198,6 +217,8 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
     scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
     rows = torch.empty(min(tc, T) * S, dtype=torch.float32, device=q.device)
     exps = torch.empty(min(tc, T) * H * S if smix else 0, dtype=torch.float32, device=q.device)
+    # softmax_mixture: the keys with a column of ones, so the GEMM also subtracts each query's reference
+    k1 = torch.cat([k.to(dt), torch.ones(S, 1, dtype=dt, device=k.device)], 1) if smix and k_scale is None else None
     block_scores = scratch.mixture_scores if score == "mixture" else scratch.scores
     with torch.no_grad():
         for t0 in range(0, T, tc):
@@ -207,7 +228,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
             s_end = min(S, p_last + 1)
             row = rows[: (t1 - t0) * s_end].view(t1 - t0, s_end)
             if smix:
-                _softmax_mixture_rows(row, exps, scratch, qm, k, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
+                _softmax_mixture_rows(row, exps, scratch, qm, k, k1, w[t0:t1], k_scale, p_first, p_last, s_block, dt)
             else:
                 for s0, s1, needs_mask in _blocks(p_first, p_last, S, s_block):
                     ks = None if k_scale is None else k_scale[s0:s1]
