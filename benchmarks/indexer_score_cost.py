@@ -4,6 +4,8 @@ softmax_mixture (normalizer pass + mixture top-k, fused in one call; "_2pass" as
 context, through the kernels' torch path. Ratios to relu 4x32 in the same run.
 
     .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --out benchmarks/results/indexer_score_cost.json
+    .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --dtype fp32 \
+        --out benchmarks/results/indexer_score_cost_fp32.json     # the dtype the CPU model runs in
     .venv/bin/python benchmarks/indexer_score_cost.py --threads 1 --topk-only --repeats 7 \
         --out benchmarks/results/indexer_topk_step.json
 
@@ -79,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="median of this many timings per form")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="q and k (the CPU model runs fp32)")
     ap.add_argument("--topk-only", action="store_true", help="time the top-k step alone (min of --repeats)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -93,12 +96,13 @@ def main(argv=None):
     times = {}
     for form, H, D in FORMS:
         g = torch.Generator().manual_seed(1)
-        q = (torch.randn(T, H, D, generator=g) * D**-0.5).bfloat16()
-        k, w = torch.randn(S, D, generator=g).bfloat16(), torch.randn(T, H, generator=g)
+        dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        q = (torch.randn(T, H, D, generator=g) * D**-0.5).to(dt)
+        k, w = torch.randn(S, D, generator=g).to(dt), torch.randn(T, H, generator=g)
         runs = [timed(lambda: select(q, k, w, a.topk, S - T, form)) for _ in range(a.repeats)]
         times[f"{form} {H}x{D}"] = sorted(runs)[len(runs) // 2]
     base = times["relu 4x32"]
-    res = {"queries": T, "keys": S, "topk": a.topk, "threads": a.threads, "dtype": "bf16", "seconds": times,
+    res = {"queries": T, "keys": S, "topk": a.topk, "threads": a.threads, "dtype": a.dtype, "seconds": times,
            "ratio_to_relu_4x32": {f: round(t / base, 2) for f, t in times.items()}}
     for f, t in times.items():
         print(f"{f:22s} {t:6.3f} s  {t / base:4.2f}x")

@@ -138,15 +138,17 @@ def test_head_lse_matches_naive(backend, small_blocks, case, dtype):
     assert rms_ratio(out, ref) < TOL[dtype]  # bf16: the GEMM's outputs round to ~2^-9 relative
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-k-scale", "k-scale"])
 @pytest.mark.parametrize("dtype", MIX_DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_softmax_mixture_topk_matches_naive(backend, small_blocks, case, dtype):
+def test_softmax_mixture_topk_matches_naive(backend, small_blocks, case, dtype, scaled):
     """indexer_topk(score="softmax_mixture"): each head's softmax over the causal keys, mixed with
-    weights softmax(w); the torch backend ranks in probability space in one call."""
+    weights softmax(w); the torch backend ranks in probability space in one call. Without key
+    scales it takes its fast path (block 0's max subtracted by the GEMM), with them the per-block max."""
     T, S, sp, H, D, topk = case
     q, k, w, _ = make_inputs(T, S, H, D, dtype, seed=8)
     q = q * 2  # peakier heads than make_inputs gives, so the per-head normalizers differ
-    ks = key_scale(S, seed=9)
+    ks = key_scale(S, seed=9) if scaled else torch.ones(S, device=DEVICE)
     lse = naive.indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
     ref_scores = naive.indexer_logits(q, k, w - lse, k_scale=ks, start_pos=sp, score="mixture")
     # the oracle itself: log of the softmax(w)-weighted mixture of per-head softmaxes (+ a row constant)
@@ -157,8 +159,25 @@ def test_softmax_mixture_topk_matches_naive(backend, small_blocks, case, dtype):
     assert torch.allclose(got_row - got_row.max(), mix - mix.max(), atol=1e-4)
     ref = naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
     assert torch.equal(ref, naive.indexer_topk(q, k, w - lse, topk, k_scale=ks, start_pos=sp, score="mixture"))
-    idx = indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
+    idx = indexer_topk(q, k, w, topk, k_scale=ks if scaled else None, start_pos=sp, score="softmax_mixture")
     check_topk(idx, ref, ref_scores, case, dtype)
+
+
+def test_softmax_mixture_topk_survives_dots_far_above_the_first_block(small_blocks):
+    """Keys after block 0 whose dots exceed block 0's max by more than fp32's exp range: the
+    torch path's reference (block 0's max) would overflow there, so it must redo those blocks
+    against their own max and still rank like the naive reference."""
+    T, S, H, D, topk = 5, 300, 3, 16, 20
+    q, k, w, _ = make_inputs(T, S, H, D, torch.float32, seed=11)
+    q[..., 0], k[:, 0] = 10.0, 0.0  # dimension 0 shifts every key's dots in every head alike:
+    k[:48, 0] = -12.0  # block 0 (48 keys under small_blocks) sits 120 below the rest
+    sp = S - T
+    idx = indexer_topk(q, k, w, topk, start_pos=sp, score="softmax_mixture")
+    ref = naive.indexer_topk(q, k, w, topk, start_pos=sp, score="softmax_mixture")
+    lse = naive.indexer_head_lse(q, k, start_pos=sp)
+    scores = naive.indexer_logits(q, k, w - lse, start_pos=sp, score="mixture")
+    assert torch.isfinite(scores.gather(1, idx.long())).all()
+    check_topk(idx, ref, scores, (T, S, sp, H, D, topk), torch.float32)
 
 
 def test_mixture_score_refuses_fp8_and_unknown_scores():
