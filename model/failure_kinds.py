@@ -8,16 +8,25 @@ Kinds, in the order they are tried (the first that fits):
   key (another entity's or attribute's value, another table row, the other variable chain);
 - "near copy": within 2 edits (or a tenth of the answer's length) of the answer: found and
   mis-copied, such as a digit dropped from a run of zeros;
+- "near distractor": a near copy (as above) of a distractor value: the wrong needle, mis-copied;
 - "partial": some of the answer's items, not all;
 - "other": none of these (not found, or made up).
 
     from model.failure_kinds import failure_kind
     failure_kind(example, "4120000")  # -> "near copy" when the answer is "41200000"
+
+    # sort the recorded outputs of eval files again (after a change here), in place:
+    .venv/bin/python -m model.failure_kinds benchmarks/results/eval_dsa-tiny_tasks_seed41*.json
 """
 
 from __future__ import annotations
 
-KINDS = ("order", "distractor", "near copy", "partial", "other")
+import argparse
+import json
+import random
+from pathlib import Path
+
+KINDS = ("order", "distractor", "near copy", "near distractor", "partial", "other")
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -29,6 +38,10 @@ def edit_distance(a: str, b: str) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1]
+
+
+def _near(a: str, b: str) -> bool:
+    return edit_distance(a, b) <= max(2, len(b) // 10)
 
 
 def _items(text: str) -> list[str]:
@@ -44,8 +57,46 @@ def failure_kind(example, output: str) -> str:
     planted = {d.strip() for d in example.distractors} | {i for d in example.distractors for i in _items(d)}
     if out in planted or any(g in planted and g not in want for g in got):
         return "distractor"
-    if edit_distance(out, ans) <= max(2, len(ans) // 10):
+    if _near(out, ans):
         return "near copy"
+    if any(_near(out, d) for d in planted):
+        return "near distractor"
     if set(got) & set(want):
         return "partial"
     return "other"
+
+
+def example_of(example_id: str, max_positions: int = 131072):
+    """The model/data.py example that model/eval.py named `example_id` ("seed-task-length-count-i")."""
+    from model import data
+
+    seed, rest = example_id.split("-", 1)
+    task, n, ns, i = rest.rsplit("-", 3)
+    n, ns, i = int(n), int(ns), int(i)
+    rng = random.Random(f"{seed}-{task}-{n}")
+    gen_n = min(n, max_positions - 1024)  # as model/eval.py draws them
+    exs = [data.make_example(rng, task, gen_n, depth=(j + 0.5) / ns) for j in range(i + 1)]
+    return exs[i]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="model/eval.py result files (rewritten in place)")
+    a = ap.parse_args(argv)
+    for p in a.files:
+        res = json.loads(Path(p).read_text())
+        changed = 0
+        for tasks in res.get("samples", {}).values():
+            for by_len in tasks.values():
+                for recs in by_len.values():
+                    for rec in recs:
+                        if "output" in rec:
+                            kind = failure_kind(example_of(rec["example"]), rec["output"])
+                            changed += kind != rec.get("failure")
+                            rec["failure"] = kind
+        Path(p).write_text(json.dumps(res, indent=1))
+        print(f"{p}: {changed} failure kinds changed")
+
+
+if __name__ == "__main__":
+    main()

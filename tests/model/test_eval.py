@@ -18,7 +18,7 @@ import torch
 from model import data, eval_report
 from model.cache import new_sequence_cache
 from model.eval import answer_correct, main as eval_main
-from model.failure_kinds import KINDS
+from model.failure_kinds import KINDS, example_of, failure_kind
 from model.load import load_model
 from model.tokenizer import ByteTokenizer
 
@@ -82,6 +82,11 @@ def test_eval_file_cells_samples_and_report(tmp_path):
             assert [r["example"] for r in recs] == [f"1234-{task}-600-3-{i}" for i in range(3)]
             for r in recs:  # a wrong answer keeps the model's own output and its failure kind
                 assert ("failure" in r) == (not r["correct"]) and r.get("failure", "other") in KINDS
+                # the id names the example: failure_kinds draws it again, the same length in tokens
+                ex = example_of(r["example"])
+                assert ex.task == task and len(data.encode(ex, ByteTokenizer())[0]) == r["tokens"]
+                if "output" in r:
+                    assert failure_kind(ex, r["output"]) == r["failure"]
     wrong = sum(not r["correct"] for m in res["samples"].values() for t in m.values() for r in t["600"])
     assert sum(sum(c.values()) for c in eval_report.failures([str(out), str(out)]).values()) == wrong
     rec = res["recall"][0]

@@ -21,7 +21,8 @@ def ex(answer, distractors=(), task="niah_multikey"):
 @pytest.mark.parametrize("output, kind", [
     ("4120000", "near copy"),        # a zero dropped from the run
     ("55512", "distractor"),         # another key's value
-    ("5512", "other"),               # a near copy of a distractor is not "near copy" of the answer
+    ("5512", "near distractor"),     # another key's value, mis-copied
+    ("90210111", "other"),
     ("hello", "other"),
 ])
 def test_single_answer_kinds(output, kind):
