@@ -1,9 +1,11 @@
 """Benchmark: a long prefill of dsa-tiny on this CPU (random weights are fine: the cost does not
 depend on them), chunked through the latent/indexer caches so memory stays O(L * k), not O(L^2).
-Reports tokens/s per context length and the peak RSS of the process; JSON is the last line.
+Reports tokens/s per context length, the seconds spent in the indexer's top-k selection (the
+share that the lightning indexer costs), and the peak RSS of the process; JSON is the last line.
 
     .venv/bin/python benchmarks/model_prefill.py                      # 128k (the issue's check)
     .venv/bin/python benchmarks/model_prefill.py --lengths 4096 --chunk 1024   # quick
+    .venv/bin/python benchmarks/model_prefill.py --lengths 16384 32768 --out benchmarks/results/model_prefill_16k-32k.json
 Progress goes to stderr.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model.model as model_module  # noqa: E402
 from model.cache import new_sequence_cache  # noqa: E402
 from model.load import load_model  # noqa: E402
 
@@ -37,9 +40,24 @@ def correctness_gate(model) -> float:
     return (torch.cat(parts, 1) - full).abs().max().item()
 
 
-def prefill(model, L: int, chunk: int) -> dict:
+class SelectionTimer:
+    """Wraps the model's indexer_topk to add up the seconds spent in it."""
+
+    def __init__(self):
+        self.seconds, self._f = 0.0, model_module.indexer_topk
+        model_module.indexer_topk = self
+
+    def __call__(self, *args, **kw):
+        t = time.perf_counter()
+        out = self._f(*args, **kw)
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+def prefill(model, L: int, chunk: int, timer: SelectionTimer) -> dict:
     ids = torch.randint(8, model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
     cache = [new_sequence_cache(model.cfg.num_hidden_layers, capacity=L)]
+    timer.seconds = 0.0
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, L, chunk):
@@ -47,7 +65,9 @@ def prefill(model, L: int, chunk: int) -> dict:
             print(f"  {s + chunk} / {L} tokens, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     assert torch.isfinite(logits).all()
-    return {"tokens": L, "seconds": round(dt, 2), "tokens_per_s": round(L / dt, 1), "peak_rss_gb": round(peak_rss_gb(), 3)}
+    return {"tokens": L, "seconds": round(dt, 2), "tokens_per_s": round(L / dt, 1),
+            "selection_s": round(timer.seconds, 2), "selection_share": round(timer.seconds / dt, 3),
+            "peak_rss_gb": round(peak_rss_gb(), 3)}
 
 
 def main():
@@ -66,11 +86,12 @@ def main():
     if err > 1e-3:
         print(json.dumps({"error": f"correctness gate failed: chunked vs full max diff {err}"}))
         sys.exit(1)
-    runs = []
+    runs, timer = [], SelectionTimer()
     for L in a.lengths:
-        runs.append(prefill(model, L, a.chunk))
+        runs.append(prefill(model, L, a.chunk, timer))
         print(runs[-1], flush=True)
-    res = {"benchmark": "model_prefill", "model": "dsa-tiny", "dtype": a.dtype, "chunk": a.chunk,
+    res = {"benchmark": "model_prefill", "model": "dsa-tiny", "index_score": model.cfg.index_score,
+           "index_heads": model.cfg.index_n_heads, "index_head_dim": model.cfg.index_head_dim, "dtype": a.dtype, "chunk": a.chunk,
            "threads": torch.get_num_threads(), "gate_max_diff": err, "runs": runs,
            "peak_rss_gb": round(peak_rss_gb(), 3), "rss_limit_gb": 8.0, "within_limit": peak_rss_gb() <= 8.0}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
