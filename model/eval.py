@@ -140,6 +140,9 @@ def main(argv=None):
     ap.add_argument("--recall-lengths", default="1024", help="lengths for the indexer recall ('' = skip)")
     ap.add_argument("--recall-samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--subset", default=None, metavar="A:B",
+                    help="run only examples A..B-1 of each cell (the same examples and ids as a full run: "
+                         "a slow mode can cover part of a set that the other mode ran in full)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/eval_dsa-tiny.json")
     a = ap.parse_args(argv)
@@ -178,12 +181,13 @@ def main(argv=None):
             gen_n = min(n, model.cfg.max_position_embeddings - 1024)
             exs = [data.make_example(rng, task, gen_n, tok, depth=(i + 0.5) / ns) for i in range(ns)]
             enc = [data.encode(e, tok) for e in exs]
+            lo, hi = (int(v) for v in a.subset.split(":")) if a.subset else (0, ns)
             for mode in a.modes.split(","):
                 if mode == "dense" and n > a.dense_max_len:
                     continue
                 set_dense(model, mode == "dense")
                 ok, secs, toks, per = 0, 0.0, 0, []
-                for i, (ids, a0) in enumerate(enc):
+                for i, (ids, a0) in list(enumerate(enc))[lo:hi]:
                     c, dt, got = answer_correct(model, ids, a0, eos=tok.eos_id)
                     ok += c
                     secs += dt  # prefill only: the decode of a wrong answer is not timed
@@ -195,10 +199,11 @@ def main(argv=None):
                         rec["failure"] = failure_kind(exs[i], rec["output"])
                     per.append(rec)
                 res["samples"].setdefault(mode, {}).setdefault(task, {})[str(n)] = per
-                cell = {"acc": ok / ns, "n": ns, "tokens_mean": toks / ns, "prefill_tok_s": toks / secs, "seconds": secs}
+                run = len(per)
+                cell = {"acc": ok / run, "n": run, "tokens_mean": toks / run, "prefill_tok_s": toks / secs, "seconds": secs}
                 res["accuracy"].setdefault(mode, {}).setdefault(task, {})[str(n)] = cell
                 res["speed"].setdefault(mode, {})[str(n)] = toks / secs
-                print(f"{mode:5s} {task:16s} {n:7d}: {ok}/{ns} = {100 * ok / ns:5.1f}%  ({toks / secs:.0f} tok/s)", flush=True)
+                print(f"{mode:5s} {task:16s} {n:7d}: {ok}/{run} = {100 * ok / run:5.1f}%  ({toks / secs:.0f} tok/s)", flush=True)
                 dump()
     set_dense(model, False)
     # DSA vs dense at each length (mean over tasks), and where DSA beats dense.
