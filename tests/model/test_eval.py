@@ -141,3 +141,12 @@ def test_paired_difference_and_length_lines():
           ("b", 1024): {"both": 0, "dsa_only": 0, "dense_only": 3, "neither": 7}}
     (line,) = eval_report.length_lines(pc)
     assert "20 paired examples of 2 tasks" in line and "DSA 30.0%" in line and "dense 40.0%" in line and "-10.0 points" in line
+
+
+def test_subset_runs_part_of_a_cell_with_the_full_runs_ids(tmp_path):
+    out = tmp_path / "s.json"
+    eval_main(["--model", "dsa-tiny", "--lengths", "500", "--tasks", "niah_single", "--samples", "3",
+               "--subset", "1:2", "--modes", "dsa", "--recall-lengths", "", "--out", str(out)])
+    res = json.loads(out.read_text())
+    (rec,) = res["samples"]["dsa"]["niah_single"]["500"]
+    assert rec["example"] == "1234-niah_single-500-3-1" and res["accuracy"]["dsa"]["niah_single"]["500"]["n"] == 1
