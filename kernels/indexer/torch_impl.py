@@ -145,9 +145,9 @@ def _softmax_mixture_rows(row, e, scratch, qm, k, k1, w, k_scale, p_first, p_las
             f = scratch.dots(qm, k[s0:s1], None if k_scale is None else k_scale[s0:s1], dt, Tc, H, out=eb)
             if needs_mask:
                 _causal_mask_(f, p_first, s0)
-            ref = f.amax(-1).nan_to_num_(neginf=0.0)  # 0 where a query sees no key of this block
-            zb = f.sub_(ref[:, :, None]).exp_().sum(-1)
-            if q1 is None and k1 is not None:  # block 0: its max is the reference of every later block
+            ref = f.amax(-1)  # -inf where a query sees no key of this block: it then adds nothing
+            zb = f.sub_(ref.nan_to_num(neginf=0.0)[:, :, None]).exp_().sum(-1)
+            if q1 is None and k1 is not None:  # block 0 (finite: key 0 is causal for every query) is the reference of every later block
                 q1 = torch.cat([qm, -ref.reshape(-1, 1).to(dt)], 1)
                 r = -q1[:, -1].float().view(Tc, H)  # as the GEMM sees it (rounded to dt)
         blocks.append((s0, s1, needs_mask, ref, zb, f))

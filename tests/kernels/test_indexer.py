@@ -265,3 +265,20 @@ def test_triton_fp8_v32_shape_on_gpu(monkeypatch):
     got = ref.gather(1, idx.long())
     want = ref.topk(topk, dim=1).values
     assert (got - want).abs().max() <= 2e-2 * want.pow(2).mean().sqrt()
+
+
+def test_softmax_mixture_topk_with_every_dot_far_below_zero(small_blocks):
+    """Dots near -120 for every key, with key scales (the per-block-max path): a query that sees no
+    key of a diagonal block (query chunks of 12 from position 5 cross the 48-key block edge) must
+    not give that block a reference of 0, which would push every real block's exps below fp32's
+    range (all ties) instead of ranking like the naive reference."""
+    T, sp, H, D, topk = 63, 5, 3, 16, 10
+    S = sp + T
+    q, k, w, _ = make_inputs(T, S, H, D, torch.float32, seed=12)
+    q[..., 0], k[:, 0] = 10.0, -12.0
+    ks = torch.ones(S)
+    idx = indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
+    ref = naive.indexer_topk(q, k, w, topk, k_scale=ks, start_pos=sp, score="softmax_mixture")
+    lse = naive.indexer_head_lse(q, k, k_scale=ks, start_pos=sp)
+    scores = naive.indexer_logits(q, k, w - lse, k_scale=ks, start_pos=sp, score="mixture")
+    check_topk(idx, ref, scores, (T, S, sp, H, D, topk), torch.float32)
