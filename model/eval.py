@@ -81,6 +81,16 @@ def _greedy_after_mismatch(model, cache, ids, a0, pred, eos, extra: int = 16) ->
     return out[:-1] if out[-1] == eos else out
 
 
+def cell_examples(seed: int, task: str, n: int, count: int, max_positions: int, tok=None) -> list:
+    """The `count` examples of one (task, length) cell, needle depths spread evenly over the
+    context; example i of them is the one named f"{seed}-{task}-{n}-{count}-{i}"."""
+    rng = random.Random(f"{seed}-{task}-{n}")
+    # The generator lands within ~0.3% of n (paragraph breaks): keep 128k prompts inside the
+    # model's positions.
+    gen_n = min(n, max_positions - 1024)
+    return [data.make_example(rng, task, gen_n, tok, depth=(i + 0.5) / count) for i in range(count)]
+
+
 def set_dense(model, dense: bool):
     model.cfg.dense_attention = dense  # every module shares this config object
 
@@ -174,12 +184,8 @@ def main(argv=None):
         cell_tasks = a.long_tasks.split(",") if long else tasks
         ns = a.long_samples if long else a.samples
         for task in cell_tasks:
-            # The same examples for both modes; needle depths spread evenly over the context.
-            rng = random.Random(f"{a.seed}-{task}-{n}")
-            # The generator lands within ~0.3% of n (paragraph breaks): keep 128k prompts inside the
-            # model's 131072 positions.
-            gen_n = min(n, model.cfg.max_position_embeddings - 1024)
-            exs = [data.make_example(rng, task, gen_n, tok, depth=(i + 0.5) / ns) for i in range(ns)]
+            # The same examples for both modes.
+            exs = cell_examples(a.seed, task, n, ns, model.cfg.max_position_embeddings, tok)
             enc = [data.encode(e, tok) for e in exs]
             lo, hi = (int(v) for v in a.subset.split(":")) if a.subset else (0, ns)
             for mode in a.modes.split(","):

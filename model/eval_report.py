@@ -21,6 +21,15 @@ import math
 from pathlib import Path
 
 
+def sample_records(res: dict):
+    """(mode, task, length, record) for every per-sample record of a model/eval.py result."""
+    for mode, tasks in res.get("samples", {}).items():
+        for task, by_len in tasks.items():
+            for n, recs in by_len.items():
+                for rec in recs:
+                    yield mode, task, int(n), rec
+
+
 def merge(paths: list[str]) -> tuple[dict, list[dict]]:
     """-> ({(task, n): {mode: {"ok", "n", "tok", "secs"}}}, recall records)."""
     cells: dict = {}
@@ -45,14 +54,11 @@ def pairs(paths: list[str]) -> dict:
     from before it recorded them add nothing). The files must be one model's."""
     seen: dict = {}  # (mode, task, length, example id) -> correct
     for p in paths:
-        for mode, tasks in json.loads(Path(p).read_text()).get("samples", {}).items():
-            for task, by_len in tasks.items():
-                for n, recs in by_len.items():
-                    for rec in recs:
-                        key = (mode, task, int(n), rec["example"])
-                        if seen.setdefault(key, rec["correct"]) != rec["correct"]:
-                            raise ValueError(f"{p}: example {rec['example']} ({mode}) disagrees with an earlier file: "
-                                             "are these files one model's?")
+        for mode, task, n, rec in sample_records(json.loads(Path(p).read_text())):
+            key = (mode, task, n, rec["example"])
+            if seen.setdefault(key, rec["correct"]) != rec["correct"]:
+                raise ValueError(f"{p}: example {rec['example']} ({mode}) disagrees with an earlier file: "
+                                 "are these files one model's?")
     out: dict = {}
     names = {(True, True): "both", (True, False): "dsa_only", (False, True): "dense_only", (False, False): "neither"}
     for (mode, task, n, ex), ok in seen.items():
@@ -114,12 +120,9 @@ def failures(paths: list[str]) -> dict:
     once, however many files hold it)."""
     seen: dict = {}
     for p in paths:
-        for mode, tasks in json.loads(Path(p).read_text()).get("samples", {}).items():
-            for task, by_len in tasks.items():
-                for n, recs in by_len.items():
-                    for rec in recs:
-                        if "failure" in rec:
-                            seen[(mode, task, int(n), rec["example"])] = rec["failure"]
+        for mode, task, n, rec in sample_records(json.loads(Path(p).read_text())):
+            if "failure" in rec:
+                seen[(mode, task, n, rec["example"])] = rec["failure"]
     out: dict = {}
     for (mode, task, n, _), kind in seen.items():
         c = out.setdefault((mode, task, n), {})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 KINDS = ("order", "distractor", "near copy", "near distractor", "partial", "other")
@@ -68,32 +67,27 @@ def failure_kind(example, output: str) -> str:
 
 def example_of(example_id: str, max_positions: int = 131072):
     """The model/data.py example that model/eval.py named `example_id` ("seed-task-length-count-i")."""
-    from model import data
+    from model.eval import cell_examples
 
     seed, rest = example_id.split("-", 1)
-    task, n, ns, i = rest.rsplit("-", 3)
-    n, ns, i = int(n), int(ns), int(i)
-    rng = random.Random(f"{seed}-{task}-{n}")
-    gen_n = min(n, max_positions - 1024)  # as model/eval.py draws them
-    exs = [data.make_example(rng, task, gen_n, depth=(j + 0.5) / ns) for j in range(i + 1)]
-    return exs[i]
+    task, n, count, i = rest.rsplit("-", 3)
+    return cell_examples(int(seed), task, int(n), int(count), max_positions)[int(i)]
 
 
 def main(argv=None):
+    from model.eval_report import sample_records
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="model/eval.py result files (rewritten in place)")
     a = ap.parse_args(argv)
     for p in a.files:
         res = json.loads(Path(p).read_text())
         changed = 0
-        for tasks in res.get("samples", {}).values():
-            for by_len in tasks.values():
-                for recs in by_len.values():
-                    for rec in recs:
-                        if "output" in rec:
-                            kind = failure_kind(example_of(rec["example"]), rec["output"])
-                            changed += kind != rec.get("failure")
-                            rec["failure"] = kind
+        for _, _, _, rec in sample_records(res):
+            if "output" in rec:
+                kind = failure_kind(example_of(rec["example"]), rec["output"])
+                changed += kind != rec.get("failure")
+                rec["failure"] = kind
         Path(p).write_text(json.dumps(res, indent=1))
         print(f"{p}: {changed} failure kinds changed")
 

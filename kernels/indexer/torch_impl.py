@@ -131,10 +131,7 @@ def _softmax_mixture_rows(row, e, scratch, qm, k, k1, w, k_scale, p_first, p_las
         off += eb.numel()
         f = None
         if q1 is not None:
-            if dt == torch.float32:
-                f = torch.mm(q1, k1[s0:s1].t(), out=eb.view(Tc * H, Sb)).view(Tc, H, Sb)
-            else:
-                f = eb.copy_(torch.mm(q1, k1[s0:s1].t(), out=scratch.x[: Tc * H * Sb].view(Tc * H, Sb)).view(Tc, H, Sb))
+            f = scratch.dots(q1, k1[s0:s1], None, dt, Tc, H, out=eb)  # dot - r
             if needs_mask:
                 _causal_mask_(f, p_first, s0)
             zb = f.exp_().sum(-1)
