@@ -27,7 +27,7 @@ run: $(STAMP)
 
 # Model-only demo: prefill a long context and generate through the caches.
 demo: $(STAMP)
-	$(BIN)/python -m model.demo $(ARGS)
+	$(BIN)/python examples/model_demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.engine import Engine, SamplingParams, Snapshot  # noqa: E402
-from model.load import load_model  # noqa: E402
+from dsa_rag.model.engine.engine import Engine, SamplingParams, Snapshot  # noqa: E402
+from dsa_rag.model.load import load_model  # noqa: E402
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 

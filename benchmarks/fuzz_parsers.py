@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    from rag_service import errors
-    from rag_service.ingest import clean_name, parse_document
+    from dsa_rag.rag_service import errors
+    from dsa_rag.rag_service.parsing.ingest import clean_name, parse_document
     from tests.rag_service import test_hostile as T
 
     ap = argparse.ArgumentParser()

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model.config import preset  # noqa: E402
-from model.load import build_model  # noqa: E402
+from dsa_rag.model.config import preset  # noqa: E402
+from dsa_rag.model.load import build_model  # noqa: E402
 from model_prefill import prefill  # noqa: E402  the same chunked prefill through the caches
 
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kernels.indexer import naive, torch_impl
+from dsa_rag.kernels.indexer import naive, torch_impl
 
 FORMS = [("relu", 4, 32), ("mixture", 4, 32), ("softmax_mixture", 4, 32), ("softmax_mixture", 4, 64),
          ("softmax_mixture_2pass", 4, 64), ("softmax_mixture", 8, 32), ("softmax_mixture", 8, 64)]

@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["DSA_KERNEL_BACKEND"] = "torch"
 
-from kernels import indexer_logits, indexer_topk, sparse_mla  # noqa: E402
-from kernels.indexer import naive as idx_naive  # noqa: E402
-from kernels.sparse_mla import naive as mla_naive  # noqa: E402
+from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+from dsa_rag.kernels.indexer import naive as idx_naive  # noqa: E402
+from dsa_rag.kernels.sparse_mla import naive as mla_naive  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOPK = 2048

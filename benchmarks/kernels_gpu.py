@@ -64,9 +64,10 @@ def random_indices(T, S, K, dev):
 
 
 def gate(dev):
-    from kernels import indexer_logits, indexer_topk, sparse_mla
-    from kernels.indexer import naive as idx_naive
-    from kernels.sparse_mla import naive as mla_naive
+    from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+    from dsa_rag.kernels.sparse_mla import sparse_mla
+    from dsa_rag.kernels.indexer import naive as idx_naive
+    from dsa_rag.kernels.sparse_mla import naive as mla_naive
 
     checks = {}
     q, k, w, ks = fp8_inputs(256, 4096, 64, 128, dev)
@@ -91,7 +92,8 @@ def main():
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    from kernels import indexer_logits, indexer_topk, sparse_mla
+    from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+    from dsa_rag.kernels.sparse_mla import sparse_mla
 
     dev = "cuda"
     checks = gate(dev)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model.model as model_module  # noqa: E402
-from model.cache import new_sequence_cache  # noqa: E402
-from model.load import load_model  # noqa: E402
+import dsa_rag.model.model as model_module  # noqa: E402
+from dsa_rag.model.cache import new_sequence_cache  # noqa: E402
+from dsa_rag.model.load import load_model  # noqa: E402
 
 
 def peak_rss_gb() -> float:

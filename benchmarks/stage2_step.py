@@ -1,6 +1,6 @@
 """Benchmark: one stage-2 training step (forward + backward) of dsa-tiny on this CPU, with the
-dense-masked training attention of model/train.py (O(T^2): [B, H, T, T] scores) against the
-gathered one of model/sparse_train.py (O(T k)), by context length. Each (mode, length) runs in a
+dense-masked training attention of model/training/train.py (O(T^2): [B, H, T, T] scores) against the
+gathered one of model/training/sparse_train.py (O(T k)), by context length. Each (mode, length) runs in a
 fresh process so its peak RSS is its own. JSON last line; the ratio dense / sparse is taken on
 the lengths both ran.
 
@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 def one(mode: str, T: int, chunk: int, threads: int) -> dict:
     import torch
 
-    from model import data, train
-    from model.load import load_model
-    from model.tokenizer import ByteTokenizer
+    from dsa_rag.model.training import data, train
+    from dsa_rag.model.load import load_model
+    from dsa_rag.model.tokenizer import ByteTokenizer
 
     torch.set_num_threads(threads)
     m = load_model("dsa-tiny").train()

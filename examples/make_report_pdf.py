@@ -1,7 +1,7 @@
 """Writes examples/report.pdf, the two-page made-up annual report of the README walk-through
 (page 2 holds the fact the walk-through asks for), with the tests' hand-made-PDF helper. The
 fact is written in a form the default model dsa-tiny was trained to read ("The X of Y is Z.",
-model/data.py); dsa-tiny is reliable on one such fact per pack, not yet on several similar ones.
+model/training/data.py); dsa-tiny is reliable on one such fact per pack, not yet on several similar ones.
 
     .venv/bin/python examples/make_report_pdf.py
 """

@@ -1,4 +1,4 @@
-"""Backend choice for the public kernel ops (`kernels.indexer_*`, `kernels.sparse_mla`).
+"""Backend choice for the public kernel ops (`dsa_rag.kernels.indexer.indexer_*`, `dsa_rag.kernels.sparse_mla`).
 
     DSA_KERNEL_BACKEND = naive | torch | triton     (unset: CUDA tensors -> triton, CPU -> torch)
 
@@ -45,11 +45,11 @@ def load(op_package: str, backend: str):
     """Import `kernels.<op_package>.<module>` for `backend`; CUDA default falls back to torch."""
     module = {"naive": "naive", "torch": "torch_impl", "triton": "triton"}[backend]
     try:
-        return importlib.import_module(f"kernels.{op_package}.{module}")
+        return importlib.import_module(f"dsa_rag.kernels.{op_package}.{module}")
     except ImportError as exc:
         if backend != "triton" or os.environ.get(ENV_VAR):
             raise
         if op_package not in _warned:
             _warned.add(op_package)
             warnings.warn(f"kernels.{op_package}: Triton unavailable ({exc}); using the torch backend")
-        return importlib.import_module(f"kernels.{op_package}.torch_impl")
+        return importlib.import_module(f"dsa_rag.kernels.{op_package}.torch_impl")

@@ -1,7 +1,7 @@
 """Model configuration: a dataclass that reads the official HF `config.json` of DeepSeek-V3.2
 (-Exp) and named presets (`deepseek-v3.2`, the 671B shape; `dsa-tiny`, the CPU default).
 
-    python -m model.config dsa-tiny        # print a preset as config.json
+    python -m dsa_rag.model.config dsa-tiny        # print a preset as config.json
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ The model is built on the meta device, so the 671B config costs no memory until 
 `save_checkpoint(model, path, fp8=False, shard_bytes=None)` writes the official HF layout (what the
 tests use to make tiny random DeepSeek-V3.2 checkpoints).
 
-    python -m model.load dsa-tiny        # load and print the parameter count
+    python -m dsa_rag.model.load dsa-tiny        # load and print the parameter count
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import fp8
-from model.config import ModelConfig, preset, PRESETS
-from model.model import Transformer
+from dsa_rag.model import fp8
+from dsa_rag.model.config import ModelConfig, preset, PRESETS
+from dsa_rag.model.model import Transformer
 
-log = logging.getLogger("model.load")
+log = logging.getLogger("dsa_rag.model.load")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # HF name piece -> official module name piece (applied in order, on "."-separated names)

@@ -8,7 +8,7 @@ Follows the official fixed inference code (indexer RoPE half-split, not interlea
 Layout: [B, T, H, D] (batch, tokens, heads, dims). Attention runs per sequence over the cache
 (`model/cache.py`), so sequences of one batch may sit at different positions (batched decode).
 
-    python -m model.demo                                      # build dsa-tiny and generate
+    python examples/model_demo.py                                      # build dsa-tiny and generate
     python -m pytest tests/model -q                           # parity with transformers
 """
 
@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import indexer_topk, sparse_mla
-from model import fp8
-from model.cache import ContiguousLayerCache
-from model.config import ModelConfig
+from dsa_rag.kernels.indexer import indexer_topk
+from dsa_rag.kernels.sparse_mla import sparse_mla
+from dsa_rag.model import fp8
+from dsa_rag.model.cache import ContiguousLayerCache
+from dsa_rag.model.config import ModelConfig
 
 
 # ---------------------------------------------------------------- norms

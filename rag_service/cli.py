@@ -7,7 +7,7 @@
     dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations
     dsa-rag status                         # readiness, replicas, documents, prefix-cache counters
 
-Also `python -m rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
+Also `python -m dsa_rag.rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
 flags override them. Client commands talk to --url (default $DSA_RAG_URL or
 http://127.0.0.1:8000).
 """
@@ -32,7 +32,7 @@ def _default_url() -> str:
 
 # ------------------------------------------------------------------ serve
 def _settings(a):
-    from rag_service.serve.settings import ServeSettings
+    from dsa_rag.rag_service.serve.settings import ServeSettings
 
     over = {k: v for k, v in {
         "host": a.host, "port": a.port, "model": a.model, "model_replicas": a.replicas,
@@ -61,8 +61,8 @@ def cmd_serve(a) -> int:
     if a.no_ray:
         import uvicorn
 
-        from rag_service.serve.app import create_app
-        from rag_service.serve.backend import InProcessBackend
+        from dsa_rag.rag_service.serve.app import create_app
+        from dsa_rag.rag_service.serve.backend import InProcessBackend
 
         app = create_app(InProcessBackend(s))
         config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning")
@@ -84,7 +84,7 @@ def _serve_ray(s, config_path: str | None, explicit: set[str] = frozenset()) -> 
     import ray
     from ray import serve
 
-    from rag_service.redis_store import open_redis
+    from dsa_rag.rag_service.stores.redis_store import open_redis
 
     redis_handle = None
     if not s.redis_url:  # embedded Redis, owned by this process, shared by every replica via its socket
@@ -98,7 +98,7 @@ def _serve_ray(s, config_path: str | None, explicit: set[str] = frozenset()) -> 
         if config_path:
             app_names, s = _deploy_config(s, config_path, explicit)
         else:
-            from rag_service.serve.deployments import build_app
+            from dsa_rag.rag_service.serve.deployments import build_app
 
             serve.start(http_options={"host": s.host, "port": s.port})
             serve.run(build_app(s.model_dump(mode="json")), name="dsa-rag", route_prefix="/")

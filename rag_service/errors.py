@@ -18,8 +18,11 @@ here imports FastAPI.
     +- LimitExceeded (422)             a request over a limit in settings (question length, max_tokens)
     +- NotFound (404)                  unknown document / pack id
     |  +- OtherTenant (403)              the id exists, under another tenant (404 when auth is off)
+    +- NoDocuments (404)               a question over a library (or a document filter) with no packs
+    +- ModelNotFound (404)             an OpenAI request names a model this service does not serve
     +- ConflictError (409)             optimistic Redis transaction kept losing the race
     +- TooManyRequests (429)           rate limit or concurrent streams per API key; `headers` has Retry-After
+    +- EngineError (503)               the engine could not run a request (cache block pool full): retry
     +- StorageError (503)              blob store or Redis failed (Redis unreachable: retry later)
        +- DiskFull (507)                 no space left on the data disk; nothing was stored
 
@@ -135,3 +138,20 @@ class StorageError(RagError):
 class DiskFull(StorageError):
     status_code = 507
     code = "insufficient_storage"
+
+
+class NoDocuments(RagError):
+    status_code = 404
+    code = "no_documents"
+
+
+class ModelNotFound(RagError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class EngineError(RagError):
+    """The engine could not run a request (e.g. its cache block pool is full); retry later."""
+
+    status_code = 503
+    code = "engine_error"

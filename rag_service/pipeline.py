@@ -1,7 +1,7 @@
 """The RAG core as one object a route, a Ray deployment, a notebook or a test can call.
 
-    from rag_service.pipeline import RagPipeline
-    from rag_service.settings import RagSettings
+    from dsa_rag.rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.settings import RagSettings
     with RagPipeline(RagSettings(data_dir="/tmp/rag")) as rag:      # embedded Redis under data_dir
         doc = rag.ingest("report.pdf", open("report.pdf", "rb").read())
         sel = rag.select_packs("What was the 2023 revenue?")         # ranked packs + best chunks
@@ -43,22 +43,22 @@ from contextlib import contextmanager
 
 import redis
 
-from model.tokenizer import doc_cost, load_tokenizer
-from rag_service.blobstore import BlobStore
-from rag_service.chunk import Chunk, TextTokens, chunk_text
-from rag_service.errors import (
+from dsa_rag.model.tokenizer import doc_cost, load_tokenizer
+from dsa_rag.rag_service.stores.blobstore import BlobStore
+from dsa_rag.rag_service.parsing.chunk import Chunk, TextTokens, chunk_text
+from dsa_rag.rag_service.errors import (
     BadRequest, ConflictError, DocumentTooLarge, NotFound, OtherTenant, RagError, StorageError,
 )
-from rag_service.ingest import clean_name, page_at, parse_document
-from rag_service.kvstore import KVStore
-from rag_service.layout import PackLayout, build_layout
-from rag_service.pack import PackStore, plan_members
-from rag_service.redis_store import Keys, RedisHandle, open_redis
-from rag_service.schemas import (
+from dsa_rag.rag_service.parsing.ingest import clean_name, page_at, parse_document
+from dsa_rag.rag_service.stores.kvstore import KVStore
+from dsa_rag.rag_service.packing.layout import PackLayout, build_layout
+from dsa_rag.rag_service.packing.pack import PackStore, plan_members
+from dsa_rag.rag_service.stores.redis_store import Keys, RedisHandle, open_redis
+from dsa_rag.rag_service.schemas import (
     Citation, DocumentInfo, IngestResult, PackInfo, PackSelection, PageSpan, ScoredChunk,
 )
-from rag_service.search import Bm25Index, rank_packs
-from rag_service.settings import RagSettings
+from dsa_rag.rag_service.packing.search import Bm25Index, rank_packs
+from dsa_rag.rag_service.settings import RagSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pydantic models the RAG core returns (and the API layer serializes): documents, packs,
 citations, pack selections and batch-ingest results. Limits live in `Field(...)`.
 
-    from rag_service.schemas import Citation
+    from dsa_rag.rag_service.schemas import Citation
     Citation(document_id="doc_1", name="a.pdf", page=2, char_start=10, char_end=42, snippet="...")
 
 Conventions: character offsets index the document's *extracted text* (`str` indices, end

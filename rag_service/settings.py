@@ -1,7 +1,7 @@
 """All settings of the RAG service in one pydantic-settings object (env prefix `DSA_RAG_`).
 
     DSA_RAG_DATA_DIR=/srv/rag DSA_RAG_MAX_CONTEXT=65536 python -c \
-        "from rag_service.settings import RagSettings; print(RagSettings())"
+        "from dsa_rag.rag_service.settings import RagSettings; print(RagSettings())"
 
 Limits are declared here (with bounds), not scattered as ifs through the code. Tests build
 `RagSettings(data_dir=tmp, max_context=2048, ...)` directly. `DSA_RAG_REDIS_URL` (or the plain

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import dispatch
-from kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
+from dsa_rag.kernels import dispatch
+from dsa_rag.kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
 
 __all__ = ["indexer_head_lse", "indexer_logits", "indexer_topk"]
 

@@ -1,7 +1,7 @@
 """Lightning-indexer reference: pure PyTorch, fp32 math, readable, materializes [T, S].
 
 This is the oracle every other indexer backend is tested against (tests/kernels/test_indexer.py).
-Same signatures as the public ops in `kernels.indexer`; no validation here (the public op does it).
+Same signatures as the public ops in `dsa_rag.kernels.indexer`; no validation here (the public op does it).
 
     out[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * k_scale[s])      (s <= start_pos + t, else -inf)
     score="mixture":  out[t, s] = log sum_h exp(w[t, h] + q[t, h] . k[s] * k_scale[s])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.checks import is_fp8
+from dsa_rag.kernels.checks import is_fp8
 
 S_BLOCK = 4096  # keys per block
 PAIR_BUDGET = 1 << 21  # Tc * H * S_BLOCK elements per block intermediate (4 MiB in bf16)

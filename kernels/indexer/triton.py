@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import is_fp8
-from kernels.indexer.torch_impl import _blocks, _merge
+from dsa_rag.kernels.checks import is_fp8
+from dsa_rag.kernels.indexer.torch_impl import _blocks, _merge
 # The softmax_mixture normalizers: a GEMM and a logsumexp per key block in torch (cuBLAS on a GPU);
 # no fused Triton kernel for it yet.
-from kernels.indexer.torch_impl import indexer_head_lse
+from dsa_rag.kernels.indexer.torch_impl import indexer_head_lse
 
 # indexer_topk streaming: keys per merge step and queries per chunk (buffer = T_CHUNK x S_BLOCK fp32)
 S_BLOCK_CUDA, T_CHUNK_CUDA = 16384, 2048

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import dispatch
-from kernels.checks import FLOAT_DTYPES, check_tensor
+from dsa_rag.kernels import dispatch
+from dsa_rag.kernels.checks import FLOAT_DTYPES, check_tensor
 
 __all__ = ["sparse_mla"]
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sparse_mla.torch_impl import differentiable
+from dsa_rag.kernels.sparse_mla.torch_impl import differentiable
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -1,6 +1,6 @@
 """LangChain integration of the DSA long-document RAG service (a client: httpx + langchain-core).
 
-    from rag_service.langchain import DSARagChatModel, DSARagLLM, DSARagRetriever
+    from dsa_rag.rag_service.langchain import DSARagChatModel, DSARagLLM, DSARagRetriever
     chat = DSARagChatModel(base_url="http://127.0.0.1:8000", api_key="...")   # /v1/chat/completions
     llm = DSARagLLM(base_url="http://127.0.0.1:8000")                         # /v1/completions
     retriever = DSARagRetriever(base_url="http://127.0.0.1:8000", k=4)        # /v1/ask citations
@@ -10,9 +10,9 @@ tenant, document_ids (the document filter), timeout, max_retries, retry_backoff_
 default_headers. Examples: docs/langchain.md. Tests: `.venv/bin/python -m pytest -q tests/langchain`.
 """
 
-from rag_service.langchain.chat import DSARagChatModel
-from rag_service.langchain.client import DSARagAPIError, DSARagParams
-from rag_service.langchain.llm import DSARagLLM
-from rag_service.langchain.retriever import DSARagRetriever
+from dsa_rag.rag_service.langchain.chat import DSARagChatModel
+from dsa_rag.rag_service.langchain.client import DSARagAPIError, DSARagParams
+from dsa_rag.rag_service.langchain.llm import DSARagLLM
+from dsa_rag.rag_service.langchain.retriever import DSARagRetriever
 
 __all__ = ["DSARagAPIError", "DSARagChatModel", "DSARagLLM", "DSARagParams", "DSARagRetriever"]

@@ -1,7 +1,7 @@
 """`DSARagChatModel`: a LangChain chat model over the service's OpenAI-compatible
 `/v1/chat/completions` (the route that carries citations, both whole and streamed).
 
-    from rag_service.langchain import DSARagChatModel
+    from dsa_rag.rag_service.langchain import DSARagChatModel
     llm = DSARagChatModel(base_url="http://127.0.0.1:8000", document_ids=["doc_..."], max_tokens=128)
     msg = llm.invoke("When was the treaty signed?")
     msg.content                              # the answer
@@ -31,7 +31,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from rag_service.langchain.client import PROVIDER, DSARagGenerationParams, usage_metadata
+from dsa_rag.rag_service.langchain.client import PROVIDER, DSARagGenerationParams, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "developer"}
 _CHAT_ROLES = {"user", "assistant", "system", "tool", "developer"}

@@ -2,7 +2,7 @@
 LLM and the retriever (base URL, API key, tenant, document filter, timeout, retries), JSON and
 SSE requests with retries, and the service's error bodies turned into `DSARagAPIError`.
 
-    from rag_service.langchain.client import DSARagParams
+    from dsa_rag.rag_service.langchain.client import DSARagParams
     p = DSARagParams(base_url="http://127.0.0.1:8000", api_key="sk-...", max_retries=3)
     p.http().post("/v1/ask", {"question": "Who signed?"})           # -> the JSON body
     for event in p.http().stream("/v1/chat/completions", {...}):    # -> each `data:` JSON payload

@@ -1,7 +1,7 @@
 """`DSARagLLM`: a LangChain text-completion LLM over the service's `/v1/completions` (the prompt
 is the question over the stored documents).
 
-    from rag_service.langchain import DSARagLLM
+    from dsa_rag.rag_service.langchain import DSARagLLM
     llm = DSARagLLM(base_url="http://127.0.0.1:8000", max_tokens=64)
     llm.invoke("When was the treaty signed?")                  # -> str
     res = llm.generate(["When was the treaty signed?"])
@@ -25,7 +25,7 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field
 
-from rag_service.langchain.client import DSARagGenerationParams, usage_metadata
+from dsa_rag.rag_service.langchain.client import DSARagGenerationParams, usage_metadata
 
 
 

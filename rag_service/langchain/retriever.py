@@ -1,7 +1,7 @@
 """`DSARagRetriever`: the passages the service's sparse attention read while answering a question,
 as LangChain `Document`s (POST /v1/ask; the answer itself is a by-product, kept short).
 
-    from rag_service.langchain import DSARagRetriever
+    from dsa_rag.rag_service.langchain import DSARagRetriever
     retriever = DSARagRetriever(base_url="http://127.0.0.1:8000", k=4, document_ids=["doc_..."])
     docs = retriever.invoke("When was the treaty signed?")
     docs[0].page_content         # the cited passage (the chunk's text)
@@ -24,7 +24,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
 
-from rag_service.langchain.client import DSARagParams
+from dsa_rag.rag_service.langchain.client import DSARagParams
 
 
 def citations_to_documents(data: dict, k: int | None) -> list[Document]:

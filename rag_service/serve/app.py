@@ -1,9 +1,9 @@
 """FastAPI routes (thin): documents, /v1/ask, the OpenAI-compatible API, health and metrics.
 
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
     app = create_app(InProcessBackend(ServeSettings(data_dir="/tmp/rag")))   # no Ray
-    # uvicorn: `python -m rag_service.cli serve --no-ray`; Ray Serve: rag_service/serve/deployments.py
+    # uvicorn: `python -m dsa_rag.rag_service.cli serve --no-ray`; Ray Serve: rag_service/serve/deployments.py
 
 Routes call the backend (pipeline + engine in-process, or Ray Serve handles) and shape the
 response; no logic lives here. Errors of the core (`RagError`) map to their HTTP status with an
@@ -41,13 +41,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rag_service.errors import BadRequest, DocumentTooLarge, LimitExceeded, NotFound, OtherTenant, RagError
-from rag_service.schemas import DocumentInfo, IngestResult
-from rag_service.serve import sse as S
-from rag_service.serve.fanout import ask, ask_events
-from rag_service.serve.guard import Guard, StreamSlots
-from rag_service.serve.metrics import Metrics
-from rag_service.serve.schemas_api import (
+from dsa_rag.rag_service.errors import (BadRequest, DocumentTooLarge, LimitExceeded, ModelNotFound, NotFound, OtherTenant,
+                                       RagError)
+from dsa_rag.rag_service.schemas import DocumentInfo, IngestResult
+from dsa_rag.rag_service.serve import sse as S
+from dsa_rag.rag_service.ask.fanout import ask, ask_events
+from dsa_rag.rag_service.serve.guard import Guard, StreamSlots
+from dsa_rag.rag_service.serve.metrics import Metrics
+from dsa_rag.rag_service.serve.schemas_api import (
     AskRequest, AskResponse, ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
     CompletionChoice, CompletionRequest, CompletionResponse, DeleteResponse, DocumentList, ErrorResponse, Health,
     ModelCard, ModelList, OpenAIUsage, PromptTokensDetails, UploadResponse,
@@ -74,9 +75,6 @@ def _rag_error(e: RagError) -> JSONResponse:
     return _error(e.status_code, e.code, str(e), headers=e.headers, filename=e.filename)
 
 
-class ModelNotFound(RagError):
-    status_code = 404
-    code = "model_not_found"
 
 
 def create_app(backend, metrics: Metrics | None = None) -> FastAPI:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Protocol
 
-from rag_service.schemas import DocumentInfo, IngestResult, PackSelection
-from rag_service.serve.settings import ServeSettings
+from dsa_rag.rag_service.schemas import DocumentInfo, IngestResult, PackSelection
+from dsa_rag.rag_service.serve.settings import ServeSettings
 
 
 class Backend(Protocol):
@@ -51,7 +51,7 @@ class InProcessBackend:
     async def start(self) -> None:
         async with self._start_lock:
             if self.rag is None:
-                from rag_service.pipeline import RagPipeline
+                from dsa_rag.rag_service.pipeline import RagPipeline
 
                 self.rag = await asyncio.to_thread(RagPipeline, self.settings)
             if self.worker is None:
@@ -60,7 +60,7 @@ class InProcessBackend:
     def _load_worker(self) -> None:
         import torch
 
-        from rag_service.answer import PackWorker, make_engine
+        from dsa_rag.rag_service.ask.worker import PackWorker, make_engine
 
         s = self.settings
         if s.torch_threads:

@@ -5,9 +5,9 @@
     ModelReplica  the engine + warm prefix caches (answer.PackWorker); num_gpus 1 where GPUs
                   exist; routed by pack cache affinity (router.PackAffinityRouter)
 
-    python -m rag_service.cli serve                       # builds this graph on a local Ray
+    python -m dsa_rag.rag_service.cli serve                       # builds this graph on a local Ray
     serve run deploy/serve.yaml                           # or from the Serve config (import_path
-                                                          #   rag_service.serve.deployments:build_app)
+                                                          #   dsa_rag.rag_service.serve.deployments:build_app)
 
 `build_app(args)` takes the ServeSettings fields as args (plus `model_autoscaling_config`), so a
 Serve config's `applications[].args` sets them; per-deployment overrides (num_replicas,
@@ -29,12 +29,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from rag_service.errors import RagError
-from rag_service.serve.settings import ServeSettings
+from dsa_rag.rag_service.errors import RagError
+from dsa_rag.rag_service.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
 
-ROUTER_CLASS = "rag_service.serve.router:PackAffinityRouter"
+ROUTER_CLASS = "dsa_rag.rag_service.serve.router:PackAffinityRouter"
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -48,7 +48,7 @@ def _unwrap(e: BaseException) -> BaseException:
 @serve.deployment(name="Ingestion", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
 class Ingestion:
     def __init__(self, settings: dict):
-        from rag_service.pipeline import RagPipeline
+        from dsa_rag.rag_service.pipeline import RagPipeline
 
         self.rag = RagPipeline(ServeSettings(**settings))
 
@@ -87,8 +87,8 @@ class ModelReplica:
         import ray
         import torch
 
-        from rag_service.answer import PackWorker, make_engine
-        from rag_service.pipeline import RagPipeline
+        from dsa_rag.rag_service.ask.worker import PackWorker, make_engine
+        from dsa_rag.rag_service.pipeline import RagPipeline
 
         s = ServeSettings(**settings)
         if s.torch_threads:
@@ -134,7 +134,7 @@ class Ingress:
         self.backend.attach(ingestion, model)
 
     def __serve_build_asgi_app__(self):
-        from rag_service.serve.app import create_app
+        from dsa_rag.rag_service.serve.app import create_app
 
         return create_app(self.backend)
 
@@ -227,7 +227,7 @@ class RayBackend:
 
 # ------------------------------------------------------------------ the application
 def build_app(args: dict | None = None):
-    """Serve application builder (import path `rag_service.serve.deployments:build_app`).
+    """Serve application builder (import path `dsa_rag.rag_service.serve.deployments:build_app`).
     args: ServeSettings fields, plus optional `model_autoscaling_config` (a dict) and
     `app_name` (the Serve application name, for the replica count)."""
     args = dict(args or {})

@@ -34,8 +34,8 @@ import time
 
 from starlette.exceptions import HTTPException
 
-from rag_service.errors import TooManyRequests
-from rag_service.serve.settings import TENANT_PATTERN, ServeSettings
+from dsa_rag.rag_service.errors import TooManyRequests
+from dsa_rag.rag_service.serve.settings import TENANT_PATTERN, ServeSettings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})

@@ -20,7 +20,7 @@ Ray then probes queue lengths within the first rank and sends to the least loade
 accepts (max_ongoing_requests), falling back to later ranks. Configure on the deployment:
 
     request_router_config:
-      request_router_class: rag_service.serve.router:PackAffinityRouter
+      request_router_class: dsa_rag.rag_service.serve.router:PackAffinityRouter
       request_router_kwargs: {max_queue: 2}
       request_routing_stats_period_s: 1
 

@@ -2,9 +2,9 @@
 OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models). Limits live in `Field(...)`
 so they show up in the OpenAPI schema and FastAPI rejects bad input with 422 before any work.
 
-The core's own models (DocumentInfo, Citation, IngestResult) are reused from `rag_service.schemas`.
+The core's own models (DocumentInfo, Citation, IngestResult) are reused from `dsa_rag.rag_service.schemas`.
 
-    .venv/bin/python -c "from rag_service.serve.schemas_api import AskRequest; print(AskRequest(question='hi'))"
+    .venv/bin/python -c "from dsa_rag.rag_service.serve.schemas_api import AskRequest; print(AskRequest(question='hi'))"
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rag_service.schemas import Citation, DocumentInfo, IngestResult
+from dsa_rag.rag_service.schemas import Citation, DocumentInfo, IngestResult
 
 QUESTION_MAX_CHARS = 8192
 MAX_DOCUMENT_IDS = 256

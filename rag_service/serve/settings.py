@@ -1,8 +1,8 @@
 """Settings of the serving layer: the core `RagSettings` plus host/port, model, replicas,
 request limits and the Ray knobs. One pydantic-settings object, env prefix `DSA_RAG_`.
 
-    DSA_RAG_PORT=9000 DSA_RAG_MODEL_REPLICAS=2 python -m rag_service.cli serve
-    python -c "from rag_service.serve.settings import ServeSettings; print(ServeSettings())"
+    DSA_RAG_PORT=9000 DSA_RAG_MODEL_REPLICAS=2 python -m dsa_rag.rag_service.cli serve
+    python -c "from dsa_rag.rag_service.serve.settings import ServeSettings; print(ServeSettings())"
 
 Limits the API enforces (question length, max_tokens, files per upload) are declared here and
 in `schemas_api.py`, never as ad-hoc ifs in the routes.
@@ -16,7 +16,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from rag_service.settings import MiB, RagSettings
+from dsa_rag.rag_service.settings import MiB, RagSettings
 
 TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 

@@ -54,8 +54,8 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    from kernels.indexer import torch_impl as it
-    from kernels.sparse_mla import torch_impl as st
+    from dsa_rag.kernels.indexer import torch_impl as it
+    from dsa_rag.kernels.sparse_mla import torch_impl as st
 
     monkeypatch.setattr(it, "S_BLOCK", 48)
     monkeypatch.setattr(it, "PAIR_BUDGET", 48 * 16 * 4)

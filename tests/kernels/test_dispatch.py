@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
+from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+from dsa_rag.kernels.sparse_mla import sparse_mla
+from dsa_rag.kernels import dispatch
 
 
 def small_args():
@@ -23,9 +24,9 @@ def test_env_var_selects_backend(monkeypatch, name):
     calls = []
     real = module.indexer_logits
     monkeypatch.setattr(module, "indexer_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kernels.indexer_logits(*small_args())
+    indexer_logits(*small_args())
     assert calls == [1]
-    assert module.__name__ == f"kernels.indexer.{dict(torch='torch_impl').get(name, name)}"
+    assert module.__name__ == f"dsa_rag.kernels.indexer.{dict(torch='torch_impl').get(name, name)}"
 
 
 def test_default_is_torch_on_cpu(monkeypatch):
@@ -36,7 +37,7 @@ def test_default_is_torch_on_cpu(monkeypatch):
 def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("DSA_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="DSA_KERNEL_BACKEND"):
-        kernels.indexer_logits(*small_args())
+        indexer_logits(*small_args())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -44,7 +45,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("DSA_KERNEL_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.sparse_mla(torch.randn(2, 2, 16), torch.randn(3, 16), torch.zeros(2, 1, dtype=torch.int32), v_dim=8, scale=1.0)
+        sparse_mla(torch.randn(2, 2, 16), torch.randn(3, 16), torch.zeros(2, 1, dtype=torch.int32), v_dim=8, scale=1.0)
 
 
 @pytest.mark.parametrize(
@@ -65,14 +66,14 @@ def test_indexer_validation(mutate, match):
     args = dict(q=q, k=k, w=w, k_scale=None, start_pos=0)
     mutate(args)
     with pytest.raises(ValueError, match=match):
-        kernels.indexer_logits(args["q"], args["k"], args["w"], k_scale=args["k_scale"], start_pos=args["start_pos"])
+        indexer_logits(args["q"], args["k"], args["w"], k_scale=args["k_scale"], start_pos=args["start_pos"])
     with pytest.raises(ValueError):
-        kernels.indexer_topk(args["q"], args["k"], args["w"], 3, k_scale=args["k_scale"], start_pos=args["start_pos"])
+        indexer_topk(args["q"], args["k"], args["w"], 3, k_scale=args["k_scale"], start_pos=args["start_pos"])
 
 
 def test_topk_validation():
     with pytest.raises(ValueError, match="topk"):
-        kernels.indexer_topk(*small_args(), 0)
+        indexer_topk(*small_args(), 0)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +91,7 @@ def test_sparse_mla_validation(kw, match):
     args = dict(q=torch.randn(2, 3, 16), kv=torch.randn(5, 16), indices=torch.zeros(2, 4, dtype=torch.int32), v_dim=8)
     args.update(kw)
     with pytest.raises(ValueError, match=match):
-        kernels.sparse_mla(args["q"], args["kv"], args["indices"], v_dim=args["v_dim"], scale=1.0)
+        sparse_mla(args["q"], args["kv"], args["indices"], v_dim=args["v_dim"], scale=1.0)
 
 
 def test_poisoned_empty_fixture_is_active():

@@ -8,8 +8,8 @@ Run: .venv/bin/python -m pytest -q tests/kernels/test_sparse_mla.py
 import pytest
 import torch
 
-from kernels import sparse_mla
-from kernels.sparse_mla import naive
+from dsa_rag.kernels.sparse_mla import sparse_mla
+from dsa_rag.kernels.sparse_mla import naive
 
 from .conftest import DEVICE, rms_ratio
 

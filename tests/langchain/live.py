@@ -47,9 +47,9 @@ def _free_port() -> int:
 def start(data_dir) -> tuple[LiveService, callable]:
     import uvicorn
 
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
-    from rag_service.serve.settings import ServeSettings
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.serve.settings import ServeSettings
     from tests.rag_service.pdfs import make_pdf
 
     port = _free_port()

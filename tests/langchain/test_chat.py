@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessageChunk
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
-from rag_service.langchain import DSARagAPIError, DSARagChatModel
+from dsa_rag.rag_service.langchain import DSARagAPIError, DSARagChatModel
 from tests.langchain.live import MAX_TOKENS
 
 Q = "When was the treaty signed?"

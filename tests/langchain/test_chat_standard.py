@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from rag_service.langchain import DSARagChatModel
+from dsa_rag.rag_service.langchain import DSARagChatModel
 from tests.langchain.live import LIVE, MAX_TOKENS
 
 # The suites hold unmarked `async def` tests: mark the module for pytest-asyncio (strict mode),

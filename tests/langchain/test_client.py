@@ -14,8 +14,8 @@ import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from rag_service.langchain import DSARagAPIError, DSARagChatModel, DSARagLLM, DSARagRetriever
-from rag_service.langchain import client as C
+from dsa_rag.rag_service.langchain import DSARagAPIError, DSARagChatModel, DSARagLLM, DSARagRetriever
+from dsa_rag.rag_service.langchain import client as C
 
 CHAT_OK = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "dsa-tiny",
            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Rome"}, "finish_reason": "stop"}],

@@ -11,7 +11,7 @@ import pytest
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 
-from rag_service.langchain import DSARagLLM
+from dsa_rag.rag_service.langchain import DSARagLLM
 from tests.langchain.live import MAX_TOKENS
 from tests.langchain.test_chat import Q, check_citations
 

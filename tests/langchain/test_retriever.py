@@ -15,7 +15,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
-from rag_service.langchain import DSARagChatModel, DSARagRetriever
+from dsa_rag.rag_service.langchain import DSARagChatModel, DSARagRetriever
 from tests.langchain.live import LIVE, MAX_TOKENS
 from tests.langchain.test_chat import Q
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from model.config import ModelConfig, RopeScaling
-from model.load import build_model, official_to_hf
+from dsa_rag.model.config import ModelConfig, RopeScaling
+from dsa_rag.model.load import build_model, official_to_hf
 
 
 def tiny_config(seed: int = 0, **overrides) -> ModelConfig:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig, preset
-from model.load import build_model, load_model, save_checkpoint
+from dsa_rag.model.config import ModelConfig, preset
+from dsa_rag.model.load import build_model, load_model, save_checkpoint
 from tests.model.helpers import random_model, tiny_config
 
 
@@ -49,7 +49,7 @@ def test_mtp_layer_is_skipped_with_a_log_line(ckpt, caplog):
     sd[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 4)
     sd[f"model.layers.{n}.self_attn.q_a_proj.weight"] = torch.zeros(4, 4)
     save_file(sd, str(d / "model.safetensors"))
-    with caplog.at_level(logging.INFO, logger="model.load"):
+    with caplog.at_level(logging.INFO, logger="dsa_rag.model.load"):
         load_model(d)
     assert any(f"model.layers.{n}" in r.message and "MTP" in r.message for r in caplog.records)
 
@@ -127,7 +127,7 @@ def test_relu_variant_shares_the_default_main_model():
     """model/weights/dsa-tiny-relu (run 4b, V3.2's ReLU indexer) and the default (run 6, the same
     main model with the indexer refitted as a softmax mixture): the main-model tensors are equal,
     only the indexer differs. What the model card claims, so the dense figures stand for both."""
-    from model.load import WEIGHTS_DIR
+    from dsa_rag.model.load import WEIGHTS_DIR
 
     base, relu = load_model("dsa-tiny"), load_model(WEIGHTS_DIR / "dsa-tiny-relu")
     assert base.cfg.index_score == "softmax_mixture" and (base.cfg.index_n_heads, base.cfg.index_head_dim) == (8, 64)

@@ -6,8 +6,8 @@ full forward, rows of a batch at different positions equal each alone, dense mod
 
 import torch
 
-from model.cache import new_sequence_cache
-from model.model import causal_indices
+from dsa_rag.model.cache import new_sequence_cache
+from dsa_rag.model.model import causal_indices
 from tests.model.helpers import random_model, tiny_config
 
 

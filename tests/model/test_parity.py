@@ -8,7 +8,7 @@ compared in fp32 on sequences longer than index_topk so the sparse selection mat
 import pytest
 import torch
 
-from model.load import load_model, save_checkpoint
+from dsa_rag.model.load import load_model, save_checkpoint
 from tests.model.helpers import hf_model_from, random_model, tiny_config
 
 CASES = [  # (seed, seq_len, overrides)

@@ -5,7 +5,7 @@
 
 import json
 
-from model.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
+from dsa_rag.model.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
 
 
 def test_byte_roundtrip_and_prompt_layout():

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from rag_service.pipeline import RagPipeline
-from rag_service.redis_store import embedded_server_config, stop_embedded
-from rag_service.settings import RagSettings
+from dsa_rag.rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.stores.redis_store import embedded_server_config, stop_embedded
+from dsa_rag.rag_service.settings import RagSettings
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from model.tokenizer import ByteTokenizer
+from dsa_rag.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 VOCAB = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]

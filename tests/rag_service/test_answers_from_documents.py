@@ -4,7 +4,7 @@ answer and a citation to that page; a second question over the same pack prefill
 question (counters prove the hit); a new process on the same data directory finds the documents
 and the cached prefix (restored from the store, no prefill).
 
-The documents are written in the register dsa-tiny was trained on (model/data.py: filler from
+The documents are written in the register dsa-tiny was trained on (model/training/data.py: filler from
 its grammar, the fact in one of its templates); the value is a fresh random number, so the only
 way to answer is to read it from the page. One fact in the pack, asked two ways: the shipped
 model is reliable on a single needle (its model card: niah_single), not yet on several similar
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from model import data
-from rag_service.answer import PackWorker, answer, make_engine
-from rag_service.pipeline import RagPipeline
+from dsa_rag.model.training import data
+from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine
+from dsa_rag.rag_service.pipeline import RagPipeline
 from tests.rag_service.pdfs import make_pdf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,9 +92,9 @@ def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, eng
     # prefix is restored from the KV store (no prefill).
     script = textwrap.dedent("""
         import json, sys
-        from rag_service.answer import PackWorker, answer, make_engine
-        from rag_service.pipeline import RagPipeline
-        from rag_service.settings import RagSettings
+        from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine
+        from dsa_rag.rag_service.pipeline import RagPipeline
+        from dsa_rag.rag_service.settings import RagSettings
         settings = RagSettings.model_validate_json(sys.argv[1])
         with RagPipeline(settings) as rag:
             worker = PackWorker(rag, make_engine("dsa-tiny", device="cpu"))

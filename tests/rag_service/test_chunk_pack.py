@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from rag_service.chunk import TextTokens, chunk_text
-from rag_service.errors import NotFound
-from rag_service.pack import plan_members
-from rag_service.schemas import PageSpan
+from dsa_rag.rag_service.parsing.chunk import TextTokens, chunk_text
+from dsa_rag.rag_service.errors import NotFound
+from dsa_rag.rag_service.packing.pack import plan_members
+from dsa_rag.rag_service.schemas import PageSpan
 from tests.rag_service.helpers import TOK, pack_invariants, words
 
 MIXED = "Zürich — 東京 and naïve café; emoji 🙂 ok. " * 40
@@ -194,10 +194,10 @@ def test_delete_long_document_drops_its_windows(rag):
 
 def test_citations_never_span_two_pages(tmp_path):
     """Attended positions on both sides of a page break give one citation per page."""
-    from rag_service.layout import PackLayout, LayoutEntry
-    from rag_service.chunk import TextTokens
-    from rag_service.schemas import PageSpan
-    from model.tokenizer import ByteTokenizer
+    from dsa_rag.rag_service.packing.layout import PackLayout, LayoutEntry
+    from dsa_rag.rag_service.parsing.chunk import TextTokens
+    from dsa_rag.rag_service.schemas import PageSpan
+    from dsa_rag.model.tokenizer import ByteTokenizer
 
     text = "alpha page one text.\n\nbeta page two text."
     split = text.index("beta")

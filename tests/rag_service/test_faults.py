@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.pipeline import RagPipeline
 from tests.rag_service.helpers import pack_invariants, words
 
 

@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from model.tokenizer import HFTokenizer, doc_cost, load_tokenizer
-from rag_service.pipeline import RagPipeline
+from dsa_rag.model.tokenizer import HFTokenizer, doc_cost, load_tokenizer
+from dsa_rag.rag_service.pipeline import RagPipeline
 from tests.rag_service.helpers import words
 from tests.rag_service.pdfs import make_pdf
 

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, NameObject, NumberObject, StreamObject
 
-from rag_service import errors
-from rag_service.ingest import clean_name, parse_document
-from rag_service.schemas import NAME_MAX
-from rag_service.settings import RagSettings
+from dsa_rag.rag_service import errors
+from dsa_rag.rag_service.parsing.ingest import clean_name, parse_document
+from dsa_rag.rag_service.schemas import NAME_MAX
+from dsa_rag.rag_service.settings import RagSettings
 from tests.rag_service.pdfs import make_pdf
 
 S = RagSettings(parse_timeout_s=10)

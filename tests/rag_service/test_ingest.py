@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from rag_service import errors
-from rag_service.ingest import clean_name, detect_type, parse_document
-from rag_service.settings import RagSettings
+from dsa_rag.rag_service import errors
+from dsa_rag.rag_service.parsing.ingest import clean_name, detect_type, parse_document
+from dsa_rag.rag_service.settings import RagSettings
 from tests.rag_service.pdfs import make_bomb_pdf, make_pdf
 
 S = RagSettings(parse_timeout_s=10)

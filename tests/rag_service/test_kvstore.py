@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from rag_service.kvstore import KVStore
-from rag_service.redis_store import Keys
+from dsa_rag.rag_service.stores.kvstore import KVStore
+from dsa_rag.rag_service.stores.redis_store import Keys
 
 
 @pytest.fixture

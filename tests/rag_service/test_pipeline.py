@@ -14,8 +14,8 @@ import time
 import psutil
 import pytest
 
-from rag_service.errors import BadRequest, DocumentTooLarge
-from rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.errors import BadRequest, DocumentTooLarge
+from dsa_rag.rag_service.pipeline import RagPipeline
 from tests.rag_service.pdfs import make_pdf
 from tests.rag_service.helpers import pack_invariants, words
 
@@ -82,7 +82,7 @@ def _server_pid(rag) -> int:
 def test_embedded_redis_survives_restart_and_kill(tmp_path, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("DSA_RAG_REDIS_URL", raising=False)
-    from rag_service.settings import RagSettings
+    from dsa_rag.rag_service.settings import RagSettings
 
     s = RagSettings(data_dir=tmp_path / "data", max_context=2048, pack_reserve_tokens=0,
                     pack_overlap=128, chunk_tokens=64, chunk_overlap=8)
@@ -141,7 +141,8 @@ def test_core_imports_neither_ray_nor_fastapi():
     import subprocess
     import sys
 
-    code = ("import sys, rag_service.pipeline, rag_service.kvstore, rag_service.layout; "
+    code = ("import sys, dsa_rag.rag_service.pipeline, dsa_rag.rag_service.stores.kvstore, "
+            "dsa_rag.rag_service.packing.layout; "
             "bad = [m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -163,7 +164,7 @@ def test_failed_commit_leaves_no_orphan_blobs(rag):
 def test_two_pipelines_share_one_embedded_server(tmp_path, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("DSA_RAG_REDIS_URL", raising=False)
-    from rag_service.settings import RagSettings
+    from dsa_rag.rag_service.settings import RagSettings
 
     s = RagSettings(data_dir=tmp_path / "data", max_context=2048, pack_reserve_tokens=0, pack_overlap=128)
     a = RagPipeline(s)

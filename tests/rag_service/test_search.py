@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from rag_service.errors import NotFound
-from rag_service.search import Bm25Index, terms
+from dsa_rag.rag_service.errors import NotFound
+from dsa_rag.rag_service.packing.search import Bm25Index, terms
 from tests.rag_service.helpers import words
 
 
@@ -39,7 +39,7 @@ def _corpus(rag, n=10):
 
 
 def test_bm25_picks_the_pack_with_the_answer(make_settings):
-    from rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.pipeline import RagPipeline
 
     with RagPipeline(make_settings(fanout_max_packs=2)) as rag:
         _, fact = _corpus(rag)
@@ -54,7 +54,7 @@ def test_bm25_picks_the_pack_with_the_answer(make_settings):
 
 
 def test_every_pack_when_corpus_fits_the_fanout(make_settings):
-    from rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.pipeline import RagPipeline
 
     with RagPipeline(make_settings(fanout_max_packs=50)) as rag:
         _, fact = _corpus(rag)
@@ -80,7 +80,7 @@ def test_document_filter_and_deletes(rag):
 
 
 def test_fact_in_a_late_window_selects_that_window(make_settings):
-    from rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.pipeline import RagPipeline
 
     with RagPipeline(make_settings(fanout_max_packs=1)) as rag:
         text = words(1, 1500) + " Quetzalcoatl guards the obsidian gate. " + words(2, 300)

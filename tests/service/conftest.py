@@ -12,8 +12,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from rag_service.redis_store import embedded_server_config
-from rag_service.serve.settings import ServeSettings
+from dsa_rag.rag_service.stores.redis_store import embedded_server_config
+from dsa_rag.rag_service.serve.settings import ServeSettings
 
 SMALL = dict(max_context=1024, pack_reserve_tokens=0, pack_overlap=64, chunk_tokens=64, chunk_overlap=8,
              pack_seal_free_tokens=16, parse_timeout_s=20, default_max_tokens=4, max_new_tokens=16,
@@ -40,7 +40,7 @@ def redis_url(redis_server) -> str:
 def engine():
     import torch
 
-    from rag_service.answer import make_engine
+    from dsa_rag.rag_service.ask.worker import make_engine
 
     torch.set_num_threads(1)
     return make_engine("dsa-tiny", device="cpu")
@@ -63,9 +63,9 @@ def settings(make_settings) -> ServeSettings:
 
 @pytest.fixture
 def backend(settings, engine):
-    from rag_service.answer import PackWorker
-    from rag_service.pipeline import RagPipeline
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.worker import PackWorker
+    from dsa_rag.rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
 
     rag = RagPipeline(settings)
     worker = PackWorker(rag, engine, warm_packs=settings.warm_packs_per_replica,
@@ -77,7 +77,7 @@ def backend(settings, engine):
 
 @pytest.fixture
 def client(backend):
-    from rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.app import create_app
 
     with TestClient(create_app(backend)) as c:
         yield c

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.serve.sse import parse_sse
 from tests.rag_service.pdfs import make_pdf
 
 ROME = ("The treaty was signed in Rome in 1957. " * 12).encode()
@@ -76,8 +76,8 @@ def test_upload_errors_name_the_file(client, make_settings):
 def test_upload_size_limit(make_settings, engine):
     from fastapi.testclient import TestClient
 
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
 
     s = make_settings(upload_max_bytes=100)
     with TestClient(create_app(InProcessBackend(s, worker=object()))) as c:  # no model needed here
@@ -139,10 +139,10 @@ def test_fanout_over_several_packs(make_settings, engine):
     """Two documents too big to share a pack: the question fans out, usage is summed."""
     from fastapi.testclient import TestClient
 
-    from rag_service.answer import PackWorker
-    from rag_service.pipeline import RagPipeline
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.worker import PackWorker
+    from dsa_rag.rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
 
     s = make_settings(max_context=512, pack_overlap=32)
     with RagPipeline(s) as rag:
@@ -200,7 +200,7 @@ def _metric(text: str, name: str) -> float:
 def test_answer_in_python_and_restore_on_another_replica(backend, engine):
     """The pipeline path without HTTP; a second worker (another replica) restores the pack from
     the KV store instead of prefilling it."""
-    from rag_service.answer import PackWorker, answer
+    from dsa_rag.rag_service.ask.worker import PackWorker, answer
 
     rag = backend.rag
     rag.ingest("rome.txt", ROME)
@@ -252,10 +252,10 @@ def test_ask_on_gpu(make_settings):
         pytest.skip("needs a CUDA device")
     from fastapi.testclient import TestClient
 
-    from rag_service.answer import PackWorker, make_engine
-    from rag_service.pipeline import RagPipeline
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.worker import PackWorker, make_engine
+    from dsa_rag.rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
 
     s = make_settings()
     with RagPipeline(s) as rag:
@@ -275,7 +275,7 @@ def test_an_evicted_warm_prefix_lives_until_its_question_forked_it(backend, engi
     released"). Handles handed out are pinned; eviction only retires them."""
     import asyncio
 
-    from rag_service.answer import PackWorker
+    from dsa_rag.rag_service.ask.worker import PackWorker
 
     rag = backend.rag
     pa = rag.ingest("rome.txt", ROME, tenant="t1").packs[0]  # packs never mix tenants: two packs

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from rag_service.cli import build_parser
+from dsa_rag.rag_service.cli import build_parser
 
 
 def test_parser_has_every_command():
@@ -30,7 +30,7 @@ def test_serve_no_ray_prints_its_url_and_serves(tmp_path, redis_url):
     env = dict(os.environ, DSA_RAG_REDIS_URL=redis_url, DSA_RAG_REDIS_PREFIX="cli" + str(os.getpid()),
                DSA_RAG_TORCH_THREADS="1", DSA_RAG_MAX_CONTEXT="2048", DSA_RAG_PACK_RESERVE_TOKENS="64",
                DSA_RAG_PACK_OVERLAP="64")
-    proc = subprocess.Popen([sys.executable, "-m", "rag_service.cli", "serve", "--no-ray", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "dsa_rag.rag_service.cli", "serve", "--no-ray", "--port", "0",
                              "--data-dir", str(tmp_path / "data")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -21,11 +21,11 @@ def _check_serve_config(cfg: dict) -> None:
     from ray.serve.request_router import RequestRouter
     from ray.serve.schema import ServeDeploySchema
 
-    from rag_service.serve.settings import ServeSettings
+    from dsa_rag.rag_service.serve.settings import ServeSettings
 
     schema = ServeDeploySchema.model_validate(cfg)
     (app,) = schema.applications
-    assert app.import_path == "rag_service.serve.deployments:build_app"
+    assert app.import_path == "dsa_rag.rag_service.serve.deployments:build_app"
     builder = import_attr(app.import_path)
     args = dict(app.args)
     extra = {"model_autoscaling_config", "app_name"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.serve.sse import parse_sse
 
 ROME = ("The treaty was signed in Rome in 1957. " * 12).encode()
 PARIS = ("The capital of France is Paris. The Seine crosses it. " * 8).encode()
@@ -75,7 +75,7 @@ def test_replica_dies_before_first_token_is_retried_transparently(client, engine
 
 
 def test_vanished_kv_blob_re_prefills_without_error(backend, client, engine):
-    from rag_service.answer import PackWorker
+    from dsa_rag.rag_service.ask.worker import PackWorker
 
     client.post("/v1/documents", files=[("files", ("rome.txt", ROME, "text/plain"))])
     q = {"question": "Where was it signed?", "max_tokens": 3}
@@ -100,7 +100,7 @@ def test_vanished_kv_blob_re_prefills_without_error(backend, client, engine):
 
 
 def test_disk_full_is_507_and_leaves_nothing_behind(client, backend, monkeypatch):
-    from rag_service import blobstore
+    from dsa_rag.rag_service.stores import blobstore
 
     ok = client.post("/v1/documents", files=[("files", ("rome.txt", ROME, "text/plain"))])
     before = _docs(client)
@@ -137,7 +137,7 @@ def test_disk_full_is_507_and_leaves_nothing_behind(client, backend, monkeypatch
 
 
 def test_disk_full_for_the_kv_cache_still_answers(client, backend, monkeypatch):
-    from rag_service import blobstore, kvstore
+    from dsa_rag.rag_service.stores import blobstore, kvstore
 
     def no_space(path, write):
         def fail(tmp):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.serve.sse import parse_sse
 from tests.rag_service.pdfs import make_bomb_pdf, make_pdf
 
 KA, KB = "key-alpha-0001", "key-bravo-0002"
@@ -20,10 +20,10 @@ ROME = ("The treaty was signed in Rome in 1957. " * 12).encode()
 
 @pytest.fixture
 def make_client(make_settings, engine):
-    from rag_service.answer import PackWorker
-    from rag_service.pipeline import RagPipeline
-    from rag_service.serve.app import create_app
-    from rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.worker import PackWorker
+    from dsa_rag.rag_service.pipeline import RagPipeline
+    from dsa_rag.rag_service.serve.app import create_app
+    from dsa_rag.rag_service.serve.backend import InProcessBackend
 
     made = []
 

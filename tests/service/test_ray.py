@@ -20,7 +20,7 @@ import uuid
 import httpx
 import pytest
 
-from rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.serve.sse import parse_sse
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,8 @@ def service(tmp_path_factory, redis_url):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from rag_service.cli import relax_ray_health_checks
-    from rag_service.serve.deployments import build_app
+    from dsa_rag.rag_service.cli import relax_ray_health_checks
+    from dsa_rag.rag_service.serve.deployments import build_app
     from tests.service.conftest import SMALL
 
     relax_ray_health_checks()  # the proxy's 5 s readiness check can fail on a loaded 2-core box
@@ -167,7 +167,7 @@ def test_hot_pack_spills_and_is_restored_on_the_other_node(service):
 
 
 def test_cli_client_commands(service, capsys, tmp_path):
-    from rag_service.cli import main
+    from dsa_rag.rag_service.cli import main
 
     f = tmp_path / "notes.md"
     f.write_text("# Notes\n\nThe meeting is on Tuesday at noon.\n" * 5)

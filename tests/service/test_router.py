@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rag_service.serve.router import PackAffinityRouter, rank_replicas
+from dsa_rag.rag_service.serve.router import PackAffinityRouter, rank_replicas
 
 Q = {"a": 0, "b": 0, "c": 0}
 

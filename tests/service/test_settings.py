@@ -5,7 +5,7 @@
 
 import json
 
-from rag_service.serve.settings import ServeSettings
+from dsa_rag.rag_service.serve.settings import ServeSettings
 
 
 def test_checkpoint_dir_brings_its_tokenizer(tmp_path, monkeypatch):

@@ -1,0 +1,601 @@
+"""The inference engine: paged caches, chunked prefill, batched sparse decode, continuous batching,
+sampling and streaming, prefix snapshots (safetensors-ready) and attention traces for citations.
+
+    from dsa_rag.model.engine.engine import Engine, SamplingParams
+    eng = Engine(load_model("dsa-tiny"))
+    pack = eng.prefill_prefix(tok.prompt_ids(docs))              # once per pack (chunked prefill)
+    snap = eng.snapshot(pack)                                    # tensors + str metadata -> safetensors
+    pack2 = eng.restore(snap)                                    # on another replica / later
+    for ev in eng.generate(tok.question_ids(q), SamplingParams(max_tokens=64, trace=True), prefix=pack2):
+        print(ev.text, end="")                                   # ev.token_id, ev.logprob, ev.trace
+    eng.run_batch([(ids_a, p), (ids_b, p, pack)])                # many requests, one decode batch per step
+
+How a step works (`Engine.step`): every running request whose prompt is not in the cache yet gets
+a prefill chunk (a shared budget of `prefill_chunk` tokens per step, oldest first; memory
+O(chunk * k) per layer: the model's indexer streams over keys and attends to top-k rows only).
+The last prompt token is not prefilled: it is fed by the decode batch, so every generated token,
+the first included, comes out of the same [B, 1] decode call (rows at different positions) with
+the same numerics and the same trace. Then every request with its prompt cached decodes one token
+together: indexer -> top-k -> sparse MQA over the paged latent cache (model/engine/paged.py).
+
+Prefixes: `prefill_prefix(ids)` (or `add_prefix` + `take_prefix`, prefilled by step() between
+other requests' decode tokens) / `restore(snapshot)` give a PrefixHandle whose blocks are
+read-only; `add_request(question, params, prefix=handle)` forks it (refcounts, no copy; the
+partially filled last block is copied on the first write), so many questions share one 128k pack.
+
+Drivers: call `step()` yourself and read its events, or use `generate` / `run_batch` /
+`complete` / `AsyncEngine.generate`, which collect the events of their own requests (a request
+added with plain `add_request` while a generator steps the engine gets its tokens, but its events
+are only in the return values of those steps). A request that fails (e.g. MemoryError: the block
+pool reached max_blocks) ends with an event of finish_reason "error"; the others go on.
+
+Known costs: the indexer reads every index key of a sequence each step; they are a view of the
+pool when the sequence's blocks are consecutive (a prefix and its first fork) and a gather
+(index_keys bytes per layer per step) otherwise, e.g. the 2nd..nth question on one pack. The
+pool grows by doubling (a copy) and never shrinks; size it with n_blocks / max_blocks.
+
+Speed work stays here, the model stays plain PyTorch: inference_mode, no per-step context copies
+(the sparse kernel gathers rows through the block table), index keys read as a view when a
+sequence's blocks are consecutive. torch.compile of the decode step is not used: the model's
+per-row Python loop and data-dependent top-k give graph breaks, not speed, on this CPU.
+
+    .venv/bin/python -m pytest tests/model/test_engine*.py -q
+    .venv/bin/python benchmarks/engine_bench.py --quick
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from dsa_rag.model.engine.paged import BLOCK_SIZE, BlockPool, PagedSequence
+from dsa_rag.model.engine.sampling import SamplingParams, StopMatcher, make_generator, sample
+from dsa_rag.model.tokenizer import ByteTokenizer, IncrementalDecoder
+
+__all__ = ["Engine", "AsyncEngine", "SamplingParams", "TokenEvent", "Completion", "Trace", "PrefixHandle",
+           "Snapshot", "model_fingerprint", "SNAPSHOT_FORMAT"]
+
+SNAPSHOT_FORMAT = "dsa-engine-snapshot/1"
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class Trace:
+    """What the sparse attention read for one generated token. positions: context token positions
+    by descending mass; mass: attention probability averaged over heads and layers (over all
+    positions it sums to 1). layers (trace_layers=True): per layer (positions, mass / heads)."""
+
+    positions: list[int]
+    mass: list[float]
+    layers: list[tuple[list[int], list[float]]] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. text: the text this token releases (may be "" while a UTF-8
+    character or a possible stop string is incomplete); position: its index in the sequence.
+    finish_reason: "stop" (EOS / stop token / stop string), "length" (max_tokens or the model's
+    context), "abort", "error" (see `error`; e.g. the block pool is full)."""
+
+    request_id: int
+    token_id: int
+    text: str
+    logprob: float | None
+    position: int
+    trace: Trace | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None  # finish_reason "error": what went wrong (the engine keeps serving others)
+
+
+@dataclass
+class Completion:
+    request_id: int
+    token_ids: list[int]  # generated tokens (a final EOS / stop token included)
+    text: str  # their text, stop string trimmed
+    logprobs: list[float | None]
+    traces: list[Trace | None]
+    finish_reason: str | None
+    prompt_tokens: int  # prefix + prompt
+    cached_tokens: int  # of which came from a prefix handle (not recomputed)
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class PrefixHandle:
+    """A cached, read-only token prefix (all layers). Fork it with add_request(prefix=...);
+    release it when no new question needs it (children keep their shared blocks alive)."""
+
+    seq: PagedSequence
+    tokens: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Snapshot:
+    """Prefix caches as flat tensors (`tokens`, `layer.{i}.kv`, `layer.{i}.index_k`,
+    `layer.{i}.index_scale` in FP8 mode) plus str->str metadata: what safetensors writes."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.tensors, str(path), metadata=self.metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Snapshot":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return cls({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def model_fingerprint(model) -> str:
+    """Changes whenever cache bytes could: config (shapes, numerics, attention mode), parameter
+    names / shapes / dtypes and a strided sample of every tensor's values (cheap, even at 671B)."""
+    h = hashlib.sha256(json.dumps(model.cfg.fingerprint_fields(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if p.device.type != "meta" and p.numel():
+                flat = p.reshape(-1)
+                h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- requests
+class _Request:
+    def __init__(self, rid, tokens, params, seq, cached, tokenizer, eos, prefix_only=False):
+        self.rid, self.tokens, self.params, self.seq = rid, tokens, params, seq
+        self.prefix_only = prefix_only  # cache every token, sample nothing, end as a PrefixHandle
+        self.n_prompt, self.cached = len(tokens), cached
+        self.out_ids: list[int] = []
+        self.generator = make_generator(params)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = StopMatcher(params.stop)
+        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eos])
+
+    @property
+    def target(self) -> int:
+        """Tokens to have in the cache before sampling: all but the last (fed by the decode batch)."""
+        return len(self.tokens) if self.prefix_only else len(self.tokens) - 1
+
+
+class Engine:
+    """Continuous-batching generation over paged DSA caches (see the module docstring).
+
+    model: a dsa_rag.model.model.Transformer (plain PyTorch, eval mode). tokenizer: default ByteTokenizer.
+    block_size: tokens per cache block. prefill_chunk: prefill tokens per step (all requests).
+    max_batch: decode rows per step. n_blocks / max_blocks: initial / largest pool size."""
+
+    def __init__(self, model, tokenizer=None, *, block_size: int = BLOCK_SIZE, prefill_chunk: int = 2048,
+                 max_batch: int = 32, n_blocks: int = 64, max_blocks: int | None = None):
+        if prefill_chunk < 1 or max_batch < 1:
+            raise ValueError(f"prefill_chunk and max_batch must be >= 1, got {prefill_chunk}, {max_batch}")
+        self.model, self.cfg = model.eval(), model.cfg
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.eos_id = getattr(self.tokenizer, "eos_id", self.cfg.eos_token_id)
+        self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
+        c = self.cfg
+        p = model.embed.weight
+        self.pool = BlockPool(c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim,
+                              block_size, n_blocks, max_blocks, p.device)
+        ik_dtype = torch.float8_e4m3fn if c.fp8_numerics else p.dtype
+        self.pool.ensure_storage(p.dtype, ik_dtype, c.fp8_numerics)
+        self.device = p.device
+        self.running: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._outbox: dict[int, deque[TokenEvent]] = {}
+        self._prefixes: dict[int, PrefixHandle | BaseException] = {}  # finished add_prefix requests, until taken
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    # --- requests --------------------------------------------------------------------------
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None,
+                    request_id: int | None = None) -> int:
+        """Queue a request; returns its id. The prompt continues `prefix` when given (its cache
+        is shared, not copied). Tokens come out of `step()`."""
+        params = params or SamplingParams()
+        ids = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        if prefix is not None and prefix.seq.freed:
+            raise ValueError("the prefix handle was released; restore or prefill it again")
+        tokens = (list(prefix.tokens) if prefix is not None else []) + ids
+        if not tokens:
+            raise ValueError("empty prompt: give at least one token (e.g. the tokenizer's bos_id)")
+        if len(tokens) > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model's context of "
+                             f"{self.cfg.max_position_embeddings}")
+        if prefix is not None:  # keep >= 1 token to feed: an empty question recomputes the prefix's last one
+            cached = min(prefix.length, len(tokens) - 1)
+            seq = prefix.seq.fork(cached)
+        else:
+            cached, seq = 0, PagedSequence(self.pool)
+        rid = self.new_request_id() if request_id is None else request_id
+        if rid in self.running:
+            raise ValueError(f"request id {rid} is already running")
+        self.running[rid] = _Request(rid, tokens, params, seq, cached, self.tokenizer, self.eos_id)
+        return rid
+
+    def abort(self, rid: int) -> None:
+        r = self.running.pop(rid, None)
+        if r is not None:
+            r.seq.free()
+            if rid in self._outbox:
+                self._outbox[rid].append(TokenEvent(rid, -1, "", None, len(r.tokens) - 1, None, True, "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    # --- one scheduling step ---------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Prefill chunks within the budget, then one decode token for every request whose
+        prompt is cached, all rows in one model call. Returns this step's token events."""
+        budget = self.prefill_chunk
+        events: list[TokenEvent] = []
+        for r in list(self.running.values()):
+            if budget <= 0:
+                break
+            todo = r.target - r.seq.length
+            if todo > 0:
+                n = min(todo, budget)
+                try:
+                    self._forward_chunk(r.seq, r.tokens, r.seq.length, n)
+                except (MemoryError, RuntimeError, ValueError) as e:  # this request fails, the others go on
+                    events.append(self._fail(r, e))
+                    continue
+                budget -= n
+            if r.prefix_only and r.seq.length == r.target:
+                self._prefixes[r.rid] = PrefixHandle(r.seq, r.tokens)
+                del self.running[r.rid]
+        ready = [r for r in self.running.values() if not r.prefix_only and r.seq.length == r.target][: self.max_batch]
+        if ready:
+            try:
+                events += self._decode(ready)
+            except (MemoryError, RuntimeError, ValueError) as e:
+                events += [self._fail(r, e) for r in ready if r.rid in self.running]
+        for ev in events:
+            if ev.request_id in self._outbox:
+                self._outbox[ev.request_id].append(ev)
+        return events
+
+    def _fail(self, r: _Request, e: BaseException) -> TokenEvent:
+        self.running.pop(r.rid, None)
+        r.seq.free()
+        msg = f"{type(e).__name__}: {e}"
+        if r.prefix_only:
+            self._prefixes[r.rid] = e  # take_prefix raises it
+        return TokenEvent(r.rid, -1, "", None, len(r.tokens) - 1, None, True, "error", msg)
+
+    def _forward_chunk(self, seq, tokens, start, n, last_only=True):
+        ids = torch.tensor([tokens[start: start + n]], device=self.device)
+        return self.model(ids, start, [seq.layers], last_only=last_only)
+
+    def _decode(self, ready: list[_Request]) -> list[TokenEvent]:
+        ids = torch.tensor([[r.tokens[-1]] for r in ready], device=self.device)
+        pos = [r.seq.length for r in ready]
+        want = [r.params.trace for r in ready]
+        rec: dict[int, list] = {}
+        trace = None
+        if any(want):
+            def trace(layer, row, idx, mass):
+                if want[row]:
+                    rec.setdefault(row, []).append((layer, idx[-1], mass[-1]))
+        logits = self.model(ids, pos, [r.seq.layers for r in ready], trace=trace)[:, -1]
+        events = []
+        for b, r in enumerate(ready):
+            tok, lp = sample(logits[b], r.params, r.generator)
+            tr = self._aggregate(rec[b], r.params) if b in rec else None
+            events.append(self._emit(r, tok, lp, tr))
+        return events
+
+    def _aggregate(self, recs, params: SamplingParams) -> Trace:
+        """Per-layer (positions [k], mass summed over heads [k]) -> top positions by mass
+        averaged over heads and layers."""
+        H, L = self.cfg.num_attention_heads, len(recs)
+        idx = torch.cat([i for _, i, _ in recs]).long()
+        mass = torch.cat([m for _, _, m in recs]).float() / (H * L)
+        keep = idx >= 0
+        idx, mass = idx[keep], mass[keep]
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        agg = torch.zeros(uniq.shape[0], dtype=torch.float32, device=mass.device).index_add_(0, inv, mass)
+        top = agg.topk(min(params.trace_top, agg.shape[0]))
+        layers = None
+        if params.trace_layers:
+            layers = [(i[i >= 0].tolist(), (m[i >= 0].float() / H).tolist()) for _, i, m in sorted(recs, key=lambda x: x[0])]
+        return Trace(uniq[top.indices].tolist(), top.values.tolist(), layers)
+
+    def _emit(self, r: _Request, tok: int, lp, tr) -> TokenEvent:
+        r.tokens.append(tok)
+        r.out_ids.append(tok)
+        finish = None
+        if tok in r.stop_ids:
+            text, hit, finish = "", False, "stop"
+        else:
+            text, hit = r.stops.push(r.decoder.push(tok))
+            if hit:
+                finish = "stop"
+            elif len(r.out_ids) >= r.params.max_tokens or len(r.tokens) >= self.cfg.max_position_embeddings:
+                finish = "length"
+        if finish and not hit:  # release what the decoder / stop matcher still hold
+            more, hit = r.stops.push(r.decoder.flush())
+            text += more if hit else more + r.stops.flush()
+        if finish:
+            self.running.pop(r.rid, None)
+            r.seq.free()
+        return TokenEvent(r.rid, tok, text, lp, len(r.tokens) - 1, tr, finish is not None, finish)
+
+    # --- convenience drivers ---------------------------------------------------------------
+    def generate(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None
+                 ) -> Iterator[TokenEvent]:
+        """Stream one request's tokens; other requests (other generators, add_request) advance in
+        the same steps. Closing the iterator early aborts the request."""
+        rid = self.new_request_id()
+        self._outbox[rid] = deque()
+        try:
+            self.add_request(prompt_ids, params, prefix, request_id=rid)
+            yield from self._drain(rid)
+        finally:
+            self._outbox.pop(rid, None)
+            self.abort(rid)
+
+    def _drain(self, rid: int) -> Iterator[TokenEvent]:
+        q = self._outbox[rid]
+        while True:
+            while q:
+                ev = q.popleft()
+                yield ev
+                if ev.finished:
+                    return
+            if rid not in self.running:
+                return
+            self.step()
+
+    def run_batch(self, requests: Iterable[tuple]) -> list[Completion]:
+        """[(prompt_ids, params[, prefix]), ...] -> completions, all decoded together."""
+        info = {}
+        try:
+            for req in requests:
+                rid = self.new_request_id()
+                self._outbox[rid] = deque()
+                self.add_request(*req, request_id=rid)
+                info[rid] = (self.running[rid].n_prompt, self.running[rid].cached)
+            while any(r in self.running for r in info):
+                self.step()
+            return [self._collect(rid, *info[rid]) for rid in info]
+        finally:
+            for rid in info:
+                self._outbox.pop(rid, None)
+                self.abort(rid)
+
+    def complete(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None) -> Completion:
+        return self.run_batch([(prompt_ids, params, prefix)])[0]
+
+    def _collect(self, rid: int, n_prompt: int, cached: int) -> Completion:
+        evs = [e for e in self._outbox[rid] if e.token_id >= 0]
+        last = self._outbox[rid][-1] if self._outbox[rid] else None
+        return Completion(rid, [e.token_id for e in evs], "".join(e.text for e in evs), [e.logprob for e in evs],
+                          [e.trace for e in evs], last.finish_reason if last else None, n_prompt, cached,
+                          last.error if last else None)
+
+    # --- prefixes, snapshots ---------------------------------------------------------------
+    def add_prefix(self, ids, prefix: PrefixHandle | None = None, request_id: int | None = None) -> int:
+        """Queue the prefill of a prefix (continuing `prefix` if given) through step(), in chunks
+        interleaved with other requests' decoding; take it with `take_prefix(rid)` when ready."""
+        ids = [int(t) for t in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        tokens = (list(prefix.tokens) if prefix is not None else []) + ids
+        if not tokens or len(tokens) > self.cfg.max_position_embeddings:
+            raise ValueError(f"prefix of {len(tokens)} tokens: expected 1 .. {self.cfg.max_position_embeddings}")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prefix token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        if prefix is not None and prefix.seq.freed:
+            raise ValueError("the prefix handle was released; restore or prefill it again")
+        seq = prefix.seq.fork() if prefix is not None else PagedSequence(self.pool)
+        rid = self.new_request_id() if request_id is None else request_id
+        self.running[rid] = _Request(rid, tokens, SamplingParams(), seq, seq.length, self.tokenizer, self.eos_id,
+                                     prefix_only=True)
+        return rid
+
+    def take_prefix(self, rid: int) -> PrefixHandle | None:
+        """The PrefixHandle of a finished add_prefix request (once), or None while it prefills.
+        Raises what made its prefill fail (e.g. MemoryError: the block pool is full)."""
+        h = self._prefixes.pop(rid, None)
+        if isinstance(h, BaseException):
+            raise h
+        return h
+
+    def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
+        """Cache every token of `ids` (continuing `prefix` if given); returns a read-only handle
+        to fork questions from. Steps the engine until done, so running requests keep decoding."""
+        rid = self.add_prefix(ids, prefix)
+        while (h := self.take_prefix(rid)) is None:
+            self.step()
+        return h
+
+    def release(self, handle: PrefixHandle) -> None:
+        handle.seq.free()
+
+    def snapshot(self, source: PrefixHandle | int, upto: int | None = None) -> Snapshot:
+        """The caches of a prefix handle (or a running request id) for positions 0 .. upto-1."""
+        if isinstance(source, PrefixHandle):
+            seq, tokens = source.seq, source.tokens
+        elif source in self.running:
+            seq, tokens = self.running[source].seq, self.running[source].tokens
+        else:
+            raise ValueError(f"snapshot: {source!r} is neither a PrefixHandle nor a running request id")
+        n = seq.length if upto is None else int(upto)
+        if seq.freed or not 0 < n <= seq.length:
+            raise ValueError(f"snapshot upto={n}: the sequence holds {seq.length} cached tokens")
+        t = {"tokens": torch.tensor(tokens[:n], dtype=torch.int64)}
+        for i in range(self.cfg.num_hidden_layers):
+            kv, ik, isc = seq.read(i, n)
+            t[f"layer.{i}.kv"], t[f"layer.{i}.index_k"] = kv.cpu(), ik.cpu()
+            if isc is not None:
+                t[f"layer.{i}.index_scale"] = isc.cpu()
+        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "model": self.cfg.name,
+                "tokens": str(n), "layers": str(self.cfg.num_hidden_layers),
+                "kv_dtype": str(self.pool.kv_dtype), "index_dtype": str(self.pool.ik_dtype)}
+        return Snapshot(t, meta)
+
+    def restore(self, snapshot: Snapshot | dict, metadata: dict | None = None) -> PrefixHandle:
+        """A PrefixHandle from snapshot tensors (+ metadata: checked against this model's
+        fingerprint). Raises ValueError naming the tensor when one is missing or misshapen."""
+        tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else snapshot
+        metadata = snapshot.metadata if isinstance(snapshot, Snapshot) else metadata
+        if metadata:
+            if metadata.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"snapshot format {metadata.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
+            if metadata.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"snapshot was made by model {metadata.get('model')!r} with fingerprint "
+                                 f"{metadata.get('fingerprint')}; this engine runs {self.cfg.name!r} with "
+                                 f"{self.fingerprint}: prefill the prefix again")
+        if "tokens" not in tensors:
+            raise ValueError("snapshot lacks tensor 'tokens' (int64 [n])")
+        tokens = [int(x) for x in tensors["tokens"].tolist()]
+        n, c = len(tokens), self.cfg
+        if not 0 < n <= c.max_position_embeddings:
+            raise ValueError(f"snapshot holds {n} tokens: expected 1 .. {c.max_position_embeddings}")
+        want = {"kv": (n, c.kv_lora_rank + c.qk_rope_head_dim), "index_k": (n, c.index_head_dim)}
+        if c.fp8_numerics:
+            want["index_scale"] = (n,)
+        seq = PagedSequence(self.pool)
+        try:
+            for i, layer in enumerate(seq.layers):
+                got = {}
+                for k, shape in want.items():
+                    name = f"layer.{i}.{k}"
+                    if name not in tensors:
+                        raise ValueError(f"snapshot lacks tensor {name!r} (expected shape {list(shape)})")
+                    if tuple(tensors[name].shape) != shape:
+                        raise ValueError(f"snapshot tensor {name!r} has shape {list(tensors[name].shape)}, "
+                                         f"expected {list(shape)}")
+                    got[k] = tensors[name].to(self.device)
+                ik_dtype = self.pool.ik_dtype
+                layer.write(0, got["kv"].to(self.pool.kv_dtype), got["index_k"].to(ik_dtype), got.get("index_scale"))
+        except Exception:
+            seq.free()
+            raise
+        return PrefixHandle(seq, tokens)
+
+    # --- scoring ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompt_ids, continuation_ids, prefix: PrefixHandle | None = None) -> list[float]:
+        """Log-probs of `continuation_ids` after prefix + prompt (teacher forcing), one per token."""
+        cont = [int(t) for t in continuation_ids]
+        tokens = (list(prefix.tokens) if prefix is not None else []) + [int(t) for t in prompt_ids] + cont
+        if not cont or len(tokens) - len(cont) < 1:
+            raise ValueError("score needs a non-empty continuation after at least one context token")
+        start = len(tokens) - len(cont) - 1  # the position whose logits predict cont[0]
+        seq = prefix.seq.fork(min(prefix.length, start)) if prefix is not None else PagedSequence(self.pool)
+        try:
+            for s in range(seq.length, start, self.prefill_chunk):
+                self._forward_chunk(seq, tokens, s, min(self.prefill_chunk, start - s))
+            out = []
+            for s in range(start, len(tokens) - 1, self.prefill_chunk):
+                n = min(self.prefill_chunk, len(tokens) - 1 - s)
+                lp = torch.log_softmax(self._forward_chunk(seq, tokens, s, n, last_only=False)[0].float(), -1)
+                out += lp.gather(1, torch.tensor(tokens[s + 1: s + 1 + n], device=lp.device)[:, None])[:, 0].tolist()
+            return out
+        finally:
+            seq.free()
+
+    # --- accounting ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"running": len(self.running), "blocks_used": self.pool.used_blocks(),
+                "blocks_total": self.pool.alloc.n_blocks, "block_size": self.pool.block_size,
+                "pool_bytes": self.pool.nbytes()}
+
+
+# ---------------------------------------------------------------- asyncio wrapper
+class AsyncEngine:
+    """Async streaming for the service: one worker thread owns the Engine (every call is
+    serialized through it), a driver task steps while any stream is open.
+
+        aeng = AsyncEngine(engine)
+        async for ev in aeng.generate(ids, SamplingParams(max_tokens=32), prefix=handle): ...
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="dsa-engine")
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._driver: asyncio.Task | None = None
+
+    async def call(self, fn, *args):
+        """Run any Engine method on the engine's thread (prefill_prefix, snapshot, restore, score...)."""
+        return await asyncio.get_running_loop().run_in_executor(self._exec, lambda: fn(*args))
+
+    async def generate(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None):
+        rid = self.engine.new_request_id()
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q  # before the request exists, so no event can be missed
+        try:
+            await self.call(self.engine.add_request, prompt_ids, params, prefix, rid)
+            if self._driver is None or self._driver.done():
+                self._driver = asyncio.get_running_loop().create_task(self._drive())
+            while True:
+                ev = await q.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if rid in self.engine.running:
+                await self.call(self.engine.abort, rid)
+
+    async def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
+        """Prefill a pack without stalling open streams: chunks interleave with their decoding."""
+        rid = await self.call(self.engine.add_prefix, ids, prefix)
+        while (h := await self.call(self.engine.take_prefix, rid)) is None:
+            if self._driver is None or self._driver.done():
+                await self.call(self.engine.step)
+            else:
+                await asyncio.sleep(0.005)
+        return h
+
+    async def _drive(self):
+        while self._queues and self.engine.has_unfinished():
+            try:
+                events = await self.call(self.engine.step)
+            except Exception as e:  # hand the failure to every open stream
+                for q in list(self._queues.values()):
+                    q.put_nowait(e)
+                return
+            for ev in events:
+                q = self._queues.get(ev.request_id)
+                if q is not None:
+                    q.put_nowait(ev)
+
+    def close(self):
+        self._exec.shutdown(wait=True)
