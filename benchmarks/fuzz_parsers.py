@@ -16,16 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.rag_service
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from dsa_rag.rag_service import errors  # noqa: E402
+from dsa_rag.rag_service.parsing.ingest import clean_name, parse_document  # noqa: E402
+from tests.rag_service import test_hostile as T  # noqa: E402
 
 
 def main() -> int:
-    from hypothesis import HealthCheck, given, settings, strategies as st
-
-    from dsa_rag.rag_service import errors
-    from dsa_rag.rag_service.parsing.ingest import clean_name, parse_document
-    from tests.rag_service import test_hostile as T
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=3000, help="per target (PDF: a third of it)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fuzz_parsers.json"))

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["DSA_KERNEL_BACKEND"] = "torch"
 
-from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+from dsa_rag.kernels.indexer import indexer_logits, indexer_topk  # noqa: E402
+from dsa_rag.kernels.sparse_mla import sparse_mla  # noqa: E402
 from dsa_rag.kernels.indexer import naive as idx_naive  # noqa: E402
 from dsa_rag.kernels.sparse_mla import naive as mla_naive  # noqa: E402
 

@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
+from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
+from dsa_rag.kernels.indexer import naive as idx_naive
+from dsa_rag.kernels.sparse_mla import naive as mla_naive
+from dsa_rag.kernels.sparse_mla import sparse_mla
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ["DSA_KERNEL_BACKEND"] = "triton"
 
 
@@ -64,11 +68,6 @@ def random_indices(T, S, K, dev):
 
 
 def gate(dev):
-    from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
-    from dsa_rag.kernels.sparse_mla import sparse_mla
-    from dsa_rag.kernels.indexer import naive as idx_naive
-    from dsa_rag.kernels.sparse_mla import naive as mla_naive
-
     checks = {}
     q, k, w, ks = fp8_inputs(256, 4096, 64, 128, dev)
     ref = idx_naive.indexer_logits(q, k, w, k_scale=ks, start_pos=4096 - 256)
@@ -92,9 +91,6 @@ def main():
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
-    from dsa_rag.kernels.sparse_mla import sparse_mla
-
     dev = "cuda"
     checks = gate(dev)
     if not all(checks.values()):

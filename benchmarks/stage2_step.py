@@ -19,17 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from dsa_rag.model.load import load_model
+from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data, train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def one(mode: str, T: int, chunk: int, threads: int) -> dict:
-    import torch
-
-    from dsa_rag.model.training import data, train
-    from dsa_rag.model.load import load_model
-    from dsa_rag.model.tokenizer import ByteTokenizer
-
     torch.set_num_threads(threads)
     m = load_model("dsa-tiny").train()
     x, y, w = data.batch(random.Random(T), T, T, ("niah_single",), None, ByteTokenizer())

@@ -15,7 +15,7 @@ import time
 import torch
 
 from dsa_rag.model.cache import new_sequence_cache
-from dsa_rag.model.load import load_model
+from dsa_rag.model.load import WEIGHTS_DIR, load_model
 from dsa_rag.model.tokenizer import IncrementalDecoder, load_tokenizer
 
 
@@ -75,7 +75,7 @@ def main():
     print(f"decode: {n} tokens, {1000 * t_dec / n:.1f} ms/token")
     print("generated:", repr("".join(out) + dec.flush()))
     print("most-attended context positions (last layer, per token):", picked[:16])
-    if cfg.name == "dsa-tiny":
+    if a.model == "dsa-tiny" and not (WEIGHTS_DIR / "dsa-tiny" / "config.json").exists():
         print("(dsa-tiny without shipped trained weights is randomly initialized: the text is noise;"
               " speed and cache behaviour are real)")
 

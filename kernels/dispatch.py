@@ -42,7 +42,7 @@ def backend_for(*tensors: torch.Tensor) -> str:
 
 
 def load(op_package: str, backend: str):
-    """Import `kernels.<op_package>.<module>` for `backend`; CUDA default falls back to torch."""
+    """Import `dsa_rag.kernels.<op_package>.<module>` for `backend`; CUDA default falls back to torch."""
     module = {"naive": "naive", "torch": "torch_impl", "triton": "triton"}[backend]
     try:
         return importlib.import_module(f"dsa_rag.kernels.{op_package}.{module}")

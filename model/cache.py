@@ -8,7 +8,7 @@ Per layer a sequence keeps
 Anything with `write / kv / index_k / index_scale / kv_pool / physical` works as a layer cache (the engine adds paged,
 shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling.
 
-    python -m pytest tests/model -q -k cache
+    .venv/bin/python -m pytest -q tests/model -k cache
 """
 
 from __future__ import annotations

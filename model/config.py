@@ -1,7 +1,7 @@
 """Model configuration: a dataclass that reads the official HF `config.json` of DeepSeek-V3.2
 (-Exp) and named presets (`deepseek-v3.2`, the 671B shape; `dsa-tiny`, the CPU default).
 
-    python -m dsa_rag.model.config dsa-tiny        # print a preset as config.json
+    .venv/bin/python -m dsa_rag.model.config dsa-tiny        # print a preset as config.json
 """
 
 from __future__ import annotations
@@ -170,11 +170,11 @@ class ModelConfig:
 
 
 def _dsa_tiny() -> ModelConfig:
-    # The shape the training recipe starts from (runs 0-4b, MODEL_CARD.md): V3.2's ReLU indexer, 4 heads
-    # x 32. Per key it costs 2*H_I*d_I = 256 FLOPs vs the MQA attention's 2*H*(2*r_kv + d_rope) =
+    # The shape the training recipe starts from (MODEL_CARD.md): V3.2's ReLU indexer, 4 heads x 32.
+    # Per key it costs 2*H_I*d_I = 256 FLOPs vs the MQA attention's 2*H*(2*r_kv + d_rope) =
     # 2*8*272 = 4352: ~17x cheaper, the same ratio as V3.2 (16.4K vs 278.5K). The shipped weights
-    # (model/weights/dsa-tiny/config.json, what load_model reads) refit it as 8 x 64, softmax_mixture
-    # (run 6): 1024 FLOPs per key plus an exp per head; dsa-tiny-relu keeps this shape.
+    # (model/weights/dsa-tiny/config.json, what load_model reads) refit it as 8 x 64, softmax_mixture:
+    # 1024 FLOPs per key plus an exp per head; dsa-tiny-relu keeps this shape.
     return ModelConfig(
         name="dsa-tiny", tokenizer="byte",
         vocab_size=264, hidden_size=256, intermediate_size=768, moe_intermediate_size=256,

@@ -6,7 +6,7 @@
   `fast_hadamard_transform(x, scale=d**-0.5)` computes.
 - `weight_dequant`: W = W_fp8 * weight_scale_inv[i // 128, j // 128] (checkpoint blocks).
 
-    python -m dsa_rag.model.fp8     # quantize a random tensor and print the round-trip error
+    .venv/bin/python -m dsa_rag.model.fp8     # quantize a random tensor and print the round-trip error
 """
 
 from __future__ import annotations

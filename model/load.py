@@ -9,10 +9,15 @@
     (`layers.3.attn.wq_a.weight` + `.scale`). The MTP layer `model.layers.{n_layers}` is skipped.
 The model is built on the meta device, so the 671B config costs no memory until tensors arrive.
 
+`load_any(path, device="cpu")` also reads a training run dir (`<dir>/ckpt.pt`, written by
+`dsa_rag.model.training.train`), else what `load_model` reads: what the eval, the probes and the
+indexer fit take as `--model`.
+
 `save_checkpoint(model, path, fp8=False, shard_bytes=None)` writes the official HF layout (what the
 tests use to make tiny random DeepSeek-V3.2 checkpoints).
 
-    python -m dsa_rag.model.load dsa-tiny        # load and print the parameter count
+    .venv/bin/python -m dsa_rag.model.load dsa-tiny        # load and print the parameter count
+    .venv/bin/python -m pytest -q tests/model/test_load.py
 """
 
 from __future__ import annotations
@@ -187,6 +192,18 @@ def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torc
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, assign=True)
     model.rotary = model.rotary.__class__(cfg).to(device)  # non-persistent buffer: rebuild off meta
     return model.eval()
+
+
+def load_any(path: str | Path, device="cpu") -> Transformer:
+    """-> Transformer in eval mode from a training run dir (its ckpt.pt: the config and the weights
+    as training left them) or from anything `load_model` reads (a preset or a weights dir)."""
+    p = Path(path)
+    if (p / "ckpt.pt").exists():
+        ck = torch.load(p / "ckpt.pt", map_location="cpu", weights_only=False)
+        m = build_model(ck["cfg"], device)
+        m.load_state_dict(ck["model"])
+        return m.eval()
+    return load_model(path, device=device)
 
 
 def save_checkpoint(model: Transformer, path: str | Path, fp8_weights: bool = False, shard_bytes: int | None = None,

@@ -8,8 +8,8 @@ Follows the official fixed inference code (indexer RoPE half-split, not interlea
 Layout: [B, T, H, D] (batch, tokens, heads, dims). Attention runs per sequence over the cache
 (`model/cache.py`), so sequences of one batch may sit at different positions (batched decode).
 
-    python examples/model_demo.py                                      # build dsa-tiny and generate
-    python -m pytest tests/model -q                           # parity with transformers
+    .venv/bin/python examples/model_demo.py --context 512 --new 4      # build dsa-tiny and generate
+    .venv/bin/python -m pytest -q tests/model/test_parity.py          # parity with transformers
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ class Indexer(nn.Module):
     is a sum of per-head softmaxes. Each head's softmax divides by its own normalizer, which depends
     on every key the query sees; "softmax_mixture" has exactly that form (softmax(I) = sum_h pi_h
     softmax_h with pi = softmax(b)), where a ReLU sum can only approximate it. It costs one more pass
-    over the keys (each head's normalizer), fused into kernels.indexer_topk. The shipped dsa-tiny weights use it (run 6);
-    the recall figures are in dsa-tiny's MODEL_CARD.md ("Measured" and "Indexer score study")."""
+    over the keys (each head's normalizer), fused into dsa_rag.kernels.indexer.indexer_topk. The shipped
+    dsa-tiny weights use it; the recall figures are in dsa-tiny's MODEL_CARD.md ("Measured" and
+    "Indexer score study")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

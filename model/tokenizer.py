@@ -9,7 +9,7 @@ Both expose the same small interface the engine and the service use:
                                      [bos] + (doc_head + encode(text) + doc_tail)* + question_ids,
                                      each piece encoded alone, so pack layouts can count exactly
 
-Run `python -m dsa_rag.model.tokenizer` to print a round-trip example.
+Run `.venv/bin/python -m dsa_rag.model.tokenizer` to print a round-trip example.
 """
 
 from __future__ import annotations

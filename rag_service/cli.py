@@ -9,13 +9,12 @@
 
 Also `python -m dsa_rag.rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
 flags override them. Client commands talk to --url (default $DSA_RAG_URL or
-http://127.0.0.1:8000).
+http://127.0.0.1:8000) through the service client, rag_service/client.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -61,10 +60,10 @@ def cmd_serve(a) -> int:
     if a.no_ray:
         import uvicorn
 
+        from dsa_rag.rag_service.ask.local import LocalBackend
         from dsa_rag.rag_service.serve.app import create_app
-        from dsa_rag.rag_service.serve.backend import InProcessBackend
 
-        app = create_app(InProcessBackend(s))
+        app = create_app(LocalBackend(s))
         config = uvicorn.Config(app, host=s.host, port=s.port, log_level="warning")
         server = uvicorn.Server(config)
         orig_startup = server.startup
@@ -168,21 +167,15 @@ def _deploy_config(s, path: str, explicit: set[str]):
 
 # ------------------------------------------------------------------ client commands
 def _client(a):
-    import httpx
+    """The service client (rag_service/client.py) for --url / --tenant / --api-key."""
+    from dsa_rag.rag_service.client import DSARagClient
 
-    headers = {"X-Tenant": a.tenant} if a.tenant else {}
-    key = getattr(a, "api_key", None) or os.environ.get("DSA_RAG_API_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return httpx.Client(base_url=a.url, timeout=httpx.Timeout(600, connect=10), headers=headers)
+    return DSARagClient(a.url, getattr(a, "api_key", None) or None, tenant=a.tenant, timeout=600)
 
 
-def _fail(r) -> int:
-    try:
-        msg = r.json()["error"]["message"]
-    except Exception:  # noqa: BLE001
-        msg = r.text[:500]
-    print(f"error {r.status_code}: {msg}", file=sys.stderr)
+def _fail(e) -> int:
+    """An HTTP error (`DSARagAPIError`) -> one line on stderr, exit code 1."""
+    print(f"error {e.status_code}: {e.message}", file=sys.stderr)
     return 1
 
 
@@ -201,6 +194,8 @@ def _expand(paths: list[str]) -> list[Path]:
 def cmd_ingest(a) -> int:
     from tqdm import tqdm
 
+    from dsa_rag.rag_service.client import DSARagAPIError
+
     files = _expand(a.paths)
     if not files:
         print("nothing to upload", file=sys.stderr)
@@ -209,13 +204,12 @@ def cmd_ingest(a) -> int:
     with _client(a) as c, tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                                desc="ingest", file=sys.stderr) as bar:
         for f in files:
-            r = c.post("/v1/documents", files=[("files", (f.name, f.read_bytes()))])
+            try:
+                results = c.upload([(f.name, f.read_bytes())])["data"]
+            except DSARagAPIError as e:
+                results = [{"ok": False, "message": e.message}]
             bar.update(f.stat().st_size)
-            if r.status_code != 200:
-                failed += 1
-                bar.write(f"FAILED {f}: {r.json().get('error', {}).get('message', r.text[:200])}")
-                continue
-            for res in r.json()["data"]:
+            for res in results:
                 if res["ok"]:
                     d = res["document"]
                     bar.write(f"{d['id']}  {f}  ({d['pages']} pages, {d['tokens']} tokens)")
@@ -226,38 +220,29 @@ def cmd_ingest(a) -> int:
 
 
 def cmd_ask(a) -> int:
-    body = {"question": a.question, "stream": not a.no_stream, "temperature": a.temperature}
-    if a.max_tokens:
-        body["max_tokens"] = a.max_tokens
-    if a.document_id:
-        body["document_ids"] = a.document_id
+    from dsa_rag.rag_service.client import DSARagAPIError
+
+    opts = {"temperature": a.temperature, "max_tokens": a.max_tokens or None, "document_ids": a.document_id}
     with _client(a) as c:
         if a.no_stream:
-            r = c.post("/v1/ask", json=body)
-            if r.status_code != 200:
-                return _fail(r)
-            final = r.json()
+            try:
+                final = c.ask(a.question, **opts)
+            except DSARagAPIError as e:
+                return _fail(e)
             print(final["answer"])
         else:
             final = None
-            with c.stream("POST", "/v1/ask", json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    return _fail(r)
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    ev = json.loads(data)
+            try:
+                for ev in c.ask_stream(a.question, **opts):
                     if ev["type"] == "token":
                         print(ev["text"], end="", flush=True)
                     elif ev["type"] == "citations":
                         final = ev
-                    elif ev["type"] == "error":
-                        print(f"\nerror: {ev['error']['message']}", file=sys.stderr)
-                        return 1
+            except DSARagAPIError as e:
+                if e.status_code is not None:  # refused before the stream began
+                    return _fail(e)
+                print(f"\nerror: {e.message}", file=sys.stderr)  # an error event, or the stream broke
+                return 1
             print()
     if final:
         for i, ct in enumerate(final["citations"], 1):
@@ -273,21 +258,20 @@ def cmd_ask(a) -> int:
 def cmd_status(a) -> int:
     with _client(a) as c:
         try:
-            ready = c.get("/readyz")
+            h = c.ready()
         except Exception as e:  # noqa: BLE001
             print(f"{a.url}: not reachable ({e})", file=sys.stderr)
             return 1
-        h = ready.json()
         print(f"{a.url}: {h['status']}  " + ", ".join(f"{k}={v}" for k, v in h["checks"].items()))
-        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
-        docs = c.get("/v1/documents").json()["data"]
+        models = [m["id"] for m in c.models()]
+        docs = c.list_documents()
         print(f"model: {', '.join(models)}   documents: {len(docs)}   tokens: {sum(d['tokens'] for d in docs)}")
         wanted = ("dsa_rag_model_replicas", "dsa_rag_queue_depth", "vllm:prefix_cache_hits_total",
                   "vllm:prefix_cache_queries_total", "dsa_rag_generation_tokens_total")
-        for line in c.get("/metrics").text.splitlines():
+        for line in c.metrics().splitlines():
             if line.split(" ")[0] in wanted:
                 print("  " + line)
-    return 0 if ready.status_code == 200 else 1
+    return 0 if h["status"] == "ok" else 1
 
 
 # ------------------------------------------------------------------ main
@@ -341,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - client commands: one line, not a traceback
         import httpx
 
+        from dsa_rag.rag_service.client import DSARagAPIError
+
+        if isinstance(e, DSARagAPIError):
+            print(f"error{f' {e.status_code}' if e.status_code else ''}: {e.message}", file=sys.stderr)
+            return 1
         if isinstance(e, httpx.TransportError):
             print(f"cannot reach {getattr(a, 'url', 'the service')}: {e}; is `dsa-rag serve` running? "
                   "(--url / DSA_RAG_URL)", file=sys.stderr)

@@ -26,8 +26,9 @@ from the bytes, the lock is re-entrant for the same upload), then StorageError (
 nothing is acknowledged. No space left on the disk: DiskFull (507), the blobs this upload wrote
 are removed, no metadata is written.
 
-Answering (engine prefill/decode over `pack_prompt`) is wired by the serving layer; this
-module imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service`.
+Answering (the engine over `pack_prompt`, fanned out over `select_packs`) is the ask path:
+`dsa_rag.rag_service.ask` (LocalBackend + ask_sync in a script). This module imports neither
+FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import redis
 
@@ -49,7 +50,7 @@ from dsa_rag.rag_service.parsing.chunk import Chunk, TextTokens, chunk_text
 from dsa_rag.rag_service.errors import (
     BadRequest, ConflictError, DocumentTooLarge, NotFound, OtherTenant, RagError, StorageError,
 )
-from dsa_rag.rag_service.parsing.ingest import clean_name, page_at, parse_document
+from dsa_rag.rag_service.parsing.ingest import clean_name, parse_document
 from dsa_rag.rag_service.stores.kvstore import KVStore
 from dsa_rag.rag_service.packing.layout import PackLayout, build_layout
 from dsa_rag.rag_service.packing.pack import PackStore, plan_members
@@ -274,7 +275,7 @@ class RagPipeline:
 
     def _collect_blobs(self, digests: set[str], locked: bool = False) -> None:
         """Delete the blobs among `digests` that no document references (under their locks)."""
-        with _nullcontext() if locked else self._blob_locks(digests, uuid.uuid4().hex):
+        with nullcontext() if locked else self._blob_locks(digests, uuid.uuid4().hex):
             for d in digests:
                 if not self.r.scard(self.keys.blob_refs(d)):
                     self.blobs.delete(d)
@@ -285,9 +286,6 @@ class RagPipeline:
 
     def get_pack(self, pack_id: str) -> PackInfo:
         return self.packs.get(pack_id)
-
-    def seal_pack(self, pack_id: str) -> PackInfo:
-        return self.packs.seal(pack_id, self.packs.get(pack_id).tenant)
 
     def pack_prompt(self, pack_id: str) -> tuple[list[int], PackLayout]:
         """The pack's prompt prefix token ids (what its KV cache holds) and its layout."""
@@ -407,15 +405,6 @@ class RagPipeline:
                 except StorageError:  # expires after LOCK_TTL_MS; a retry with `token` re-takes it
                     log.warning("could not release %s (Redis unreachable)", key)
 
-    def citation_for(self, doc_id: str, char_start: int, char_end: int) -> Citation:
-        """A citation for a character span of a stored document (page from its page spans)."""
-        info = self.get_document(doc_id)
-        text = self.document_text(doc_id)
-        return Citation(
-            document_id=doc_id, name=info.name, page=page_at(self.document_pages(doc_id), char_start),
-            char_start=char_start, char_end=char_end, snippet=text[char_start:char_end][:SNIPPET_CHARS],
-        )
-
 
 def _check_tenant(tenant: str) -> None:
     if not _TENANT.match(tenant or ""):
@@ -429,8 +418,3 @@ def _doc_from_hash(h: dict) -> DocumentInfo:
         tokens=int(h["tokens"]), pages=int(h["pages"]), chunks=int(h["chunks"]),
         created=float(h["created"]), packs=json.loads(h.get("packs") or "[]"),
     )
-
-
-@contextmanager
-def _nullcontext():
-    yield

@@ -39,7 +39,7 @@ Speed work stays here, the model stays plain PyTorch: inference_mode, no per-ste
 sequence's blocks are consecutive. torch.compile of the decode step is not used: the model's
 per-row Python loop and data-dependent top-k give graph breaks, not speed, on this CPU.
 
-    .venv/bin/python -m pytest tests/model/test_engine*.py -q
+    .venv/bin/python -m pytest tests/model/engine/test_engine*.py -q
     .venv/bin/python benchmarks/engine_bench.py --quick
 """
 
@@ -537,31 +537,56 @@ class Engine:
 
 # ---------------------------------------------------------------- asyncio wrapper
 class AsyncEngine:
-    """Async streaming for the service: one worker thread owns the Engine (every call is
-    serialized through it), a driver task steps while any stream is open.
+    """Async streaming for the service, and the `dsa_rag.model.engine.protocol.EngineProtocol`
+    the service depends on: one worker thread owns the Engine (every call is serialized through
+    it), a driver task steps while any stream is open.
 
         aeng = AsyncEngine(engine)
-        async for ev in aeng.generate(ids, SamplingParams(max_tokens=32), prefix=handle): ...
+        pack = await aeng.prefill_prefix(ids)       # or: await aeng.restore(tensors, metadata)
+        async for ev in aeng.generate(q_ids, SamplingParams(max_tokens=32), prefix=pack): ...
+        snap = await aeng.snapshot(pack); await aeng.release(pack); aeng.close()
+
+    Streams may come from several event loops in turn (e.g. one `asyncio.run` per question):
+    events are handed to each stream's own loop, and a loop without a live driver starts one.
     """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="dsa-engine")
-        self._queues: dict[int, asyncio.Queue] = {}
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._driver: asyncio.Task | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
 
     async def call(self, fn, *args):
         """Run any Engine method on the engine's thread (prefill_prefix, snapshot, restore, score...)."""
         return await asyncio.get_running_loop().run_in_executor(self._exec, lambda: fn(*args))
 
+    async def restore(self, tensors, metadata=None) -> PrefixHandle:
+        """`Engine.restore` on the engine's thread (ValueError: another model's cache, a broken one)."""
+        return await self.call(self.engine.restore, tensors, metadata)
+
+    async def snapshot(self, handle: PrefixHandle) -> Snapshot:
+        return await self.call(self.engine.snapshot, handle)
+
+    async def release(self, handle: PrefixHandle) -> None:
+        await self.call(self.engine.release, handle)
+
+    def _ensure_driver(self, loop: asyncio.AbstractEventLoop) -> None:
+        d = self._driver
+        if d is None or d.done() or d.get_loop() is not loop:
+            self._driver = loop.create_task(self._drive())
+
     async def generate(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None):
         rid = self.engine.new_request_id()
+        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q  # before the request exists, so no event can be missed
+        self._queues[rid] = (loop, q)  # before the request exists, so no event can be missed
         try:
             await self.call(self.engine.add_request, prompt_ids, params, prefix, rid)
-            if self._driver is None or self._driver.done():
-                self._driver = asyncio.get_running_loop().create_task(self._drive())
+            self._ensure_driver(loop)
             while True:
                 ev = await q.get()
                 if isinstance(ev, BaseException):
@@ -578,24 +603,38 @@ class AsyncEngine:
         """Prefill a pack without stalling open streams: chunks interleave with their decoding."""
         rid = await self.call(self.engine.add_prefix, ids, prefix)
         while (h := await self.call(self.engine.take_prefix, rid)) is None:
-            if self._driver is None or self._driver.done():
-                await self.call(self.engine.step)
+            d = self._driver
+            if d is None or d.done() or d.get_loop().is_closed():  # nobody steps: step here
+                for ev in await self.call(self.engine.step):
+                    self._deliver(ev.request_id, ev)
             else:
                 await asyncio.sleep(0.005)
         return h
+
+    def _deliver(self, rid: int, item) -> None:
+        entry = self._queues.get(rid)
+        if entry is None:
+            return
+        loop, q = entry
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is running:
+            q.put_nowait(item)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(q.put_nowait, item)
 
     async def _drive(self):
         while self._queues and self.engine.has_unfinished():
             try:
                 events = await self.call(self.engine.step)
             except Exception as e:  # hand the failure to every open stream
-                for q in list(self._queues.values()):
-                    q.put_nowait(e)
+                for rid in list(self._queues):
+                    self._deliver(rid, e)
                 return
             for ev in events:
-                q = self._queues.get(ev.request_id)
-                if q is not None:
-                    q.put_nowait(ev)
+                self._deliver(ev.request_id, ev)
 
     def close(self):
         self._exec.shutdown(wait=True)

@@ -7,21 +7,23 @@ Accuracy is greedy exact match of the whole answer (+ <eos>), computed in one te
 the greedy decode reproduces the answer iff every answer token is the argmax given the previous
 ones. Prompts are prefilled in chunks through the model's own cache (the inference path).
 
-    .venv/bin/python -m dsa_rag.model.evals.eval --lengths 1024,4096 --samples 20            # quick
+    .venv/bin/python -m dsa_rag.model.evals.eval --lengths 1024,4096 --samples 20 --out tmp/eval_quick.json   # quick
     .venv/bin/python -m dsa_rag.model.evals.eval --lengths 1024,4096,16384,32768,65536,131072 --samples 50 \\
         --long-samples 4 --dense-max-len 32768 --out benchmarks/results/eval_dsa-tiny.json
     .venv/bin/python -m dsa_rag.model.evals.eval --model tmp/run/s2 --lengths 1024 --samples 6   # any weights dir / run dir
 
 Each cell's per-sample outcomes are kept under "samples" (mode -> task -> length -> one record per
 example, with an id that names the example), so `dsa_rag.model.evals.eval_report` can pair DSA and dense on the
-same examples, also when the two modes ran in different files.
+same examples, also when the two modes ran in different files. Wrong answers keep the model's own
+output and its failure kind (model/evals/failure_kinds.py).
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/model/evals
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -29,21 +31,13 @@ from pathlib import Path
 
 import torch
 
-from dsa_rag.model.training import data
 from dsa_rag.model.cache import new_sequence_cache
+from dsa_rag.model.evals.example_sets import cell_examples
 from dsa_rag.model.evals.failure_kinds import failure_kind
-from dsa_rag.model.load import build_model, load_model
+from dsa_rag.model.load import load_any
 from dsa_rag.model.tokenizer import ByteTokenizer
-
-
-def load_any(path: str, device="cpu"):
-    p = Path(path)
-    if (p / "ckpt.pt").exists():  # a training run dir
-        ck = torch.load(p / "ckpt.pt", map_location="cpu", weights_only=False)
-        m = build_model(ck["cfg"], device)
-        m.load_state_dict(ck["model"])
-        return m.eval()
-    return load_model(path, device=device)
+from dsa_rag.model.training import data
+from dsa_rag.model.training.train import forward_train
 
 
 @torch.no_grad()
@@ -81,16 +75,6 @@ def _greedy_after_mismatch(model, cache, ids, a0, pred, eos, extra: int = 16) ->
     return out[:-1] if out[-1] == eos else out
 
 
-def cell_examples(seed: int, task: str, n: int, count: int, max_positions: int, tok=None) -> list:
-    """The `count` examples of one (task, length) cell, needle depths spread evenly over the
-    context; example i of them is the one named f"{seed}-{task}-{n}-{count}-{i}"."""
-    rng = random.Random(f"{seed}-{task}-{n}")
-    # The generator lands within ~0.3% of n (paragraph breaks): keep 128k prompts inside the
-    # model's positions.
-    gen_n = min(n, max_positions - 1024)
-    return [data.make_example(rng, task, gen_n, tok, depth=(i + 0.5) / count) for i in range(count)]
-
-
 def set_dense(model, dense: bool):
     model.cfg.dense_attention = dense  # every module shares this config object
 
@@ -99,8 +83,6 @@ def set_dense(model, dense: bool):
 def indexer_recall(model, rng, n_tokens: int, samples: int, tasks) -> dict:
     """Per layer: |topk(I_t) & topk(p_t)| / k (recall of the dense attention's top-k) and the
     dense attention mass that the indexer's top-k covers, over queries with > k causal keys."""
-    from dsa_rag.model.training.train import forward_train
-
     tok = ByteTokenizer()
     k = model.cfg.index_topk
     rec, mass = [], []

@@ -2,6 +2,7 @@
 and context length (DSA vs dense, samples, prefill speed) and the indexer recall lines.
 
     .venv/bin/python -m dsa_rag.model.evals.eval_report benchmarks/results/eval_dsa-tiny*.json
+    .venv/bin/python -m pytest -q tests/model/evals/test_eval.py
 
 A (task, length, mode) cell measured in several files is merged: samples are added up, so a
 cell's accuracy is over every sample that was run. Where the files hold both modes' outcomes on the
@@ -19,6 +20,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+from dsa_rag.model.evals.failure_kinds import KINDS
 
 
 def sample_records(res: dict):
@@ -131,8 +134,6 @@ def failures(paths: list[str]) -> dict:
 
 
 def failure_lines(fc: dict) -> list[str]:
-    from dsa_rag.model.evals.failure_kinds import KINDS
-
     return [f"- {mode} {task} at {n}: " + ", ".join(f"{kind} {c[kind]}" for kind in KINDS if c.get(kind))
             for (mode, task, n), c in sorted(fc.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0]))]
 

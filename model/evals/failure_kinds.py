@@ -15,15 +15,13 @@ Kinds, in the order they are tried (the first that fits):
     from dsa_rag.model.evals.failure_kinds import failure_kind
     failure_kind(example, "4120000")  # -> "near copy" when the answer is "41200000"
 
-    # sort the recorded outputs of eval files again (after a change here), in place:
-    .venv/bin/python -m dsa_rag.model.evals.failure_kinds benchmarks/results/eval_dsa-tiny_tasks_seed41*.json
+To sort the outputs recorded in eval files again after a change here, in place:
+
+    .venv/bin/python -m dsa_rag.model.evals.resort_failures benchmarks/results/eval_dsa-tiny_tasks_seed41*.json
+    .venv/bin/python -m pytest -q tests/model/evals/test_failure_kinds.py
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-from pathlib import Path
 
 KINDS = ("order", "distractor", "near copy", "near distractor", "partial", "other")
 
@@ -48,7 +46,7 @@ def _items(text: str) -> list[str]:
 
 
 def failure_kind(example, output: str) -> str:
-    """The kind (one of KINDS) of a wrong `output` to `example` (a model.data.Example)."""
+    """The kind (one of KINDS) of a wrong `output` to `example` (a dsa_rag.model.training.data.Example)."""
     out, ans = output.strip(), example.answer.strip()
     got, want = _items(out), _items(ans)
     if len(want) > 1 and sorted(got) == sorted(want):
@@ -63,34 +61,3 @@ def failure_kind(example, output: str) -> str:
     if set(got) & set(want):
         return "partial"
     return "other"
-
-
-def example_of(example_id: str, max_positions: int = 131072):
-    """The model/training/data.py example that model/evals/eval.py named `example_id` ("seed-task-length-count-i")."""
-    from dsa_rag.model.evals.eval import cell_examples
-
-    seed, rest = example_id.split("-", 1)
-    task, n, count, i = rest.rsplit("-", 3)
-    return cell_examples(int(seed), task, int(n), int(count), max_positions)[int(i)]
-
-
-def main(argv=None):
-    from dsa_rag.model.evals.eval_report import sample_records
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", help="model/evals/eval.py result files (rewritten in place)")
-    a = ap.parse_args(argv)
-    for p in a.files:
-        res = json.loads(Path(p).read_text())
-        changed = 0
-        for _, _, _, rec in sample_records(res):
-            if "output" in rec:
-                kind = failure_kind(example_of(rec["example"]), rec["output"])
-                changed += kind != rec.get("failure")
-                rec["failure"] = kind
-        Path(p).write_text(json.dumps(res, indent=1))
-        print(f"{p}: {changed} failure kinds changed")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,10 +5,12 @@ For single-needle examples of --len tokens, the prompt is prefilled through the 
 each layer's indexer selected. Answer row r predicts the value's byte r; an induction/copy head
 reads it at the needle's byte r, so that key must be among the row's top-k in the layers that copy.
 Per layer: the share of answer rows whose top-k holds that byte, and the attention mass (mean over
-heads) on the needle's value, split by examples answered right and wrong. This is how the 16k-32k
-failures of dsa-tiny were traced to the indexer of layers 2-3 (MODEL_CARD.md).
+heads) on the needle's value, split by examples answered right and wrong: it tells a failure of
+the indexer's selection (the needle's byte not selected) from one of the attention over the
+selected keys (MODEL_CARD.md traces dsa-tiny's 16k-32k failures to layers 2-3 with it).
 
     .venv/bin/python -m dsa_rag.model.evals.needle_probe --len 32768 --samples 4
+    .venv/bin/python -m pytest -q tests/model/evals/test_probes.py
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import random
 
 import torch
 
-from dsa_rag.model.training import data
 from dsa_rag.model.cache import new_sequence_cache
-from dsa_rag.model.evals.eval import load_any
+from dsa_rag.model.load import load_any
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     model = load_any(a.model)
     tok = ByteTokenizer()
-    rng = random.Random(f"{a.seed}-niah_single-{a.len}")  # model.eval's examples
+    rng = random.Random(f"{a.seed}-niah_single-{a.len}")  # the eval's draw (example_sets.cell_examples)
     rows = []
     for i in range(a.samples):
         ex = data.make_example(rng, "niah_single", a.len, tok, depth=(i + 0.5) / a.samples)

@@ -5,10 +5,11 @@ training attention of model/training/train.py) with plain positions and with the
 cut in the documents shifted by each --shifts value. RoPE sees only distances, so a shift of s
 shows the model the question-to-needle distances of a context s tokens longer, at the cost of a
 short example. A model that fails here fails on long contexts for positional reasons, whatever
-its indexer does (this is how dsa-tiny's 0% past 5k was traced, MODEL_CARD.md).
+its indexer does (MODEL_CARD.md uses it on dsa-tiny's long-context accuracy).
 
     .venv/bin/python -m dsa_rag.model.evals.position_probe --model dsa-tiny --samples 12 --stage 0
-    .venv/bin/python -m dsa_rag.model.evals.position_probe --model tmp/r3/s0 --shifts 0,2048,8192,16384,28000
+    .venv/bin/python -m dsa_rag.model.evals.position_probe --model tmp/run/s0 --shifts 0,2048,8192,16384,28000
+    .venv/bin/python -m pytest -q tests/model/evals/test_probes.py
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import random
 
 import torch
 
-from dsa_rag.model.training import data
-from dsa_rag.model.evals.eval import load_any
+from dsa_rag.model.load import load_any
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data
 from dsa_rag.model.training.train import losses, question_start
 
 

@@ -16,6 +16,7 @@ not fit the flat tail; --keep 0 keeps all of it).
     .venv/bin/python -m dsa_rag.model.training.indexer_fit collect --model dsa-tiny --out tmp/ifit/short --n 200 --len 1024:4096
     .venv/bin/python -m dsa_rag.model.training.indexer_fit fit --model dsa-tiny --data tmp/ifit/long,tmp/ifit/short \\
         --steps 3000 --out tmp/ifit/run --export tmp/ifit/weights
+    .venv/bin/python -m pytest -q tests/model/training/test_indexer_fit.py
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from dsa_rag.model.training import data
 from dsa_rag.model.config import INDEX_SCORES
-from dsa_rag.model.evals.eval import load_any
+from dsa_rag.model.load import load_any
 from dsa_rag.model.tokenizer import ByteTokenizer
-from dsa_rag.model.training.train import (_attention_target, _sdpa, export, index_rows, lr_at, mla_qkv, parse_len, query_scores,
-                         question_start)
+from dsa_rag.model.training import data
+from dsa_rag.model.training.attention import attention_target, mla_qkv, query_scores, sdpa
+from dsa_rag.model.training.train import export, index_rows, lr_at, parse_len, question_start
 
 
 # ---------------------------------------------------------------- collect
@@ -54,10 +55,10 @@ def capture(model, ids: torch.Tensor, rows: torch.Tensor, keep: int) -> dict:
         attn = blk.attn
         x = blk.attn_norm(h)
         qr, q, k, v = mla_qkv(attn, x, cos, sin)
-        o = _sdpa(q, k, v, None, attn.scale)
+        o = sdpa(q, k, v, None, attn.scale)
         h = h + attn.wo(o.transpose(1, 2).reshape(1, T, -1))
         h = h + blk.ffn(blk.ffn_norm(h))
-        p = _attention_target(q[:, :, rows], k, allowed, attn.scale)[0]  # [R, T]
+        p = attention_target(q[:, :, rows], k, allowed, attn.scale)[0]  # [R, T]
         if keep and keep < T:
             p, pi = p.topk(keep, -1)
             p = p / p.sum(-1, keepdim=True)

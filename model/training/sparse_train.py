@@ -1,23 +1,25 @@
 """Stage 2's training attention in O(T * k) memory, for real long contexts on a CPU (or a GPU).
 
 `dsa_rag.model.training.train`'s stage-2 attention masks a dense [B, H, T, T] score matrix to the indexer's top-k:
-8 GiB per layer at 16k tokens, so stage 2 could only see short (PoSE-stretched) examples. Here
+8 GiB per layer at 16k tokens, so it fits only short (PoSE-stretched) examples. Here
 each query row gathers its k selected keys instead, in row chunks:
 
   1. selection (no grad): the indexer scores a chunk of rows against every causal key and keeps
-     the top-k (the same scores `dsa_rag.model.training.train.query_scores` gives, so the same keys);
+     the top-k (the same scores `dsa_rag.model.training.attention.query_scores` gives, so the same keys);
   2. attention, MLA in its absorbed form (what FlashMLA's sparse prefill computes): the query's
      nope part is folded through wkv_b's key half, so the scores and the output read only the
      gathered 128-dim latent c_kv and the 16-dim rope key of the k selected keys;
   3. the indexer's KL over the selected set against the attention summed over heads, with the
-     indexer's input detached (stage 2 of the V3.2 recipe, as `dsa_rag.model.training.train._indexer_kl`).
+     indexer's input detached (stage 2 of the V3.2 recipe, as `dsa_rag.model.training.attention.indexer_kl`).
 
 Steps 2 and 3 run under activation checkpointing per chunk: a chunk's gathered keys live only
 while it is computed (forward and again in backward), so memory grows with T * k, not T^2.
 `tests/model/training/test_sparse_train.py` checks the loss and every gradient against the dense-masked
 stage 2 of `dsa_rag.model.training.train` on short contexts.
 
-    .venv/bin/python -m dsa_rag.model.training.train --stage 2 --sparse-chunk 1024 --len 8192:16384 --tokens 16384 ...
+    .venv/bin/python -m dsa_rag.model.training.train --stage 2 --sparse-chunk 1024 --len 8192:16384 --tokens 16384 \\
+        --init tmp/run/s1 --out tmp/run/s2
+    .venv/bin/python -m pytest -q tests/model/training/test_sparse_train.py
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dsa_rag.model.model import combine_heads, head_lse
-from dsa_rag.model.training.train import mla_latent, query_scores
+from dsa_rag.model.training.attention import mla_latent, query_scores
 
 
 @torch.no_grad()
@@ -80,7 +82,7 @@ def _indexer_kl(idx_mod, keys, x, qr, cos, sin, idx, valid, p, q_pos):
 
 def mla_sparse_train(attn, x, cos, sin, stats: dict, chunk: int):
     """Stage-2 MLA forward for training, x [B, T, dim] -> [B, T, dim]; appends the indexer's KL
-    per row [B, T] to stats['kl'] (as model.train.mla_train does)."""
+    per row [B, T] to stats['kl'] (as `dsa_rag.model.training.train.mla_train` does)."""
     B, T, _ = x.shape
     H, dn, dv, r = attn.n_heads, attn.dn, attn.dv, attn.r
     qr, q, c_kv, k_pe = mla_latent(attn, x, cos, sin)

@@ -9,9 +9,10 @@ long-document QA of model/training/data.py:
 
 LM loss = mean CE over the answer tokens (+ <eos>) + doc_coef * mean CE over the document tokens
 (a little LM loss on the documents helps the copying/induction heads form). The training attention
-is written here from the model's own modules (MLA.wq_a/q_norm/wq_b/wkv_a/kv_norm/wkv_b, Indexer.
-queries/keys, the RoPE functions) with explicit [B, H, T, T] scores, so model/model.py stays
-inference-only; `dsa_rag.model.load.save_checkpoint` writes the result in the HF layout.
+(`mla_train`, from the pieces in model/training/attention.py) uses explicit [B, H, T, T] scores, or
+with --sparse-chunk stage 2's gathered top-k keys (model/training/sparse_train.py), so
+model/model.py stays inference-only; `dsa_rag.model.load.save_checkpoint` writes the result in the
+HF layout.
 
 One stage per call; resumable (`<out>/ckpt.pt` is written every --ckpt-every steps and at the end;
 run the same command again to continue). Logs: <out>/log.jsonl and <out>/log.csv.
@@ -23,13 +24,13 @@ run the same command again to continue). Logs: <out>/log.jsonl and <out>/log.csv
     .venv/bin/python -m dsa_rag.model.training.train --stage 1 --steps 200 --init tmp/run/s0 --out tmp/run/s1 --len 1024:1024
     .venv/bin/python -m dsa_rag.model.training.train --stage 2 --steps 600 --init tmp/run/s1 --out tmp/run/s2 --len 512:2048 \\
         --export model/weights/dsa-tiny
+    .venv/bin/python -m pytest -q tests/model/training/test_train.py
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -41,80 +42,34 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsa_rag.model.training import data
 from dsa_rag.model.config import preset
-from dsa_rag.model.load import build_model, load_model, save_checkpoint
-from dsa_rag.model.model import Transformer, combine_heads, head_lse, rope_half, rope_interleaved
+from dsa_rag.model.load import build_model, load_any, save_checkpoint
+from dsa_rag.model.model import Transformer
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data
+from dsa_rag.model.training.attention import attention_target, index_scores, indexer_kl, mla_qkv, sdpa
+from dsa_rag.model.training.sparse_train import mla_sparse_train
 
 
 # ---------------------------------------------------------------- training-time attention
-def index_scores(idx_mod, x, qr, cos, sin, rows=None):
-    """Lightning-indexer scores I [B, T, S] (no mask) from the Indexer module's own pieces; with
-    rows (query indices [R]) only those queries' scores [B, R, S]."""
-    k, _ = idx_mod.keys(x, cos, sin)  # [B, S, D]
-    q_pos = torch.arange(x.shape[1], device=x.device) if rows is None else rows
-    if rows is not None:
-        x, qr, cos, sin = x[:, rows], qr[:, rows], cos[:, rows], sin[:, rows]
-    return query_scores(idx_mod, k, x, qr, cos, sin, q_pos)
-
-
-def query_scores(idx_mod, k, x, qr, cos, sin, q_pos):
-    """Indexer scores [B, T, S] of the queries at x/qr/cos/sin [B, T, ...] against keys k [B, S, D];
-    q_pos [T]: each query's index in the key sequence (it sees keys 0..q_pos; the softmax_mixture
-    score normalizes each head over those). Keys past q_pos get scores too: callers mask them."""
-    q, w = idx_mod.queries(x, qr, cos, sin)  # [B, T, HI, D], [B, T, HI]
-    dots = torch.einsum("bthd,bsd->bths", q.float(), k.float())
-    score, lse = idx_mod.cfg.index_score, None
-    if score == "softmax_mixture":
-        lse = head_lse(dots, q_pos)
-    return combine_heads(dots, w.float(), score, lse)
-
-
-def mla_latent(attn, x, cos, sin):
-    """MLA's query and compressed key/value from the module's own weights: x [B, T, dim] ->
-    (qr [B, T, q_lora]: the query latent the indexer reads too, q [B, T, H, dn + dr] with RoPE on
-    its last dr dims, c_kv [B, T, r]: the normalized latent, k_pe [B, T, dr]: the shared RoPE key)."""
-    B, T, _ = x.shape
-    H, dn, dr, r = attn.n_heads, attn.dn, attn.dr, attn.r
-    qr = attn.q_norm(attn.wq_a(x))
-    q = attn.wq_b(qr).view(B, T, H, dn + dr)
-    q = torch.cat([q[..., :dn], rope_interleaved(q[..., dn:], cos, sin)], -1)
-    kv = attn.wkv_a(x)
-    return qr, q, attn.kv_norm(kv[..., :r]), rope_interleaved(kv[..., r:], cos, sin)
-
-
-def mla_qkv(attn, x, cos, sin):
-    """MLA in its MHA form: x [B, T, dim] -> (qr [B, T, q_lora], q [B, H, T, dqk], k [B, H, T, dqk],
-    v [B, H, T, dv])."""
-    B, T, _ = x.shape
-    H, dn, dr, dv = attn.n_heads, attn.dn, attn.dr, attn.dv
-    qr, q, c_kv, k_pe = mla_latent(attn, x, cos, sin)
-    kvb = attn.wkv_b(c_kv).view(B, T, H, dn + dv)
-    k = torch.cat([kvb[..., :dn], k_pe[:, :, None].expand(B, T, H, dr)], -1).transpose(1, 2)
-    return qr, q.transpose(1, 2), k, kvb[..., dn:].transpose(1, 2)
-
-
 def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     """MLA forward for training. x [B, T, dim]; causal [T, T] bool. Adds indexer KL terms to
     stats['kl'] (stages 1, 2) and selection recall bookkeeping. rows (stage 1 only; default every
     row): the query indices [R] whose indexer KL is computed; the [B, H, T, T] scores of a long
     context would not fit, [B, H, R, T] do, and the attention output goes through the flash kernel."""
     if stage == 2 and stats.get("sparse_chunk"):  # O(T k) memory: gather each row's selected keys
-        from dsa_rag.model.training.sparse_train import mla_sparse_train  # it builds on this module's helpers
-
         return mla_sparse_train(attn, x, cos, sin, stats, stats["sparse_chunk"])
     B, T, _ = x.shape
     H, dv = attn.n_heads, attn.dv
     qr, q, k, v = mla_qkv(attn, x, cos, sin)
     if stage in (0, 1):
-        o = _sdpa(q, k, v, None, attn.scale)
+        o = sdpa(q, k, v, None, attn.scale)
         if stage == 1:  # dense attention; the indexer's KL over all causal keys of the chosen rows
             rows = torch.arange(T, device=x.device) if rows is None else rows
             causal_r = causal[rows]
             I = index_scores(attn.indexer, x.detach(), qr.detach(), cos, sin, rows).masked_fill(~causal_r, float("-inf"))
-            p = _attention_target(q[:, :, rows], k, causal_r, attn.scale)
-            _indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
+            p = attention_target(q[:, :, rows], k, causal_r, attn.scale)
+            indexer_kl(p, I, causal_r.expand_as(I), causal_r, attn.cfg.index_topk, stats)
         return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
 
     # Stage 2. Indexer on detached inputs: it learns from its KL only, never moves the main model.
@@ -125,58 +80,10 @@ def mla_train(attn, x, cos, sin, stage: int, causal, stats: dict, rows=None):
     else:
         sel = causal.expand(B, T, T)
     # Target over the selected set; the output goes through SDPA.
-    p = _attention_target(q, k, sel[:, None], attn.scale)
-    _indexer_kl(p, I, sel, causal, topk, stats)
-    o = _sdpa(q, k, v, None if T <= topk else sel[:, None], attn.scale)
+    p = attention_target(q, k, sel[:, None], attn.scale)
+    indexer_kl(p, I, sel, causal, topk, stats)
+    o = sdpa(q, k, v, None if T <= topk else sel[:, None], attn.scale)
     return attn.wo(o.transpose(1, 2).reshape(B, T, H * dv))
-
-
-@torch.no_grad()
-def _attention_target(q, k, allowed, scale):
-    """The indexer's target p_t: the attention over the allowed keys, summed over heads and
-    L1-normalized. q [B, H, T, D], k [B, H, S, D], allowed broadcastable to [B, H, T, S]. It is
-    detached, so it is computed without a graph."""
-    logits = torch.einsum("bhtd,bhsd->bhts", q, k).float() * scale
-    p = logits.masked_fill(~allowed, float("-inf")).softmax(-1).sum(1)
-    del logits
-    return p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-
-
-def _indexer_kl(p, I, sel, causal, topk, stats):
-    """KL(p || softmax(I)) over the set sel, per query, into stats['kl']; recall bookkeeping."""
-    logq = I.masked_fill(~sel, float("-inf")).log_softmax(-1)
-    kl = torch.where(sel & (p > 0), p * (p.clamp_min(1e-20).log() - logq), torch.zeros_like(p)).sum(-1)  # [B, T]
-    stats.setdefault("kl", []).append(kl)
-    if stats.get("want_recall"):
-        rec, mass = topk_recall(p, I.detach(), causal, topk)
-        stats.setdefault("recall", []).append(rec)
-        stats.setdefault("mass", []).append(mass)
-
-
-def _sdpa(q, k, v, mask, scale):
-    """Causal (mask None) or masked attention. v is zero-padded to q's head dim so the CPU flash
-    kernel applies (it needs equal head dims; ~3-8x faster than the math path with backward)."""
-    dv = v.shape[-1]
-    if dv < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return o[..., :dv]
-
-
-@torch.no_grad()
-def topk_recall(p, I, causal, topk):
-    """Over queries with more than topk causal keys: (mean |topk(I) & topk(p)| / topk, mean
-    attention mass p that topk(I) covers). p, I [B, T, S]; nan when no query has > topk keys."""
-    B, T, S = p.shape
-    rows = causal.sum(-1) > topk
-    if not rows.any():
-        return float("nan"), float("nan")
-    pr = p[:, rows]
-    pi = pr.masked_fill(~causal[rows], -1.0).topk(topk, -1)[1]
-    ii = I[:, rows].topk(topk, -1)[1]
-    a = torch.zeros_like(pr, dtype=torch.bool).scatter_(-1, pi, True)
-    b = torch.zeros_like(a).scatter_(-1, ii, True)
-    return float((a & b).sum(-1).float().mean() / topk), float(pr.gather(-1, ii).sum(-1).mean())
 
 
 def forward_train(model: Transformer, x, stage: int, stats: dict, positions=None, rows=None):
@@ -274,14 +181,10 @@ def lr_at(step, total, base, warmup):
 
 
 def make_model(args, device):
+    """The model a stage starts from: --init (a previous stage's run dir or a weights dir), else a
+    random init of --preset (or of the --tiny config)."""
     if args.init:
-        p = Path(args.init)
-        if (p / "ckpt.pt").exists():  # a previous stage's run dir
-            ck = torch.load(p / "ckpt.pt", map_location="cpu", weights_only=False)
-            model = build_model(ck["cfg"], device)
-            model.load_state_dict(ck["model"])
-            return model
-        return load_model(p, device=device).train()
+        return load_any(args.init, device).train()
     cfg = tiny_cfg() if args.tiny else preset(args.preset)
     return build_model(cfg, device).init_weights(seed=args.seed)
 

@@ -1,21 +1,29 @@
-"""Fan-out of one question to its selected packs, in parallel, and the merge of their answers.
+"""The one ask path: fan-out of a question to its selected packs, in parallel, and the merge of
+their answers. The HTTP routes, the Ray ingress, the CLI (through the routes), the benchmarks and
+notebooks all answer through `ask_events` / `ask` / `ask_sync`.
 
-    async for ev in ask_events(backend, metrics, "What was the revenue?", None, 64, 0.0, "default"):
+    params = AskParams.of("What was the revenue?", max_tokens=64)        # ask/params.py
+    async for ev in ask_events(backend, metrics, params, retries=1):
         ev["event"]   # "selected" | "token" | "done"
+    out = await ask(backend, metrics, params)                          # the "done" event
+    out = ask_sync(LocalBackend(settings), params)                    # scripts (no running loop)
 
-Every selected pack is answered concurrently (`backend.stream_pack`, which in Ray mode is a
-call routed to the replica holding the pack's prefix cache). Tokens of the *primary* pack (the
-best by lexical selection) stream to the client live, so the first token does not wait for the
-slowest pack; the final "done" event carries the merged result (`dsa_rag.rag_service.ask.worker.merge`: best
-answer by model score, all citations, summed usage), which non-streaming routes return as is.
-Metrics (TTFT, tokens/s, prefix-cache hits/queries) are observed here, on the ingress, per pack.
+Every selected pack is answered concurrently (`backend.stream_pack(pack_id, params)`, which in
+Ray mode is a call routed to the replica holding the pack's prefix cache). Tokens of the
+*primary* pack (the best by lexical selection) stream to the client live, so the first token
+does not wait for the slowest pack; the final "done" event carries the merged result
+(`dsa_rag.rag_service.ask.merge.merge`: best answer by model score, all citations, summed usage;
+with `params.document_ids`, only citations of those documents), which non-streaming routes
+return as is. Metrics (TTFT, tokens/s, prefix-cache hits/queries) are observed here, per pack,
+when a `metrics` object is given (None: no metrics).
 
 Faults: a pack stream that fails before its first token (a replica killed or restarting, the
 engine failing the request) is retried up to `retries` times, transparently (in Ray the retry
 is routed to a live replica). After a token was produced the failure reaches the client: the
 streaming routes send an in-band error event, then [DONE]. Client errors (4xx) are not retried.
 
-Tests: `.venv/bin/python -m pytest -q tests/service/test_api.py`.
+Imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ask_path.py
+tests/service/test_api.py`.
 """
 
 from __future__ import annotations
@@ -25,18 +33,21 @@ import logging
 import time
 from typing import AsyncIterator
 
-from dsa_rag.rag_service.ask.worker import PackResult, merge
+from dsa_rag.rag_service.ask.backend import Backend
+from dsa_rag.rag_service.ask.merge import PackResult, merge
+from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.errors import NoDocuments, RagError
 
 log = logging.getLogger(__name__)
 
 
-
-async def ask_events(backend, metrics, question: str, document_ids: list[str] | None, max_tokens: int,
-                     temperature: float, tenant: str, seed: int | None = None, stop: list[str] | None = None,
-                     top_p: float = 1.0, retries: int = 0) -> AsyncIterator[dict]:
+async def ask_events(backend: Backend, metrics, params: AskParams, *, retries: int = 0) -> AsyncIterator[dict]:
+    """Events: selected {packs}; token {pack_id, text, token_id, logprob} of the primary pack;
+    done {answer, pack_id, score, finish_reason, citations, packs, usage, primary_pack_id,
+    timings}. NoDocuments when no pack matches."""
+    document_ids = params.document_ids
     t0 = time.perf_counter()
-    selections = await backend.select(question, document_ids, tenant)
+    selections = await backend.select(params)
     if not selections:
         raise NoDocuments(
             "no documents to answer from" + (" (none of the given document_ids has a pack)" if document_ids else
@@ -55,8 +66,7 @@ async def ask_events(backend, metrics, question: str, document_ids: list[str] | 
         try:
             while True:
                 try:
-                    async for ev in backend.stream_pack(pack_id, question, max_tokens, temperature, seed, stop,
-                                                        top_p):
+                    async for ev in backend.stream_pack(pack_id, params):
                         if ev["event"] == "start" and metrics is not None:
                             metrics.observe_prefix(ev["prompt_tokens"], ev["cached_tokens"], ev["cache"])
                         elif ev["event"] == "token" and first is None:
@@ -123,9 +133,20 @@ def _retryable(e: BaseException) -> bool:
     return not (isinstance(e, RagError) and e.status_code < 500)
 
 
-async def ask(backend, metrics, *args, **kwargs) -> dict:
+async def ask(backend: Backend, metrics, params: AskParams, *, retries: int = 0) -> dict:
     """Non-streaming form: the merged "done" event."""
-    async for ev in ask_events(backend, metrics, *args, **kwargs):
+    async for ev in ask_events(backend, metrics, params, retries=retries):
         if ev["event"] == "done":
             return ev
     raise RuntimeError("answer stream ended without a result")
+
+
+def ask_sync(backend: Backend, params: AskParams, *, metrics=None, retries: int = 0) -> dict:
+    """`ask` for scripts and benchmarks: starts the backend (idempotent) and answers in a fresh
+    event loop. Not from inside a running loop (a notebook cell: `await ask(...)` instead)."""
+
+    async def run() -> dict:
+        await backend.start()
+        return await ask(backend, metrics, params, retries=retries)
+
+    return asyncio.run(run())

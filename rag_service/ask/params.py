@@ -5,6 +5,7 @@ the fan-out and the Ray handles to the pack worker, which hands `sampling` to th
     from dsa_rag.rag_service.ask.params import AskParams
     p = AskParams("What was the revenue?", document_ids=("d1",), tenant="acme",
                   sampling=SamplingParams(max_tokens=64, temperature=0.0, seed=1, stop=("\\n\\n",)))
+    p = AskParams.of("What was the revenue?", ["d1"], "acme", max_tokens=64, seed=1)   # flat keywords
 
 A frozen dataclass: picklable for Ray, validated once here (the
 sampling fields by `SamplingParams` itself), so nothing below re-checks loose arguments.
@@ -38,3 +39,9 @@ class AskParams:
             object.__setattr__(self, "document_ids", tuple(self.document_ids))
         if self.sampling.temperature < MIN_TEMPERATURE and self.sampling.temperature != 0.0:
             object.__setattr__(self, "sampling", replace(self.sampling, temperature=0.0))
+
+    @classmethod
+    def of(cls, question: str, document_ids=None, tenant: str = "default", **sampling) -> "AskParams":
+        """Flat keywords for scripts and benchmarks: `sampling` are `SamplingParams` fields
+        (max_tokens, temperature, top_p, seed, stop)."""
+        return cls(question, document_ids, tenant, SamplingParams(**sampling))

@@ -1,29 +1,33 @@
-"""Answering: pack prompt -> prefix KV (replica memory, else the KV store, else prefill) ->
-question -> streamed answer with a model score and citations from the sparse attention trace.
+"""The model side of one replica: a pack's prompt prefix (replica memory, else the KV store, else
+prefill) -> the question -> a streamed answer with a model score and citations read from the
+sparse attention trace.
 
-    from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine
-    worker = PackWorker(rag, make_engine("dsa-tiny"))     # one per model replica (loads weights)
-    out = answer(rag, worker, "What was the revenue?")    # {"answer", "citations", "usage", "timings", ...}
-    async for ev in worker.stream(pack_id, "question", max_tokens=32):   # the per-pack stream
+    from dsa_rag.model.engine.factory import load_engine
+    from dsa_rag.rag_service.ask.params import AskParams
+    from dsa_rag.rag_service.ask.worker import PackWorker
+    worker = PackWorker(rag, load_engine("dsa-tiny", tokenizer=rag.tok))   # one per model replica
+    async for ev in worker.stream(pack_id, AskParams("What was the revenue?")):
         ...  # {"event": "start"|"token"|"end", ...}
+    worker.close()                                                       # closes its engine
 
-Per pack (`PackWorker.stream`), on `dsa_rag.model.engine.engine.Engine` through its `AsyncEngine` (one engine
-thread; concurrent questions on a replica decode together, continuous batching):
+The worker drives any `dsa_rag.model.engine.protocol.EngineProtocol` (concurrent questions on a
+replica decode together, continuous batching). Per pack (`PackWorker.stream`):
   1. key = KVStore.key_for(engine fingerprint, tenant, pack prompt ids);
   2. the prefix handle comes from the replica's memory (LRU of `warm_packs` handles), else from
      the KV store (safetensors in the data dir, metadata in Redis: another replica or node
-     prefilled it; `Engine.restore` checks the model fingerprint), else it is prefilled here,
-     snapshotted and stored for everyone. Concurrent questions over one cold pack prefill it once;
-  3. the question forks the handle (shared blocks, no copy) and decodes: greedy at temperature 0,
-     seeded sampling otherwise; stops at <eos>, a stop string or max_tokens;
+     prefilled it; the engine's `restore` checks the model fingerprint), else it is prefilled
+     here, snapshotted and stored for everyone. Concurrent questions over one cold pack prefill
+     it once;
+  3. the question forks the handle (shared blocks, no copy) and decodes with the question's
+     `SamplingParams` (max_tokens capped at `max_new_tokens`, attention trace on);
   4. score = mean model log-prob of the generated tokens (untempered; <eos> included);
-     citations = prompt positions with the most attention mass (the engine's per-token trace:
-     top positions the sparse attention read, averaged over heads and layers; summed over the
-     answer's tokens), mapped through the pack layout to (document, name, page, char span, snippet).
-`merge` picks the best pack answer by score, keeps every pack's citations (best pack's first)
-and sums usage {prompt_tokens, cached_tokens, completion_tokens}.
+     citations = prompt positions with the most attention mass (the engine's per-token trace,
+     summed over the answer's tokens), mapped through the pack layout to (document, name, page,
+     char span, snippet).
+A question's packs are fanned out and merged by `dsa_rag.rag_service.ask.fanout.ask_events`.
 
-Imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/service`.
+Imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ask_path.py
+tests/service/test_api.py`.
 """
 
 from __future__ import annotations
@@ -32,85 +36,41 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import AsyncIterator
 
-from dsa_rag.rag_service.errors import EngineError, RagError
+from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol
+from dsa_rag.rag_service.ask.params import AskParams
+from dsa_rag.rag_service.errors import EngineError
 from dsa_rag.rag_service.packing.layout import PackLayout
-from dsa_rag.rag_service.schemas import Citation
 
 log = logging.getLogger(__name__)
 
-
-
-MIN_TEMPERATURE = 1e-3  # below this sampling is greedy (found by the API fuzz: 2e-66 gave NaN probabilities)
 TRACE_TOP = 32  # positions per generated token in the engine's attention trace
 CITE_POSITIONS = 64  # most-attended prompt positions turned into citations
 
 
-def make_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=None):
-    """Load a model (preset or checkpoint dir) into a `dsa_rag.model.engine.engine.Engine`."""
-    import torch
-
-    from dsa_rag.model.engine.engine import Engine
-    from dsa_rag.model.load import load_model
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 on GPUs (what real checkpoints need to fit); fp32 on CPU, where dsa-tiny is small.
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return Engine(load_model(model, device=device, dtype=dtype), tokenizer)
-
-
-# ------------------------------------------------------------------ per-pack answers
-@dataclass
-class PackResult:
-    pack_id: str
-    text: str = ""
-    score: float = float("-inf")
-    cache: str = "prefill"
-    replica: str = ""
-    node: str = ""
-    finish_reason: str = "stop"
-    citations: list[Citation] = field(default_factory=list)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_end_event(cls, ev: dict) -> "PackResult":
-        return cls(
-            pack_id=ev["pack_id"], text=ev["text"], score=ev["score"], cache=ev["cache"],
-            replica=ev.get("replica", ""), node=ev.get("node", ""), finish_reason=ev["finish_reason"],
-            citations=[Citation(**c) for c in ev["citations"]], prompt_tokens=ev["usage"]["prompt_tokens"],
-            cached_tokens=ev["usage"]["cached_tokens"], completion_tokens=ev["usage"]["completion_tokens"],
-            timings=ev.get("timings", {}),
-        )
-
-
 class PackWorker:
-    """The model side of one replica: engine, warm prefix handles (memory LRU), the KV store.
-    Async: call it from one event loop (a Ray replica's, or the app's)."""
+    """The model side of one replica: the engine, warm prefix handles (memory LRU), the KV store.
+    Async: call it from one event loop at a time (a Ray replica's, the app's). The worker owns
+    the engine it is given: `close()` closes it."""
 
-    def __init__(self, rag, engine, *, replica_id: str = "local", warm_packs: int = 8, citations: int = 5,
-                 max_new_tokens: int = 512):
-        from dsa_rag.model.engine.engine import AsyncEngine
-
+    def __init__(self, rag, engine: EngineProtocol, *, replica_id: str = "local", warm_packs: int = 8,
+                 citations: int = 5, max_new_tokens: int = 512):
         self.rag = rag
         self.engine = engine
-        self.aengine = AsyncEngine(engine)
         self.replica_id = replica_id
         self.warm_limit = warm_packs
         self.citations = citations
         self.max_new_tokens = max_new_tokens
-        self._warm: OrderedDict[str, object] = OrderedDict()  # cache key -> PrefixHandle
+        self._warm: OrderedDict[str, PrefixHandleProtocol] = OrderedDict()  # cache key -> prefix handle
         self._prompts: OrderedDict[str, tuple] = OrderedDict()  # pack id -> (ids, layout, key, (tokens, version))
         self._loading: dict[str, asyncio.Future] = {}  # cache key -> in-flight prefill / restore
         # A handle handed to a question is pinned until the question has forked it: evicting it
         # from the warm LRU meanwhile only retires it, and the last unpin releases it (else a
         # concurrent eviction could free the blocks between lookup and fork).
         self._pins: dict[int, int] = {}  # id(handle) -> pins
-        self._retired: dict[int, object] = {}  # id(handle) -> evicted while pinned
+        self._retired: dict[int, PrefixHandleProtocol] = {}  # id(handle) -> evicted while pinned
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
 
     @property
@@ -118,7 +78,7 @@ class PackWorker:
         return self.engine.fingerprint
 
     def close(self) -> None:
-        self.aengine.close()
+        self.engine.close()
 
     # --- prompts and prefix caches -----------------------------------------------------------------
     async def _prompt(self, pack_id: str) -> tuple[list[int], PackLayout, str]:
@@ -141,6 +101,10 @@ class PackWorker:
             self._prompts.popitem(last=False)
         return ids, layout, key
 
+    def _held(self, handle) -> bool:
+        """The handle is warm or retired-but-pinned, i.e. not released yet."""
+        return self._retired.get(id(handle)) is handle or any(h is handle for h in self._warm.values())
+
     def _pin(self, handle) -> None:
         self._pins[id(handle)] = self._pins.get(id(handle), 0) + 1
 
@@ -153,7 +117,7 @@ class PackWorker:
         self._pins.pop(id(handle), None)
         old = self._retired.pop(id(handle), None)
         if old is not None:
-            await self.aengine.call(self.engine.release, old)
+            await self.engine.release(old)
 
     async def _evict(self) -> None:
         while len(self._warm) > self.warm_limit:
@@ -161,10 +125,10 @@ class PackWorker:
             if id(old) in self._pins:
                 self._retired[id(old)] = old
             else:
-                await self.aengine.call(self.engine.release, old)  # running forks keep their blocks
+                await self.engine.release(old)  # running forks keep their blocks
 
     async def prefix(self, pack_id: str):
-        """-> (PrefixHandle, ids, layout, source, cached tokens) with source memory | store |
+        """-> (prefix handle, ids, layout, source, cached tokens) with source memory | store |
         prefill (cached > 0 there when a grown pack extended its older warm prefix). The handle
         comes pinned: call `unpin(handle)` once it is forked."""
         while True:
@@ -180,7 +144,7 @@ class PackWorker:
                 break
             # another question is loading this pack right now: share its work
             handle, _, _ = await asyncio.shield(pending)
-            if handle.seq.freed:  # evicted and released while we waited: look again
+            if not self._held(handle):  # evicted and released while we waited: look again
                 continue
             self._pin(handle)
             self.counters["memory"] += 1
@@ -209,7 +173,7 @@ class PackWorker:
         entry = await asyncio.to_thread(self.rag.kv.get, key)
         if entry is not None:
             try:
-                return await self.aengine.call(self.engine.restore, entry.tensors, entry.metadata), "store", len(ids)
+                return await self.engine.restore(entry.tensors, entry.metadata), "store", len(ids)
             except ValueError as e:  # another model / a broken file: drop it and prefill
                 log.warning("KV entry for pack %s not restorable (%s); prefilling", pack_id, e)
                 await asyncio.to_thread(self.rag.kv.remove, key, "stale")
@@ -220,14 +184,11 @@ class PackWorker:
         if base is not None:
             self._pin(base)  # it must outlive the prefill that extends it
         try:
-            if hasattr(self.aengine, "prefill_prefix"):  # chunks interleave with other streams' decoding
-                handle = await self.aengine.prefill_prefix(rest, base)
-            else:
-                handle = await self.aengine.call(self.engine.prefill_prefix, rest, base)
+            handle = await self.engine.prefill_prefix(rest, base)  # chunks interleave with others' decoding
         finally:
             if base is not None:
                 await self.unpin(base)
-        snap = await self.aengine.call(self.engine.snapshot, handle)
+        snap = await self.engine.snapshot(handle)
         try:
             await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
                                     model=self.fingerprint, tokens=len(ids))
@@ -249,31 +210,24 @@ class PackWorker:
         return {"replica": self.replica_id, "warm_packs": len(self._warm), **self.counters}
 
     # --- one pack, streamed ---------------------------------------------------------------------
-    async def stream(self, pack_id: str, question: str, max_tokens: int = 64, temperature: float = 0.0,
-                     seed: int | None = None, stop: list[str] | None = None, top_p: float = 1.0
-                     ) -> AsyncIterator[dict]:
-        """Events: start {pack_id, cache, prompt_tokens, cached_tokens, replica}; token {text,
-        token_id, logprob} per generated token; end {text, score, citations, usage, timings}."""
-        from dsa_rag.model.engine.engine import SamplingParams
-
+    async def stream(self, pack_id: str, params: AskParams) -> AsyncIterator[dict]:
+        """Answer `params.question` over one pack. Events: start {pack_id, cache, prompt_tokens,
+        cached_tokens, replica}; token {text, token_id, logprob} per generated token; end {text,
+        score, citations, usage, timings}."""
         t0 = time.perf_counter()
         self.counters["requests"] += 1
-        temperature = float(temperature)
-        if temperature < MIN_TEMPERATURE:  # logits / 1e-66 overflow to inf: such a temperature is greedy
-            temperature = 0.0
-        params = SamplingParams(max_tokens=max(1, min(int(max_tokens), self.max_new_tokens)),
-                                temperature=temperature, top_p=float(top_p), seed=seed,
-                                stop=tuple(stop or ()), trace=True, trace_top=TRACE_TOP)
+        sampling = replace(params.sampling, max_tokens=min(params.sampling.max_tokens, self.max_new_tokens),
+                           logprobs=True, trace=True, trace_top=TRACE_TOP)  # the score and citations need them
         handle, ids, layout, source, cached = await self.prefix(pack_id)
         try:
             n = len(ids)
             t_prefix = time.perf_counter()
-            q_ids = self.rag.tok.question_ids(question)
+            q_ids = self.rag.tok.question_ids(params.question)
             yield {"event": "start", "pack_id": pack_id, "cache": source, "prompt_tokens": n + len(q_ids),
                    "cached_tokens": cached, "replica": self.replica_id}
             mass: dict[int, float] = {}
             logps, text, finish, n_out, t_first = [], [], "length", 0, None
-            async for ev in self.aengine.generate(q_ids, params, prefix=handle):
+            async for ev in self.engine.generate(q_ids, sampling, prefix=handle):
                 if ev.token_id < 0:  # the engine ended the request without a token: abort or error
                     if ev.finish_reason == "error":
                         raise EngineError(f"pack {pack_id}: the engine failed this request: "
@@ -311,64 +265,3 @@ class PackWorker:
                 "tokens_per_s": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
             },
         }
-
-
-# ------------------------------------------------------------------ merging
-def merge(results: list[PackResult]) -> dict:
-    """Best answer by score; every pack's citations kept (best pack's first, duplicates dropped);
-    usage summed over packs."""
-    if not results:
-        return {"answer": "", "pack_id": None, "score": None, "finish_reason": "stop", "citations": [],
-                "packs": [], "usage": {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}}
-    best = max(results, key=lambda r: r.score)
-    ordered = [best] + [r for r in results if r is not best]
-    seen, cites = set(), []
-    for r in ordered:
-        for c in r.citations:
-            k = (c.document_id, c.char_start, c.char_end)
-            if k not in seen:
-                seen.add(k)
-                cites.append(c)
-    return {
-        "answer": best.text, "pack_id": best.pack_id, "score": best.score if best.score > float("-inf") else None,
-        "finish_reason": best.finish_reason, "citations": cites,
-        "packs": [{"pack_id": r.pack_id, "answer": r.text, "score": r.score if r.score > float("-inf") else -1e9,
-                   "cache": r.cache, "replica": r.replica, "node": r.node, "finish_reason": r.finish_reason,
-                   "citations": r.citations} for r in results],
-        "usage": {
-            "prompt_tokens": sum(r.prompt_tokens for r in results),
-            "cached_tokens": sum(r.cached_tokens for r in results),
-            "completion_tokens": sum(r.completion_tokens for r in results),
-        },
-    }
-
-
-async def answer_async(rag, worker: PackWorker, question: str, document_ids: list[str] | None = None, *,
-                       max_tokens: int = 64, temperature: float = 0.0, tenant: str = "default",
-                       seed: int | None = None) -> dict:
-    """The whole question path in one process (no Ray, no HTTP): select packs, answer them
-    concurrently (one decode batch), merge."""
-    t0 = time.perf_counter()
-    selections = await asyncio.to_thread(rag.select_packs, question, document_ids, tenant)
-    t_sel = time.perf_counter()
-    first: list[float] = []
-
-    async def one(pack_id: str) -> PackResult:
-        async for ev in worker.stream(pack_id, question, max_tokens, temperature, seed):
-            if ev["event"] == "token" and not first:
-                first.append(time.perf_counter())
-            if ev["event"] == "end":
-                return PackResult.from_end_event(ev)
-        raise RuntimeError(f"pack {pack_id}: answer stream ended without a result")
-
-    results = await asyncio.gather(*(one(s.pack_id) for s in selections))
-    out = merge(list(results))
-    t_end = time.perf_counter()
-    out["timings"] = {"select_s": t_sel - t0, "first_token_s": (first[0] if first else t_end) - t0,
-                      "total_s": t_end - t0}
-    return out
-
-
-def answer(rag, worker: PackWorker, question: str, document_ids: list[str] | None = None, **kw) -> dict:
-    """Sync form of `answer_async` (notebooks, scripts); not from inside a running event loop."""
-    return asyncio.run(answer_async(rag, worker, question, document_ids, **kw))

@@ -5,14 +5,16 @@
     llm = DSARagLLM(base_url="http://127.0.0.1:8000")                         # /v1/completions
     retriever = DSARagRetriever(base_url="http://127.0.0.1:8000", k=4)        # /v1/ask citations
 
-Shared options (client.py): base_url (env DSA_RAG_BASE_URL), api_key (env DSA_RAG_API_KEY),
+Shared options (params.py): base_url (env DSA_RAG_BASE_URL), api_key (env DSA_RAG_API_KEY),
 tenant, document_ids (the document filter), timeout, max_retries, retry_backoff_s,
-default_headers. Examples: docs/langchain.md. Tests: `.venv/bin/python -m pytest -q tests/langchain`.
+default_headers. HTTP, SSE and retries: the service client, rag_service/client.py (whose
+`DSARagAPIError` this re-exports). Examples: docs/langchain.md. Tests: `.venv/bin/python -m pytest -q tests/langchain`.
 """
 
 from dsa_rag.rag_service.langchain.chat import DSARagChatModel
-from dsa_rag.rag_service.langchain.client import DSARagAPIError, DSARagParams
+from dsa_rag.rag_service.client import DSARagAPIError
 from dsa_rag.rag_service.langchain.llm import DSARagLLM
+from dsa_rag.rag_service.langchain.params import DSARagParams
 from dsa_rag.rag_service.langchain.retriever import DSARagRetriever
 
 __all__ = ["DSARagAPIError", "DSARagChatModel", "DSARagLLM", "DSARagParams", "DSARagRetriever"]

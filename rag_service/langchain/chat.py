@@ -15,8 +15,9 @@ The stored corpus is the context and the **last user message is the question**: 
 no other turn today (earlier turns and system messages are still sent, so a service that uses them
 gets them). Text content only; no tools, no structured output, no images.
 
-Sync, async, streaming (SSE `data:` lines up to `data: [DONE]`), stop sequences, retries: see
-client.py. Tests: `.venv/bin/python -m pytest -q tests/langchain`.
+Sync, async, streaming (SSE events up to `data: [DONE]`), stop sequences; the HTTP, SSE and
+retries are the service client's (rag_service/client.py). Tests:
+`.venv/bin/python -m pytest -q tests/langchain`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from dsa_rag.rag_service.langchain.client import PROVIDER, DSARagGenerationParams, usage_metadata
+from dsa_rag.rag_service.langchain.params import PROVIDER, DSARagGenerationParams, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "developer"}
 _CHAT_ROLES = {"user", "assistant", "system", "tool", "developer"}
@@ -154,12 +155,12 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         body = self._body(messages, stop, False, **kwargs)
-        return self._result(body, self.http().post("/v1/chat/completions", body))
+        return self._result(body, self.client().chat_completions(body))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         body = self._body(messages, stop, False, **kwargs)
-        return self._result(body, await self.http().apost("/v1/chat/completions", body))
+        return self._result(body, await self.client().achat_completions(body))
 
     # ---------------------------------------------------------------- streaming
     def _last_chunk(self, body: dict, acc: StreamState) -> ChatGenerationChunk:
@@ -172,7 +173,7 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         body = self._body(messages, stop, True, **kwargs)
         acc = StreamState()
-        for ev in self.http().stream("/v1/chat/completions", body):
+        for ev in self.client().chat_completions_stream(body):
             if (text := acc.token(ev)) is not None:
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
                 if run_manager:
@@ -185,7 +186,7 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         body = self._body(messages, stop, True, **kwargs)
         acc = StreamState()
-        async for ev in self.http().astream("/v1/chat/completions", body):
+        async for ev in self.client().achat_completions_stream(body):
             if (text := acc.token(ev)) is not None:
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
                 if run_manager:

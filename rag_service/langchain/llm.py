@@ -9,7 +9,7 @@ is the question over the stored documents).
     res.llm_output                                             # {"model_name", "token_usage"} (summed over prompts)
     for piece in llm.stream("..."): ...                        # text pieces as they decode
 
-Sync, async, streaming, stop sequences and retries as in `DSARagChatModel` (client.py). In a
+Sync, async, streaming, stop sequences and retries as in `DSARagChatModel` (rag_service/client.py). In a
 stream, the last `GenerationChunk` carries the finish reason, citations and usage in its
 `generation_info` (see `astream_events` / callbacks to read them). Tests:
 `.venv/bin/python -m pytest -q tests/langchain/test_llm.py`.
@@ -25,7 +25,7 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field
 
-from dsa_rag.rag_service.langchain.client import DSARagGenerationParams, usage_metadata
+from dsa_rag.rag_service.langchain.params import DSARagGenerationParams, usage_metadata
 
 
 
@@ -98,7 +98,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
                             Generation(text=""))
             else:
                 body = self._body(prompt, stop, False, **kwargs)
-                gens.append(self._generation(body, self.http().post("/v1/completions", body)))
+                gens.append(self._generation(body, self.client().completions(body)))
         model = kwargs.get("model") or self.model
         return LLMResult(generations=[[g] for g in gens], llm_output=self._llm_output(
             model, [(g.generation_info or {}).get("token_usage") for g in gens]))
@@ -115,7 +115,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
                             Generation(text=""))
             else:
                 body = self._body(prompt, stop, False, **kwargs)
-                gens.append(self._generation(body, await self.http().apost("/v1/completions", body)))
+                gens.append(self._generation(body, await self.client().acompletions(body)))
         model = kwargs.get("model") or self.model
         return LLMResult(generations=[[g] for g in gens], llm_output=self._llm_output(
             model, [(g.generation_info or {}).get("token_usage") for g in gens]))
@@ -142,7 +142,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         body, state = self._body(prompt, stop, True, **kwargs), {}
-        for ev in self.http().stream("/v1/completions", body):
+        for ev in self.client().completions_stream(body):
             if (text := self._fold(ev, state)) is not None:
                 chunk = GenerationChunk(text=text)
                 if run_manager:
@@ -154,7 +154,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         body, state = self._body(prompt, stop, True, **kwargs), {}
-        async for ev in self.http().astream("/v1/completions", body):
+        async for ev in self.client().acompletions_stream(body):
             if (text := self._fold(ev, state)) is not None:
                 chunk = GenerationChunk(text=text)
                 if run_manager:

@@ -24,7 +24,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
 
-from dsa_rag.rag_service.langchain.client import DSARagParams
+from dsa_rag.rag_service.langchain.params import DSARagParams
 
 
 def citations_to_documents(data: dict, k: int | None) -> list[Document]:
@@ -62,21 +62,19 @@ class DSARagRetriever(BaseRetriever, DSARagParams):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=0)
 
-    def _body(self, query: str, **kwargs: Any) -> dict:
-        body: dict[str, Any] = {"question": query, "max_tokens": kwargs.get("max_tokens") or self.max_tokens,
-                                "temperature": kwargs.get("temperature", self.temperature), "stream": False}
-        if (ids := kwargs.get("document_ids", self.document_ids)) is not None:
-            body["document_ids"] = list(ids)
-        if (seed := kwargs.get("seed", self.seed)) is not None:
-            body["seed"] = seed
-        return body
+    def _options(self, **kwargs: Any) -> dict:
+        """The /v1/ask options: per-call kwargs override the instance's (None = left out)."""
+        ids = kwargs.get("document_ids", self.document_ids)
+        return {"max_tokens": kwargs.get("max_tokens") or self.max_tokens,
+                "temperature": kwargs.get("temperature", self.temperature),
+                "document_ids": list(ids) if ids is not None else None, "seed": kwargs.get("seed", self.seed)}
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
-        data = self.http().post("/v1/ask", self._body(query, **kwargs))
+        data = self.client().ask(query, **self._options(**kwargs))
         return citations_to_documents(data, kwargs.get("k") or self.k)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        **kwargs: Any) -> list[Document]:
-        data = await self.http().apost("/v1/ask", self._body(query, **kwargs))
+        data = await self.client().aask(query, **self._options(**kwargs))
         return citations_to_documents(data, kwargs.get("k") or self.k)

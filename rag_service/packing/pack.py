@@ -279,21 +279,6 @@ class PackStore:
 
         return self.transact(tenant, body, (doc_key,))
 
-    def seal(self, pack_id: str, tenant: str = "default") -> PackInfo:
-        """Seal an open pack explicitly (e.g. before prefilling it); no-op when already sealed."""
-
-        def body(pipe):
-            p = self.get(pack_id, pipe)
-            if p.state == "sealed":
-                return p
-            p.state = "sealed"
-            pipe.multi()
-            pipe.hset(self.k.pack(p.id), "state", "sealed")
-            pipe.srem(self.k.open_packs(tenant), p.id)
-            return p
-
-        return self.transact(tenant, body)
-
     # --- helpers -------------------------------------------------------------------------------
     def _open_packs(self, pipe, tenant: str) -> list[PackInfo]:
         """The tenant's open packs, read inside the WATCHed transaction (ids whose hash is gone

@@ -17,33 +17,26 @@ citations can name a page. pypdf's decompression-bomb limits are set from
 (with `parse_isolation="process"`, the default) enforced from outside by killing the sandbox
 process that parses the PDF (sandbox.py), so one page whose extraction hangs cannot stall us.
 
-Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ingest.py`.
+This module detects the type and dispatches; the decoding lives in text.py, the PDF extraction in
+pdf.py, its sandbox in sandbox.py.
+
+Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ingest.py tests/rag_service/test_hostile.py`.
 """
 
 from __future__ import annotations
 
-import io
 import re
-import time
 import unicodedata
 from dataclasses import dataclass, field
 
-from dsa_rag.rag_service.errors import (
-    CorruptDocument,
-    DocumentTooLarge,
-    EmptyDocument,
-    EncryptedDocument,
-    NoTextLayer,
-    ParseTimeout,
-    UndecodableText,
-    UnsupportedDocument,
-)
+from dsa_rag.rag_service.errors import CorruptDocument, DocumentTooLarge, EmptyDocument, UnsupportedDocument
+from dsa_rag.rag_service.parsing.pdf import parse_pdf
+from dsa_rag.rag_service.parsing.sandbox import parse_pdf_isolated
+from dsa_rag.rag_service.parsing.text import decode_text, is_markdown, normalize_text
 from dsa_rag.rag_service.schemas import NAME_MAX, PageSpan
 from dsa_rag.rag_service.settings import RagSettings
 
-PAGE_SEPARATOR = "\n\n"
-
-# (magic prefix, what it is, what to do) for binaries people upload by mistake.
+# (magic prefix, what it is) for binaries people upload by mistake.
 BINARY_MAGICS: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"\xff\xd8\xff", "a JPEG image"),
@@ -60,26 +53,9 @@ BINARY_MAGICS: tuple[tuple[bytes, str], ...] = (
     (b"\xd0\xcf\x11\xe0", "a legacy Office (OLE) file"),
     (b"SQLite format 3\x00", "an SQLite database"),
 )
-BOMS: tuple[tuple[bytes, str], ...] = (  # longest first: UTF-32-LE's BOM starts with UTF-16-LE's
-    (b"\xff\xfe\x00\x00", "utf-32"),
-    (b"\x00\x00\xfe\xff", "utf-32"),
-    (b"\xef\xbb\xbf", "utf-8-sig"),
-    (b"\xff\xfe", "utf-16"),
-    (b"\xfe\xff", "utf-16"),
-)
-MARKDOWN_EXTENSIONS = (".md", ".markdown", ".mdown", ".mkd")
-_MD_MARKERS = (
-    re.compile(r"^#{1,6} \S", re.M),  # headings
-    re.compile(r"^```", re.M),  # fences
-    re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"),  # links
-    re.compile(r"^\s{0,3}[-*+] \S", re.M),  # bullet lists
-    re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"),  # strong emphasis
-    re.compile(r"^\s{0,3}>\s", re.M),  # block quotes
-    re.compile(r"^\|.*\|\s*$\n^\|?\s*:?-{3,}", re.M),  # tables
-)
-# C0 control bytes that never occur in text files (tab, LF, CR, FF are fine; ESC is not).
+# Unicode categories a display name never keeps: controls, format (bidi, zero-width), surrogates,
+# private use, line/paragraph separators.
 _BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
-_CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
 
 
 @dataclass
@@ -143,71 +119,6 @@ def detect_type(name: str, data: bytes) -> str:
     return "markdown" if is_markdown(name, text) else "text"
 
 
-def is_markdown(name: str, text: str) -> bool:
-    if name.lower().endswith(MARKDOWN_EXTENSIONS):
-        return True
-    sample = text[:20000]
-    return sum(1 for rx in _MD_MARKERS if rx.search(sample)) >= 2
-
-
-def decode_text(name: str, data: bytes) -> str:
-    """Bytes -> str: BOM encodings, UTF-8, then a latin-1-family fallback for text-like bytes."""
-    for bom, enc in BOMS:
-        if data.startswith(bom):
-            try:
-                return data.decode(enc)
-            except UnicodeDecodeError as e:
-                raise UndecodableText(
-                    f"starts with a {enc} byte-order mark but is not valid {enc} (bad bytes at offset "
-                    f"{e.start}); re-save the file as UTF-8",
-                    filename=name,
-                ) from None
-    sample = data[:65536]
-    if b"\x00" in sample:
-        raise UnsupportedDocument(
-            "binary data (NUL bytes), not text; upload a PDF, a UTF-8 text or a Markdown file",
-            filename=name,
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = e.start
-    if looks_like_text(sample):
-        # Windows-1252 is latin-1 with printable characters where latin-1 has C1 controls;
-        # the 5 bytes cp1252 leaves undefined fall back to latin-1.
-        try:
-            return data.decode("cp1252")
-        except UnicodeDecodeError:
-            return data.decode("latin-1")
-    if _control_ratio(sample) > 0.0:
-        raise UnsupportedDocument(
-            "binary data (control bytes), not text; upload a PDF, a UTF-8 text or a Markdown file",
-            filename=name,
-        )
-    raise UndecodableText(
-        f"not valid UTF-8 (first bad byte at offset {bad}) and not recognisably latin-1 text; "
-        "re-save the file as UTF-8",
-        filename=name,
-    )
-
-
-def _control_ratio(sample: bytes) -> float:
-    return sum(sample.count(c) for c in _CONTROL) / max(1, len(sample))
-
-
-def looks_like_text(sample: bytes) -> bool:
-    """No control bytes and at most 30% high bytes (accented Western text is far below)."""
-    if not sample or _control_ratio(sample) > 0:
-        return False
-    high = sum(1 for b in sample if b >= 0x80)
-    return high / len(sample) <= 0.30
-
-
-def normalize_text(text: str) -> str:
-    """Unify newlines and drop NULs; offsets are defined on the normalized text."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
-
-
 def parse_document(name: str, data: bytes, settings: RagSettings) -> ParsedDocument:
     """Detect the type and extract text. Raises a DocumentError subclass naming the file."""
     name = clean_name(name)
@@ -222,8 +133,6 @@ def parse_document(name: str, data: bytes, settings: RagSettings) -> ParsedDocum
     kind = detect_type(name, data)
     if kind == "pdf":
         if settings.parse_isolation == "process":  # hard time budget + memory cap (sandbox.py)
-            from dsa_rag.rag_service.parsing.sandbox import parse_pdf_isolated
-
             text, pages = parse_pdf_isolated(name, data, settings)
         else:
             text, pages = parse_pdf(name, data, settings)
@@ -232,124 +141,3 @@ def parse_document(name: str, data: bytes, settings: RagSettings) -> ParsedDocum
         if not text.strip():
             raise EmptyDocument("the text is empty or only whitespace; nothing to index", filename=name)
     return ParsedDocument(name=name, media_type=kind, text=text, size_bytes=len(data), pages=pages)
-
-
-def _pdf_limits(settings: RagSettings) -> dict:
-    lim = settings.pdf_max_decompressed_bytes
-    return {
-        "zlib_maximum_output_length": lim,
-        "lzw_maximum_output_length": lim,
-        "run_length_maximum_output_length": lim,
-        "jbig2_maximum_output_length": lim,
-        "brotli_maximum_output_length": lim,
-        "array_based_stream_maximum_output_length": lim,
-        "maximum_declared_stream_length": lim,
-        "image_maximum_buffer_size": lim,
-        "stream_decoding_work_maximum_length": 4 * lim,
-    }
-
-
-def parse_pdf(name: str, data: bytes, settings: RagSettings) -> tuple[str, list[PageSpan]]:
-    """Text of every page (joined by a blank line) and each page's span in it."""
-    import pypdf
-    from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
-
-    deadline = time.monotonic() + settings.parse_timeout_s
-    cfg = getattr(pypdf, "apply_configuration", None)
-    limits = cfg(**_pdf_limits(settings)) if cfg is not None else _NullContext()
-    try:
-        with limits:
-            reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
-            if reader.is_encrypted and not _try_empty_password(reader):
-                raise EncryptedDocument(
-                    "the PDF is password-protected; remove the password (print to PDF) and upload again",
-                    filename=name,
-                )
-            n = len(reader.pages)
-            if n == 0:
-                raise EmptyDocument("the PDF has no pages", filename=name)
-            if n > settings.max_pages:
-                raise DocumentTooLarge(
-                    f"{n} pages is over the limit of {settings.max_pages} (DSA_RAG_MAX_PAGES); split the PDF",
-                    filename=name,
-                )
-            texts, has_images = [], False
-            for i, page in enumerate(reader.pages):
-                if time.monotonic() > deadline:
-                    raise ParseTimeout(
-                        f"parsing stopped at page {i + 1} of {n}: over the {settings.parse_timeout_s:g} s "
-                        "budget (DSA_RAG_PARSE_TIMEOUT_S); split the PDF or raise the budget",
-                        filename=name,
-                    )
-                texts.append(normalize_text(page.extract_text() or ""))
-                if not texts[-1].strip():
-                    has_images = has_images or _page_has_images(page)
-            if time.monotonic() > deadline:
-                raise ParseTimeout(
-                    f"parsing took over the {settings.parse_timeout_s:g} s budget (DSA_RAG_PARSE_TIMEOUT_S)",
-                    filename=name,
-                )
-    except (EncryptedDocument, EmptyDocument, DocumentTooLarge, ParseTimeout):
-        raise
-    except FileNotDecryptedError:
-        raise EncryptedDocument(
-            "the PDF is encrypted and cannot be read without its password; upload a decrypted copy",
-            filename=name,
-        ) from None
-    except MemoryError:
-        raise DocumentTooLarge(
-            "parsing the PDF needs more memory than allowed (DSA_RAG_PARSE_MEMORY_BYTES); the file may be "
-            "a decompression bomb", filename=name,
-        ) from None
-    except LimitReachedError as e:
-        raise DocumentTooLarge(
-            f"a PDF stream exceeds a safety limit ({e}); the file may be a decompression bomb",
-            filename=name,
-        ) from None
-    except (PdfReadError, Exception) as e:  # pypdf raises many types on malformed input
-        raise CorruptDocument(
-            f"the PDF is damaged or truncated ({type(e).__name__}: {e}); re-export or repair it",
-            filename=name,
-        ) from None
-
-    if not any(t.strip() for t in texts):
-        if has_images:
-            raise NoTextLayer(
-                f"none of the {n} pages has a text layer (a scanned or image-only PDF); run OCR first",
-                filename=name,
-            )
-        raise EmptyDocument(f"none of the {n} pages contains text", filename=name)
-    pages, pos = [], 0
-    for i, t in enumerate(texts):
-        pages.append(PageSpan(page=i + 1, char_start=pos, char_end=pos + len(t)))
-        pos += len(t) + len(PAGE_SEPARATOR)
-    return PAGE_SEPARATOR.join(texts), pages
-
-
-def _try_empty_password(reader) -> bool:
-    """PDFs with only an owner password (print/copy restrictions) open with the empty password."""
-    try:
-        return bool(reader.decrypt(""))
-    except Exception:
-        return False
-
-
-def _page_has_images(page) -> bool:
-    try:
-        res = page.get("/Resources")
-        res = res.get_object() if res is not None else None
-        xobjs = res.get("/XObject") if res is not None else None
-        if xobjs is None:
-            return False
-        xobjs = xobjs.get_object()
-        return any(xobjs[k].get_object().get("/Subtype") == "/Image" for k in xobjs)
-    except Exception:
-        return False
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

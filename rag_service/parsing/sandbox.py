@@ -1,7 +1,7 @@
 """PDF parsing in sandbox processes: a hard per-document time budget and a memory cap.
 
     from dsa_rag.rag_service.parsing.sandbox import parse_pdf_isolated
-    text, pages = parse_pdf_isolated("report.pdf", data, settings)   # same contract as ingest.parse_pdf
+    text, pages = parse_pdf_isolated("report.pdf", data, settings)   # same contract as pdf.parse_pdf
 
 pypdf runs in pure Python: a crafted page can make `extract_text` run for minutes (or grow
 memory) inside one call, where a between-pages deadline check never gets control back. So PDFs
@@ -34,6 +34,7 @@ import threading
 from dataclasses import dataclass
 
 from dsa_rag.rag_service import errors
+from dsa_rag.rag_service.parsing.pdf import parse_pdf
 from dsa_rag.rag_service.schemas import PageSpan
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,7 @@ def _read_frame(f) -> bytes:
 
 # ------------------------------------------------------------------ the worker (child process)
 def _serve(mem_bytes: int) -> None:
-    import resource
-
-    from dsa_rag.rag_service.parsing.ingest import parse_pdf
+    import resource  # POSIX only, and only the worker needs it
 
     try:
         resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
@@ -204,7 +203,7 @@ def shutdown() -> None:
 
 
 def parse_pdf_isolated(name: str, data: bytes, settings) -> tuple[str, list[PageSpan]]:
-    """ingest.parse_pdf in a sandbox process (see the module docstring)."""
+    """pdf.parse_pdf in a sandbox process (see the module docstring)."""
     limits = _Limits(float(settings.parse_timeout_s), int(settings.max_pages), int(settings.pdf_max_decompressed_bytes))
     msg = _pool(settings.parse_workers, settings.parse_memory_bytes).run(name, data, limits)
     if msg["ok"]:

@@ -2,12 +2,15 @@
 
     Ingress       FastAPI app (app.py) via serve.ingress; fans questions out to packs
     Ingestion     CPU: parse / chunk / pack uploads, documents CRUD, pack selection (RagPipeline)
-    ModelReplica  the engine + warm prefix caches (answer.PackWorker); num_gpus 1 where GPUs
+    ModelReplica  the engine + warm prefix caches (ask.worker.PackWorker); num_gpus 1 where GPUs
                   exist; routed by pack cache affinity (router.PackAffinityRouter)
 
-    python -m dsa_rag.rag_service.cli serve                       # builds this graph on a local Ray
-    serve run deploy/serve.yaml                           # or from the Serve config (import_path
-                                                          #   dsa_rag.rag_service.serve.deployments:build_app)
+    python -m dsa_rag.rag_service.cli serve    # builds this graph on a local Ray
+    serve run deploy/serve.yaml                # or from the Serve config (import_path
+                                               #   dsa_rag.rag_service.serve.deployments:build_app)
+
+A question's `AskParams` travels whole: the ingress (fan-out, `ask.fanout.ask_events` over a
+`RayBackend`) calls `ModelReplica.stream(pack_id=..., params=...)` per selected pack.
 
 `build_app(args)` takes the ServeSettings fields as args (plus `model_autoscaling_config`), so a
 Serve config's `applications[].args` sets them; per-deployment overrides (num_replicas,
@@ -25,11 +28,17 @@ import asyncio
 import logging
 import time
 
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from dsa_rag.model.engine.factory import load_engine
+from dsa_rag.rag_service.ask.params import AskParams
+from dsa_rag.rag_service.ask.worker import PackWorker
 from dsa_rag.rag_service.errors import RagError
+from dsa_rag.rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.serve.app import create_app
 from dsa_rag.rag_service.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -48,8 +57,6 @@ def _unwrap(e: BaseException) -> BaseException:
 @serve.deployment(name="Ingestion", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
 class Ingestion:
     def __init__(self, settings: dict):
-        from dsa_rag.rag_service.pipeline import RagPipeline
-
         self.rag = RagPipeline(ServeSettings(**settings))
 
     async def ingest_many(self, files: list[tuple[str, bytes]], tenant: str):
@@ -84,28 +91,19 @@ class Ingestion:
 )
 class ModelReplica:
     def __init__(self, settings: dict):
-        import ray
-        import torch
-
-        from dsa_rag.rag_service.ask.worker import PackWorker, make_engine
-        from dsa_rag.rag_service.pipeline import RagPipeline
-
         s = ServeSettings(**settings)
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rag = RagPipeline(s)
-        self.worker = PackWorker(self.rag, make_engine(s.model, tokenizer=self.rag.tok), replica_id=self.replica_id,
-                                 warm_packs=s.warm_packs_per_replica, citations=s.citations_per_pack,
-                                 max_new_tokens=s.max_new_tokens)
+        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads)
+        self.worker = PackWorker(self.rag, engine, replica_id=self.replica_id, warm_packs=s.warm_packs_per_replica,
+                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 
-    async def stream(self, pack_id: str, question: str, max_tokens: int, temperature: float, seed=None,
-                     stop=None, top_p: float = 1.0):
-        """Streamed per-pack answer events (see answer.PackWorker.stream). Call with the keyword
-        `pack_id`: the router reads it."""
-        async for ev in self.worker.stream(pack_id, question, max_tokens, temperature, seed, stop, top_p):
+    async def stream(self, pack_id: str, params: AskParams):
+        """Streamed per-pack answer events (see ask.worker.PackWorker.stream). Call it with
+        keywords, `stream.remote(pack_id=..., params=...)`: the router reads `pack_id` from them."""
+        async for ev in self.worker.stream(pack_id, params):
             ev["node"] = self.node_id
             yield ev
 
@@ -134,14 +132,12 @@ class Ingress:
         self.backend.attach(ingestion, model)
 
     def __serve_build_asgi_app__(self):
-        from dsa_rag.rag_service.serve.app import create_app
-
         return create_app(self.backend)
 
 
 # ------------------------------------------------------------------ the backend the ingress uses
 class RayBackend:
-    """backend.Backend over deployment handles (attached in the Ingress replica's __init__)."""
+    """`ask.backend.Backend` over deployment handles (attached in the Ingress replica's __init__)."""
 
     def __init__(self, settings: ServeSettings, app_name: str = "dsa-rag"):
         self.settings = settings
@@ -177,13 +173,11 @@ class RayBackend:
     async def delete_document(self, doc_id, tenant):
         return await self._call("delete_document", doc_id, tenant)
 
-    async def select(self, question, document_ids, tenant):
-        return await self._call("select_packs", question, document_ids, tenant)
+    async def select(self, params: AskParams):
+        return await self._call("select_packs", params.question, params.document_ids, params.tenant)
 
-    async def stream_pack(self, pack_id, question, max_tokens, temperature, seed, stop=None, top_p=1.0):
-        gen = self.model.options(stream=True).stream.remote(
-            pack_id=pack_id, question=question, max_tokens=max_tokens, temperature=temperature, seed=seed,
-            stop=stop, top_p=top_p)
+    async def stream_pack(self, pack_id: str, params: AskParams):
+        gen = self.model.options(stream=True).stream.remote(pack_id=pack_id, params=params)
         try:
             async for ev in gen:
                 yield ev
@@ -251,8 +245,6 @@ def build_app(args: dict | None = None):
 
 
 def _cluster_has_gpus() -> bool:
-    import ray
-
     try:
         return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     except Exception:  # noqa: BLE001 - builders also run where the cluster is not reachable

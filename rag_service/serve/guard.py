@@ -4,7 +4,8 @@ done before routing or body parsing (a pure ASGI middleware, so SSE streams pass
     app.add_middleware(Guard, settings=s, metrics=metrics)        # rag_service/serve/app.py
     tenant = request.state.tenant; key = request.state.principal  # what routes see
 
-Order of checks, each answered with the service's error body {"error": {...}}:
+Order of checks, each answered with the service's error body {"error": {...}} (an error of the
+one hierarchy in rag_service/errors.py, rendered by serve/errors.py's `error_response`):
 
 1. Auth. With `api_keys` set, every route but the open ones (health, metrics, docs) needs
    `Authorization: Bearer <key>`: missing -> 401 `missing_api_key`, unknown -> 401
@@ -26,7 +27,7 @@ Tests: `.venv/bin/python -m pytest -q tests/service/test_hardening.py`.
 from __future__ import annotations
 
 import hmac
-import json
+import logging
 import math
 import re
 import threading
@@ -34,7 +35,9 @@ import time
 
 from starlette.exceptions import HTTPException
 
-from dsa_rag.rag_service.errors import TooManyRequests
+from dsa_rag.rag_service.errors import (BadRequest, InvalidApiKey, MissingApiKey, RagError, RequestTooLarge,
+                                        TooManyRequests, UnsupportedMediaType)
+from dsa_rag.rag_service.serve.errors import error_response
 from dsa_rag.rag_service.serve.settings import TENANT_PATTERN, ServeSettings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
@@ -47,7 +50,8 @@ _TENANT = re.compile(TENANT_PATTERN)
 
 class BodyTooLarge(HTTPException):
     """Raised from `receive` when a body streams past the limit. An HTTPException, so FastAPI's
-    body parsing re-raises it (instead of turning it into a generic 400)."""
+    body parsing re-raises it (instead of turning it into a generic 400); the app's handler
+    answers it as a `RequestTooLarge` (413)."""
 
     def __init__(self, limit: int, setting: str):
         super().__init__(413, f"request body is over the limit of {limit} bytes ({setting})")
@@ -83,7 +87,7 @@ class StreamSlots:
         self.open: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def acquire(self, principal: str) -> "_Slot":
+    def acquire(self, principal: str) -> StreamSlot:
         with self.lock:
             n = self.open.get(principal, 0)
             if n >= self.limit:
@@ -91,7 +95,7 @@ class StreamSlots:
                     f"{n} answer streams are already open for this API key; the limit is {self.limit} "
                     "(DSA_RAG_MAX_STREAMS_PER_KEY): wait for one to finish", headers={"Retry-After": "1"})
             self.open[principal] = n + 1
-        return _Slot(self, principal)
+        return StreamSlot(self, principal)
 
     def _release(self, principal: str) -> None:
         with self.lock:
@@ -102,7 +106,9 @@ class StreamSlots:
                 self.open.pop(principal, None)
 
 
-class _Slot:
+class StreamSlot:
+    """One open stream of a principal, taken by `StreamSlots.acquire`."""
+
     def __init__(self, owner: StreamSlots, principal: str):
         self.owner, self.principal, self.done = owner, principal, False
 
@@ -114,14 +120,6 @@ class _Slot:
     __del__ = release
 
 
-def _error_response(status: int, code: str, message: str, headers: dict | None = None):
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
-                                 "server_error", "code": code}}).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return status, hdrs, body
-
-
 class Guard:
     """ASGI middleware; see the module docstring."""
 
@@ -129,8 +127,6 @@ class Guard:
         self.app, self.s, self.metrics = app, settings, metrics
         self.keys = dict(settings.api_keys)
         if not self.keys:
-            import logging
-
             logging.getLogger(__name__).warning(
                 "no API keys configured (DSA_RAG_API_KEYS): the service runs OPEN, tenant from X-Tenant; "
                 "set keys before exposing it beyond localhost")
@@ -142,12 +138,9 @@ class Guard:
             return await self.app(scope, receive, send)
         denied = self._check(scope)
         if denied is not None:
-            status, hdrs, body = denied
             if self.metrics is not None:
-                self.metrics.requests.labels("guard", str(status)).inc()
-            await send({"type": "http.response.start", "status": status, "headers": hdrs})
-            await send({"type": "http.response.body", "body": body})
-            return
+                self.metrics.requests.labels("guard", str(denied.status_code)).inc()
+            return await error_response(denied)(scope, receive, send)
         if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         limit, setting = self._limit(scope["path"])
@@ -169,8 +162,8 @@ class Guard:
             return self.s.max_request_bytes, "DSA_RAG_MAX_REQUEST_BYTES"
         return self.s.max_json_bytes, "DSA_RAG_MAX_JSON_BYTES"
 
-    def _check(self, scope):
-        """None when the request may go on, else (status, headers, body) to answer with."""
+    def _check(self, scope) -> RagError | None:
+        """None when the request may go on, else the error to answer with."""
         headers = {}
         for k, v in scope.get("headers", ()):
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
@@ -184,49 +177,46 @@ class Guard:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if not auth or scheme.lower() != "bearer" or not token.strip():
-                return _error_response(401, "missing_api_key", "missing API key: send `Authorization: Bearer "
-                                       "<key>` (keys are configured by DSA_RAG_API_KEYS)",
-                                       {"WWW-Authenticate": 'Bearer realm="dsa-rag"'})
+                return MissingApiKey("missing API key: send `Authorization: Bearer <key>` (keys are configured "
+                                     "by DSA_RAG_API_KEYS)", headers={"WWW-Authenticate": 'Bearer realm="dsa-rag"'})
             tenant = self._tenant_of(token.strip())
             if tenant is None:
-                return _error_response(401, "invalid_api_key", "invalid API key",
-                                       {"WWW-Authenticate": 'Bearer realm="dsa-rag", error="invalid_token"'})
+                return InvalidApiKey("invalid API key",
+                                     headers={"WWW-Authenticate": 'Bearer realm="dsa-rag", error="invalid_token"'})
             state["tenant"], state["principal"] = tenant, "key:" + token.strip()
         else:
             tenant = headers.get("x-tenant") or self.s.default_tenant
             if not _TENANT.match(tenant):
-                return _error_response(400, "bad_request", "X-Tenant is not valid: use 1-128 letters, digits, "
-                                       "'_', '.', '-'")
+                return BadRequest("X-Tenant is not valid: use 1-128 letters, digits, '_', '.', '-'")
             state["tenant"], state["principal"] = tenant, "tenant:" + tenant
         # 2. rate limit
         if self.s.rate_limit_rps > 0:
             wait = self._bucket(state["principal"]).take()
             if wait > 0:
-                return _error_response(429, "rate_limited", f"rate limit of {self.s.rate_limit_rps:g} requests/s "
-                                       f"(burst {self.s.rate_limit_burst}) for this API key exceeded; retry in "
-                                       f"{wait:.2f} s", {"Retry-After": str(max(1, math.ceil(wait)))})
+                return TooManyRequests(f"rate limit of {self.s.rate_limit_rps:g} requests/s (burst "
+                                       f"{self.s.rate_limit_burst}) for this API key exceeded; retry in {wait:.2f} s",
+                                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
         # 3. body type and declared size
         if scope["method"] in BODY_METHODS:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             length = headers.get("content-length")
             if path in UPLOAD_PATHS:
                 if ctype not in UPLOAD_TYPES:
-                    return _error_response(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} "
-                                           "is not accepted here: upload files as multipart/form-data")
+                    return UnsupportedMediaType(f"Content-Type {ctype or '(none)'!r} is not accepted here: "
+                                                "upload files as multipart/form-data")
             elif not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
                 if length not in (None, "0") or ctype:
-                    return _error_response(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} "
-                                           "is not accepted here: send a JSON body with Content-Type: "
-                                           "application/json")
+                    return UnsupportedMediaType(f"Content-Type {ctype or '(none)'!r} is not accepted here: "
+                                                "send a JSON body with Content-Type: application/json")
             limit, setting = self._limit(path)
             if length is not None:
                 try:
                     n = int(length)
                 except ValueError:
-                    return _error_response(400, "bad_request", "Content-Length is not a number")
+                    return BadRequest("Content-Length is not a number")
                 if n > limit:
-                    return _error_response(413, "request_too_large", f"request body of {n} bytes is over the "
-                                           f"limit of {limit} bytes ({setting})")
+                    return RequestTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes "
+                                           f"({setting})")
         return None
 
     def _tenant_of(self, token: str) -> str | None:

@@ -3,7 +3,8 @@ extension, `ray.serve.request_router.RequestRouter`, Ray >= 2.45).
 
 A question over a pack goes to a replica that holds the pack's prefix KV cache in memory, so it
 only pays for the question's tokens. The router reads the pack id from the call's `pack_id`
-keyword argument (`handle.stream.remote(pack_id=..., ...)`) and ranks replicas:
+keyword argument (`handle.stream.remote(pack_id=..., params=...)`, also `warm.remote(pack_id=...)`)
+and ranks replicas:
 
   1. holders of the pack whose queue is below `max_queue` (least loaded first);
   2. everyone else, least loaded first (a holder that is over the guard comes last).

@@ -1,6 +1,10 @@
 """Request and response models of the REST API (our /v1/ask and documents routes, and the
 OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models). Limits live in `Field(...)`
 so they show up in the OpenAPI schema and FastAPI rejects bad input with 422 before any work.
+The limits that depend on runtime settings (question length under `max_question_chars`,
+max_tokens under `max_new_tokens`) are checked once, in the `ask_params` dependencies of
+rag_service/serve/deps.py (for the OpenAI requests, against what `question_text()` and
+`requested_max_tokens()` return here).
 
 The core's own models (DocumentInfo, Citation, IngestResult) are reused from `dsa_rag.rag_service.schemas`.
 
@@ -13,13 +17,15 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dsa_rag.rag_service.errors import BadRequest
 from dsa_rag.rag_service.schemas import Citation, DocumentInfo, IngestResult
 
 QUESTION_MAX_CHARS = 8192
 MAX_DOCUMENT_IDS = 256
 MAX_TOKENS_LIMIT = 32768  # the settings' max_new_tokens is the effective (lower) bound
+MAX_STOP = 4
 
 
 # ------------------------------------------------------------------ errors
@@ -70,6 +76,13 @@ class AskRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     stream: bool = False
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the question is blank")
+        return v
 
 
 class Usage(BaseModel):
@@ -124,19 +137,54 @@ class _OpenAIBase(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    stop: str | list[str] | None = Field(None, max_length=4, description="up to 4 stop strings (trimmed from the output)")
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP, description="up to 4 stop strings (trimmed from the output)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     document_ids: list[str] | None = Field(None, max_length=MAX_DOCUMENT_IDS, description="extension: restrict the context")
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v):
+        if v is not None and any(not s for s in ([v] if isinstance(v, str) else v)):
+            raise ValueError("a stop string is empty")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
 
+    def question_text(self) -> str:
+        """The last user message with text (its text parts joined); 400 when there is none."""
+        for m in reversed(self.messages):
+            if m.role == "user":
+                c = m.content
+                text = c if isinstance(c, str) else " ".join(
+                    p.get("text", "") for p in (c or []) if isinstance(p, dict) and p.get("type") == "text")
+                if text and text.strip():
+                    return text
+        raise BadRequest("messages hold no user message with text; the last user message is the question")
+
 
 class CompletionRequest(_OpenAIBase):
     prompt: str | list[str] = Field(..., description="the question (a list must hold exactly one string)")
+
+    def question_text(self) -> str:
+        """The prompt (a list must hold exactly one string); 400 when it is empty."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise BadRequest("prompt must be a string or a list of exactly one string")
+            prompt = prompt[0]
+        if not prompt.strip():
+            raise BadRequest("prompt is empty")
+        return prompt
 
 
 class PromptTokensDetails(BaseModel):

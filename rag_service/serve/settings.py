@@ -4,8 +4,12 @@ request limits and the Ray knobs. One pydantic-settings object, env prefix `DSA_
     DSA_RAG_PORT=9000 DSA_RAG_MODEL_REPLICAS=2 python -m dsa_rag.rag_service.cli serve
     python -c "from dsa_rag.rag_service.serve.settings import ServeSettings; print(ServeSettings())"
 
-Limits the API enforces (question length, max_tokens, files per upload) are declared here and
-in `schemas_api.py`, never as ad-hoc ifs in the routes.
+Limits the API enforces are declared here and in `schemas_api.py` (`Field(...)` bounds), never
+as ad-hoc ifs in the routes. Static bounds are checked by FastAPI/pydantic (422 before any
+work); the ones set here at runtime are checked once each: `max_question_chars` and
+`max_new_tokens` by `deps.ask_params` (422 limit_exceeded), `max_files_per_upload` and
+`upload_max_bytes` by `deps.read_uploads`, `api_keys`, `rate_limit_*`, `max_json_bytes` and
+`max_request_bytes` by the guard middleware (guard.py), `max_streams_per_key` by `StreamSlots`.
 """
 
 from __future__ import annotations

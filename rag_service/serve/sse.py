@@ -10,6 +10,9 @@ everything), each a JSON object with a "type":
     data: [DONE]
 An error after the stream started is sent as `data: {"type": "error", "error": {...}}` then
 `data: [DONE]` (the HTTP status is already 200 by then).
+
+The client side (parsing these streams) is rag_service/client.py: `parse_sse`, `SSEDecoder`,
+`iter_events`.
 """
 
 from __future__ import annotations
@@ -27,17 +30,3 @@ def sse(data) -> bytes:
         body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
     return f"data: {body}\n\n".encode()
 
-
-def parse_sse(text: str) -> list:
-    """Client side (tests, CLI): the `data:` payloads of an SSE body, JSON-decoded where JSON."""
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        lines = [ln[5:].lstrip() for ln in block.split("\n") if ln.startswith("data:")]
-        if not lines:
-            continue
-        payload = "\n".join(lines)
-        try:
-            out.append(json.loads(payload))
-        except ValueError:
-            out.append(payload)
-    return out

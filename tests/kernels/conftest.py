@@ -19,6 +19,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from dsa_rag.kernels.indexer import torch_impl as indexer_torch  # noqa: E402
+from dsa_rag.kernels.sparse_mla import torch_impl as sparse_mla_torch  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INT_SENTINEL = -123456789
 
@@ -54,11 +57,8 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    from dsa_rag.kernels.indexer import torch_impl as it
-    from dsa_rag.kernels.sparse_mla import torch_impl as st
-
-    monkeypatch.setattr(it, "S_BLOCK", 48)
-    monkeypatch.setattr(it, "PAIR_BUDGET", 48 * 16 * 4)
-    monkeypatch.setattr(it, "ROW_BUDGET", 16 * 150)  # several query chunks per call
-    monkeypatch.setattr(it, "TOPK_GROUP_RATIO", 1)  # the grouped row top-k on small rows too
-    monkeypatch.setattr(st, "CHUNK_BYTES", 1)  # one query row per chunk
+    monkeypatch.setattr(indexer_torch, "S_BLOCK", 48)
+    monkeypatch.setattr(indexer_torch, "PAIR_BUDGET", 48 * 16 * 4)
+    monkeypatch.setattr(indexer_torch, "ROW_BUDGET", 16 * 150)  # several query chunks per call
+    monkeypatch.setattr(indexer_torch, "TOPK_GROUP_RATIO", 1)  # the grouped row top-k on small rows too
+    monkeypatch.setattr(sparse_mla_torch, "CHUNK_BYTES", 1)  # one query row per chunk

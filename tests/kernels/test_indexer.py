@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsa_rag.kernels.indexer import indexer_head_lse, indexer_logits, indexer_topk
-from dsa_rag.kernels.indexer import naive
+from dsa_rag.kernels.indexer import naive, torch_impl
 
 from .conftest import DEVICE, rms_ratio
 
@@ -199,8 +199,6 @@ def test_mixture_score_refuses_fp8_and_unknown_scores():
 def test_row_topk_by_group_maxima_is_exact(n, k):
     """torch_impl._row_topk (one topk over group maxima, one over the chosen groups) keeps the same
     values as torch.topk, with heavy ties, -inf tails and rows shorter than k."""
-    from dsa_rag.kernels.indexer import torch_impl
-
     g = torch.Generator().manual_seed(n)
     x = torch.randn(6, n, generator=g)
     x[1] = torch.randint(0, 5, (n,), generator=g).float()  # ties everywhere

@@ -1,7 +1,8 @@
 """One live service for the LangChain tests: the real FastAPI app over an in-process backend
 (pipeline + the default `dsa-tiny` engine + the embedded Redis the service starts itself),
 served by uvicorn in a thread on 127.0.0.1 and a free port, with a PDF and a Markdown file
-uploaded. Started once per test session (fixture `live_service` in conftest.py).
+uploaded through the service client. Started once per test session (fixture `live_service` in
+conftest.py).
 
     .venv/bin/python -m pytest -q tests/langchain
 """
@@ -12,8 +13,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-
-import httpx
 
 # Small packs and short answers: the tests check structure, streaming, usage, metadata and
 # citations, never the (untrained tiny model's) answer text.
@@ -47,14 +46,15 @@ def _free_port() -> int:
 def start(data_dir) -> tuple[LiveService, callable]:
     import uvicorn
 
+    from dsa_rag.rag_service.ask.local import LocalBackend
+    from dsa_rag.rag_service.client import DSARagAPIError, DSARagClient
     from dsa_rag.rag_service.serve.app import create_app
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
     from dsa_rag.rag_service.serve.settings import ServeSettings
     from tests.rag_service.pdfs import make_pdf
 
     port = _free_port()
     settings = ServeSettings(data_dir=data_dir, host="127.0.0.1", port=port, **SETTINGS)
-    server = uvicorn.Server(uvicorn.Config(create_app(InProcessBackend(settings)), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(LocalBackend(settings)), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="dsa-rag-live", daemon=True)
     thread.start()
@@ -69,13 +69,14 @@ def start(data_dir) -> tuple[LiveService, callable]:
         thread.join(timeout=30)
 
     base = f"http://127.0.0.1:{port}"
-    files = [("files", ("report.pdf", make_pdf(PDF_PAGES), "application/pdf")),
-             ("files", ("treaty.md", TREATY.encode(), "text/markdown"))]
-    r = httpx.post(f"{base}/v1/documents", files=files, timeout=120)
-    if r.status_code != 200:
+    files = [("report.pdf", make_pdf(PDF_PAGES), "application/pdf"), ("treaty.md", TREATY.encode(), "text/markdown")]
+    try:
+        with DSARagClient(base, api_key="", timeout=120) as c:
+            uploaded = c.upload(files)
+    except DSARagAPIError as e:
         stop()
-        raise RuntimeError(f"upload to the live service failed: {r.status_code} {r.text}")
+        raise RuntimeError(f"upload to the live service failed: {e}") from e
     LIVE.base_url = base
-    LIVE.documents = {d["name"]: d["document"]["id"] for d in r.json()["data"]}
+    LIVE.documents = {d["name"]: d["document"]["id"] for d in uploaded["data"]}
     LIVE.started = True
     return LIVE, stop

@@ -1,6 +1,7 @@
-"""The HTTP layer of the LangChain integration without a server (`httpx.MockTransport`):
-headers (API key, tenant), request bodies (document filter, stop, stream options), retries with
-backoff on connection errors / 429 / 5xx and never on 4xx, `Retry-After`, SSE parsing, in-stream
+"""The service client (rag_service/client.py) under the LangChain classes, without a server
+(`httpx.MockTransport`): headers (API key, tenant), request bodies (document filter, stop, stream
+options), retries with backoff on connection errors / 429 / 5xx and never on 4xx, `Retry-After`,
+SSE parsing (framing, chunk boundaries, Unicode line separators inside a payload), in-stream
 errors and streams cut before `data: [DONE]`.
 
     .venv/bin/python -m pytest -q tests/langchain/test_client.py
@@ -14,8 +15,8 @@ import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
+from dsa_rag.rag_service import client as C
 from dsa_rag.rag_service.langchain import DSARagAPIError, DSARagChatModel, DSARagLLM, DSARagRetriever
-from dsa_rag.rag_service.langchain import client as C
 
 CHAT_OK = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "dsa-tiny",
            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Rome"}, "finish_reason": "stop"}],
@@ -61,8 +62,8 @@ class Server:
 def server(monkeypatch):
     def install(*replies) -> Server:
         srv = Server(*replies)
-        monkeypatch.setattr(C.HttpClient, "transport", httpx.MockTransport(srv))
-        monkeypatch.setattr(C.HttpClient, "async_transport", httpx.MockTransport(srv))
+        monkeypatch.setattr(C.DSARagClient, "transport", httpx.MockTransport(srv))
+        monkeypatch.setattr(C.DSARagClient, "async_transport", httpx.MockTransport(srv))
         return srv
 
     sleeps: list[float] = []
@@ -240,3 +241,62 @@ def test_sse_framing_multiline_data_comments_and_crlf(server):
             b"data:  \"delta\": {\"content\": \"hi\"}}]}\r\n\r\n" + sse(chunk(None, "stop")) + b"data: [DONE]")
     server(body)
     assert [c.content for c in model().stream("q")] == ["hi", ""]
+
+
+def test_langchain_error_is_the_client_error():
+    assert DSARagAPIError is C.DSARagAPIError and issubclass(C.StreamBroken, DSARagAPIError)
+
+
+def test_sse_payload_with_unicode_line_separators(server):
+    # the server writes JSON with ensure_ascii=False: U+2028, U+2029 and U+0085 arrive raw inside a
+    # data line, and only CR / LF end an SSE line
+    text = "a\u2028b\u2029c\x85d"
+    server(sse(chunk(text), chunk(None, "stop"), b"[DONE]").replace(b"\\u2028", "\u2028".encode())
+           .replace(b"\\u2029", "\u2029".encode()).replace(b"\\u0085", "\x85".encode()))
+    assert [c.content for c in model().stream("q")] == [text, ""]
+    assert C.parse_sse(f'data: {{"t": "{text}"}}\n\ndata: [DONE]\n\n') == [{"t": text}, "[DONE]"]
+
+
+def test_sse_decoder_across_chunk_boundaries():
+    body = ": c\r\n\r\ndata: {\"a\": \"\u00e9\u2028\"}\r\n\r\nevent: x\rdata:[1,\rdata: 2]\r\rdata: [DONE]\r\n\r\n".encode()
+    whole = C.SSEDecoder()
+    expected = whole.feed(body) + whole.close()
+    assert expected == ['{"a": "\u00e9\u2028"}', "[1,\n2]", "[DONE]"]
+    for step in (1, 2, 3, 7):  # splits inside CRLF pairs and inside multi-byte UTF-8 characters
+        dec = C.SSEDecoder()
+        got = [p for i in range(0, len(body), step) for p in dec.feed(body[i:i + step])] + dec.close()
+        assert got == expected, step
+    assert list(C.iter_events([body[:5], body[5:]])) == [{"a": "\u00e9\u2028"}, [1, 2]]
+
+
+def test_client_api_paths_and_bodies(monkeypatch):
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        if req.url.path == "/readyz":
+            return httpx.Response(503, json={"status": "unavailable", "checks": {"redis": "down"}})
+        if req.url.path == "/v1/ask" and json.loads(req.content)["stream"]:
+            return httpx.Response(200, content=sse({"type": "token", "text": "x"}, {"type": "citations"}, b"[DONE]"),
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json={"data": [{"id": "m"}], "ok": req.url.path})
+
+    monkeypatch.delenv("DSA_RAG_API_KEY", raising=False)
+    monkeypatch.setenv("DSA_RAG_BASE_URL", "http://env.test/")
+    with C.DSARagClient(tenant="t1", transport=httpx.MockTransport(handler)) as c:
+        assert c.base_url == "http://env.test" and "Authorization" not in c.headers
+        c.upload([("a.md", b"# A")], prefill=True)
+        assert c.list_documents() == [{"id": "m"}] and c.models() == [{"id": "m"}]
+        c.get_document("doc_1"), c.delete_document("doc_1")
+        c.ask("q?", max_tokens=3, document_ids=None)
+        assert [e["type"] for e in c.ask_stream("q?")] == ["token", "citations"]
+        assert c.ready() == {"status": "unavailable", "checks": {"redis": "down"}}
+    got = [(r.method, r.url.path, r.headers.get("x-tenant")) for r in seen]
+    assert got == [("POST", "/v1/documents", "t1"), ("GET", "/v1/documents", "t1"), ("GET", "/v1/models", "t1"),
+                   ("GET", "/v1/documents/doc_1", "t1"), ("DELETE", "/v1/documents/doc_1", "t1"),
+                   ("POST", "/v1/ask", "t1"), ("POST", "/v1/ask", "t1"), ("GET", "/readyz", "t1")]
+    assert seen[0].url.params["prefill"] == "true" and b'filename="a.md"' in seen[0].content
+    assert json.loads(seen[5].content) == {"question": "q?", "max_tokens": 3, "stream": False}
+    monkeypatch.setenv("DSA_RAG_API_KEY", "sk-env")
+    assert C.DSARagClient().headers["Authorization"] == "Bearer sk-env"
+    assert "Authorization" not in C.DSARagClient(api_key="").headers

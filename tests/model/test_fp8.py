@@ -4,12 +4,11 @@ official `act_quant` / `fp8_index` / `rotate_activation` math, and its top-k aga
     .venv/bin/python -m pytest tests/model/test_fp8.py -q
 """
 
-import math
-
 import torch
 
-from dsa_rag.kernels.indexer import indexer_logits
+from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
 from dsa_rag.model import fp8
+from dsa_rag.model.model import rope_half
 from tests.model.helpers import random_model, tiny_config
 
 
@@ -62,7 +61,6 @@ def test_fp8_index_scores_match_official_math(monkeypatch):
         fast = indexer_logits(q8[0], k8[0], w[0], k_scale=ks[0])
         # the reference starts from the same pre-quantization q, k (after RoPE) and raw weights
         q = ind.wq_b(qr).view(1, 96, cfg.index_n_heads, cfg.index_head_dim)
-        from dsa_rag.model.model import rope_half
         r = cfg.qk_rope_head_dim
         q = torch.cat([rope_half(q[..., :r], cos, sin), q[..., r:]], -1)[0]
         k = ind.k_norm(ind.wk(x))
@@ -83,7 +81,6 @@ def test_fp8_topk_overlaps_exact_mode():
     m = random_model(cfg, 3)
     T = 512
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
-    from dsa_rag.kernels.indexer import indexer_topk
     overlaps = []
     with torch.no_grad():
         for fp8_mode in (False, True):

@@ -1,5 +1,6 @@
 """Checkpoint loading: official HF layout (FP8 + scale_inv, shards), the MTP layer skipped with a
-log line, clear errors naming tensors and shapes, the 671B config built on the meta device, presets.
+log line, clear errors naming tensors and shapes, the 671B config built on the meta device, presets,
+and `load_any` on a training run dir.
 
     .venv/bin/python -m pytest tests/model/test_load.py -q
 """
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsa_rag.model.config import ModelConfig, preset
-from dsa_rag.model.load import build_model, load_model, save_checkpoint
+from dsa_rag.model.load import WEIGHTS_DIR, build_model, load_any, load_model, save_checkpoint
 from tests.model.helpers import random_model, tiny_config
 
 
@@ -124,11 +125,9 @@ def test_preset_without_weights_is_seeded_and_unknown_preset_errors():
 
 
 def test_relu_variant_shares_the_default_main_model():
-    """model/weights/dsa-tiny-relu (run 4b, V3.2's ReLU indexer) and the default (run 6, the same
-    main model with the indexer refitted as a softmax mixture): the main-model tensors are equal,
-    only the indexer differs. What the model card claims, so the dense figures stand for both."""
-    from dsa_rag.model.load import WEIGHTS_DIR
-
+    """model/weights/dsa-tiny-relu (V3.2's ReLU indexer) and the default dsa-tiny (the same main
+    model with the indexer refitted as a softmax mixture): the main-model tensors are equal, only
+    the indexer differs. What the model card claims, so the dense figures stand for both."""
     base, relu = load_model("dsa-tiny"), load_model(WEIGHTS_DIR / "dsa-tiny-relu")
     assert base.cfg.index_score == "softmax_mixture" and (base.cfg.index_n_heads, base.cfg.index_head_dim) == (8, 64)
     assert relu.cfg.index_score == "relu" and (relu.cfg.index_n_heads, relu.cfg.index_head_dim) == (4, 32)
@@ -137,3 +136,15 @@ def test_relu_variant_shares_the_default_main_model():
     assert main and set(main) == {k for k in b if ".indexer." not in k}
     assert all(torch.equal(a[k], b[k]) for k in main)
     assert {k for k in a if ".indexer." in k} == {k for k in b if ".indexer." in k}
+
+
+def test_load_any_reads_a_training_run_dir_and_a_weights_dir(tmp_path):
+    """A run dir's ckpt.pt (config + state dict, as training writes it) and a weights dir load to
+    the same tensors, in eval mode."""
+    m = random_model(tiny_config(0), 0)
+    torch.save({"cfg": m.cfg, "model": m.state_dict(), "step": 1}, tmp_path / "ckpt.pt")
+    save_checkpoint(m, tmp_path / "w")
+    for got in (load_any(tmp_path), load_any(tmp_path / "w"), load_any(str(tmp_path))):
+        assert not got.training
+        sd = got.state_dict()
+        assert sd.keys() == m.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in m.state_dict().items())

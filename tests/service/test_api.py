@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from dsa_rag.rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.client import parse_sse
 from tests.rag_service.pdfs import make_pdf
 
 ROME = ("The treaty was signed in Rome in 1957. " * 12).encode()
@@ -77,10 +77,10 @@ def test_upload_size_limit(make_settings, engine):
     from fastapi.testclient import TestClient
 
     from dsa_rag.rag_service.serve.app import create_app
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.local import LocalBackend
 
     s = make_settings(upload_max_bytes=100)
-    with TestClient(create_app(InProcessBackend(s, worker=object()))) as c:  # no model needed here
+    with TestClient(create_app(LocalBackend(s, worker=object()))) as c:  # no model needed here
         r = upload(c, ("big.txt", b"x" * 101, "text/plain"))
         assert r.status_code == 413 and r.json()["data"][0]["error"] == "document_too_large"
 
@@ -142,11 +142,11 @@ def test_fanout_over_several_packs(make_settings, engine):
     from dsa_rag.rag_service.ask.worker import PackWorker
     from dsa_rag.rag_service.pipeline import RagPipeline
     from dsa_rag.rag_service.serve.app import create_app
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.local import LocalBackend
 
     s = make_settings(max_context=512, pack_overlap=32)
     with RagPipeline(s) as rag:
-        b = InProcessBackend(s, rag=rag, worker=PackWorker(rag, engine))
+        b = LocalBackend(s, rag=rag, worker=PackWorker(rag, engine))
         with TestClient(create_app(b)) as c:
             ids = upload(c, ("rome.txt", ROME[:380], "text/plain"), ("paris.md", PARIS[:380].encode(), "text/markdown")).json()["ids"]
             a = c.post("/v1/ask", json={"question": "Rome or Paris?", "max_tokens": 2}).json()
@@ -200,15 +200,19 @@ def _metric(text: str, name: str) -> float:
 def test_answer_in_python_and_restore_on_another_replica(backend, engine):
     """The pipeline path without HTTP; a second worker (another replica) restores the pack from
     the KV store instead of prefilling it."""
-    from dsa_rag.rag_service.ask.worker import PackWorker, answer
+    from dsa_rag.rag_service.ask.fanout import ask_sync
+    from dsa_rag.rag_service.ask.local import LocalBackend
+    from dsa_rag.rag_service.ask.params import AskParams
+    from dsa_rag.rag_service.ask.worker import PackWorker
 
     rag = backend.rag
     rag.ingest("rome.txt", ROME)
-    a = answer(rag, backend.worker, "Where was it signed?", max_tokens=2)
+    q = AskParams.of("Where was it signed?", max_tokens=2)
+    a = ask_sync(backend, q)
     assert [p["cache"] for p in a["packs"]] == ["prefill"] and a["usage"]["cached_tokens"] == 0
     other = PackWorker(rag, engine, replica_id="other")
     try:
-        b = answer(rag, other, "Where was it signed?", max_tokens=2)
+        b = ask_sync(LocalBackend(backend.settings, rag=rag, worker=other), q)
     finally:
         other.close()
     assert [p["cache"] for p in b["packs"]] == ["store"] and b["usage"]["cached_tokens"] > 0
@@ -252,15 +256,16 @@ def test_ask_on_gpu(make_settings):
         pytest.skip("needs a CUDA device")
     from fastapi.testclient import TestClient
 
-    from dsa_rag.rag_service.ask.worker import PackWorker, make_engine
+    from dsa_rag.model.engine.factory import load_engine
+    from dsa_rag.rag_service.ask.worker import PackWorker
     from dsa_rag.rag_service.pipeline import RagPipeline
     from dsa_rag.rag_service.serve.app import create_app
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.local import LocalBackend
 
     s = make_settings()
     with RagPipeline(s) as rag:
-        worker = PackWorker(rag, make_engine("dsa-tiny", device="cuda", tokenizer=rag.tok))
-        with TestClient(create_app(InProcessBackend(s, rag=rag, worker=worker))) as c:
+        worker = PackWorker(rag, load_engine("dsa-tiny", device="cuda", tokenizer=rag.tok))
+        with TestClient(create_app(LocalBackend(s, rag=rag, worker=worker))) as c:
             upload(c, ("rome.txt", ROME, "text/plain"))
             a = c.post("/v1/ask", json={"question": "Where?", "max_tokens": 4}).json()
             b = c.post("/v1/ask", json={"question": "Where?", "max_tokens": 4}).json()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dsa_rag.rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.client import parse_sse
 
 ROME = ("The treaty was signed in Rome in 1957. " * 12).encode()
 PARIS = ("The capital of France is Paris. The Seine crosses it. " * 8).encode()
@@ -25,7 +25,9 @@ def _docs(client) -> set[str]:
 
 def _fail_step(monkeypatch, engine, fail_on: set[int]):
     """Make the engine's step (the decode loop) raise on the given call numbers (1-based), as a
-    replica process dying under its requests would; other calls run normally."""
+    replica process dying under its requests would; other calls run normally. `engine` is the
+    test's AsyncEngine; `engine.engine` the concrete Engine that steps."""
+    engine = engine.engine
     real = engine.step
     calls = {"n": 0}
 

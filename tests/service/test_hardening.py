@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from dsa_rag.rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.client import parse_sse
 from tests.rag_service.pdfs import make_bomb_pdf, make_pdf
 
 KA, KB = "key-alpha-0001", "key-bravo-0002"
@@ -23,7 +23,7 @@ def make_client(make_settings, engine):
     from dsa_rag.rag_service.ask.worker import PackWorker
     from dsa_rag.rag_service.pipeline import RagPipeline
     from dsa_rag.rag_service.serve.app import create_app
-    from dsa_rag.rag_service.serve.backend import InProcessBackend
+    from dsa_rag.rag_service.ask.local import LocalBackend
 
     made = []
 
@@ -31,7 +31,7 @@ def make_client(make_settings, engine):
         s = make_settings(api_keys={KA: "tenantA", KB: "tenantB"}, **overrides)
         rag = RagPipeline(s)
         worker = PackWorker(rag, engine, max_new_tokens=s.max_new_tokens)
-        c = TestClient(create_app(InProcessBackend(s, rag=rag, worker=worker)))
+        c = TestClient(create_app(LocalBackend(s, rag=rag, worker=worker)))
         c.__enter__()
         made.append((c, worker, rag))
         return c

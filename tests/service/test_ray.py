@@ -20,7 +20,7 @@ import uuid
 import httpx
 import pytest
 
-from dsa_rag.rag_service.serve.sse import parse_sse
+from dsa_rag.rag_service.client import parse_sse
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,7 @@ import asyncio
 import pytest
 import torch
 
+from dsa_rag.model.cache import new_sequence_cache
 from dsa_rag.model.engine.engine import AsyncEngine, Engine, SamplingParams, Snapshot
 from tests.model.helpers import random_model, tiny_config
 
@@ -250,8 +251,6 @@ def test_fp8_mode_caches_fp8_index_keys(model):
     on how a sequence was chunked (the model itself then differs between one full forward and
     prefill + decode). So the oracle here is the model over its contiguous reference cache with
     the engine's schedule: same tokens through the paged FP8 cache means the same cache bytes."""
-    from dsa_rag.model.cache import new_sequence_cache
-
     cfg = tiny_config(0, fp8_numerics=True)
     m = random_model(cfg, 0)
     eng = engine(m, prefill_chunk=16)

@@ -1,4 +1,5 @@
-"""model/evals/eval.py and model/evals/eval_report.py on the shipped dsa-tiny, at short contexts.
+"""model/evals/eval.py, model/evals/eval_report.py and model/evals/resort_failures.py on the
+shipped dsa-tiny, at short contexts.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/model/evals/test_eval.py
 
@@ -15,13 +16,14 @@ import random
 import pytest
 import torch
 
-from dsa_rag.model.evals import eval_report
-from dsa_rag.model.training import data
 from dsa_rag.model.cache import new_sequence_cache
+from dsa_rag.model.evals import eval_report, resort_failures
 from dsa_rag.model.evals.eval import answer_correct, main as eval_main
-from dsa_rag.model.evals.failure_kinds import KINDS, example_of, failure_kind
+from dsa_rag.model.evals.example_sets import example_of
+from dsa_rag.model.evals.failure_kinds import KINDS, failure_kind
 from dsa_rag.model.load import load_model
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,18 @@ def test_eval_file_cells_samples_and_report(tmp_path):
     # Merging a file with itself adds its samples up.
     cells, recall = eval_report.merge([str(out), str(out)])
     assert cells[("niah_single", 600)]["dsa"]["n"] == 6 and len(recall) == 2
+
+    # The re-sort gives a recorded output the kind failure_kind gives it now, in place, and
+    # leaves the kinds it already has.
+    stale = json.loads(out.read_text())
+    rec = stale["samples"]["dsa"]["niah_single"]["600"][0]
+    want = failure_kind(example_of(rec["example"]), "0")
+    rec["output"], rec["failure"] = "0", next(k for k in KINDS if k != want)
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    resort_failures.main([str(tmp_path / "stale.json")])
+    fixed = json.loads((tmp_path / "stale.json").read_text())
+    assert fixed["samples"]["dsa"]["niah_single"]["600"][0]["failure"] == want
+    assert resort_failures.resort(fixed) == 0
 
 
 def test_report_refuses_files_of_different_models(tmp_path):

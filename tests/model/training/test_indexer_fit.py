@@ -1,4 +1,4 @@
-"""Stage 1 on cached activations (model/training/indexer_fit.py): its loss is model.train's stage-1 KL on
+"""Stage 1 on cached activations (model/training/indexer_fit.py): its loss is model/training/train.py's stage-1 KL on
 the same rows, fitting lowers it, and only the indexer moves; collect/fit run end to end.
 
     .venv/bin/python -m pytest -q tests/model/training/test_indexer_fit.py
@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from dsa_rag.model.training import data, indexer_fit, train
-from dsa_rag.model.load import build_model
+from dsa_rag.model.load import build_model, load_model
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import attention, data, indexer_fit, train
 
 
 def _tiny():
@@ -49,8 +49,6 @@ def test_fit_lowers_the_kl_and_moves_only_the_indexer(tmp_path):
                       "--export", str(tmp_path / "w2")])
     log = (tmp_path / "r" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # header, step 0, step 30
-    from dsa_rag.model.load import load_model
-
     before, after = load_model(tmp_path / "w").state_dict(), load_model(tmp_path / "w2").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".indexer." in k for k in changed)
@@ -77,7 +75,7 @@ def _layer0_scores(model, x, rows):
         blk = model.layers[0]
         xn = blk.attn_norm(model.embed(x))
         qr = blk.attn.q_norm(blk.attn.wq_a(xn))
-        return train.index_scores(blk.attn.indexer, xn, qr, cos, sin, rows)
+        return attention.index_scores(blk.attn.indexer, xn, qr, cos, sin, rows)
 
 
 def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
@@ -92,8 +90,6 @@ def test_grown_heads_keep_the_scores_until_fitted(tmp_path):
     assert m.layers[0].attn.indexer.wq_b.weight.shape[0] == 2 * old * m.cfg.index_head_dim
     assert torch.allclose(before, after, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
     train.export(m, tmp_path / "g")
-    from dsa_rag.model.load import load_model
-
     assert load_model(tmp_path / "g").cfg.index_n_heads == 2 * old
     try:
         indexer_fit.grow_index_heads(m, old)

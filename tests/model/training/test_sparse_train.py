@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
-from dsa_rag.model.training import data, train
 from dsa_rag.model.config import preset
 from dsa_rag.model.load import build_model
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data, train
+from dsa_rag.model.training.sparse_train import select_topk
 
 
 def _model(**overrides):
@@ -54,8 +55,6 @@ def test_sparse_stage2_matches_the_dense_masked_one(score):
 
 def test_short_rows_keep_all_their_causal_keys():
     """Rows with fewer causal keys than top-k attend to all of them, none past their position."""
-    from dsa_rag.model.training.sparse_train import select_topk
-
     m = _model()
     x, _, _ = _batch(T=100, rows=1)
     T = x.shape[1]

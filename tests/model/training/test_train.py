@@ -4,6 +4,7 @@ the indexer, checkpoints resume, eval writes its JSON.
     .venv/bin/python -m pytest -q tests/model/training/test_train.py
 """
 
+import dataclasses
 import json
 import random
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from dsa_rag.model.evals import eval as evaluate
-from dsa_rag.model.training import data, train
 from dsa_rag.model.load import build_model
 from dsa_rag.model.tokenizer import ByteTokenizer
+from dsa_rag.model.training import data, train
 
 ARGS = ["--tiny", "--tokens", "384", "--len", "96:128", "--log-every", "1", "--ckpt-every", "1", "--threads", "2"]
 
@@ -72,8 +73,6 @@ def test_sparse_training_attention_is_the_inference_dsa(score):
     """Above index_topk the training attention (top-k mask over explicit scores) computes what the
     inference path (indexer_topk + sparse_mla) computes, for both ways of combining indexer heads.
     16 indexer heads: no exact-zero score ties."""
-    import dataclasses
-
     cfg = dataclasses.replace(train.tiny_cfg(), index_n_heads=16, index_score=score).validate()
     m = build_model(cfg).init_weights(seed=0, std=0.08).eval()
     x = torch.randint(8, 200, (1, 150))
@@ -132,27 +131,3 @@ def test_stage1_on_a_subset_of_rows_is_the_full_stage1_on_those_rows():
     assert torch.allclose(a, b, atol=1e-4)
     for kf, ks in zip(full["kl"], sub["kl"]):
         assert torch.allclose(kf[:, rows], ks, atol=1e-5)
-
-
-def test_position_probe_reports_each_shift_over_the_same_examples():
-    from dsa_rag.model.evals.position_probe import probe
-
-    m = build_model(train.tiny_cfg()).init_weights(seed=0).eval()
-    res = probe(m, 300, 2, [0, 1000], stage=0)
-    assert set(res) == {0, 1000} and all(v in (0.0, 0.5, 1.0) for v in res.values())
-
-
-def test_needle_probe_reads_the_answer_rows_selection():
-    """The probe's per-layer hit rate is a share of the answer rows; an answer whose value is not
-    in the prompt exactly once is skipped (its source byte is ambiguous)."""
-    from dsa_rag.model.evals.needle_probe import probe_example
-
-    m = build_model(train.tiny_cfg()).init_weights(seed=0).eval()
-    tok = ByteTokenizer()
-    ex = data.make_example(random.Random(0), "niah_single", 400, tok)
-    ids, a0 = data.encode(ex, tok)
-    r = probe_example(m, ids, a0)
-    n_val = len(ids) - 1 - a0
-    assert r is not None and len(r["hit"]) == len(r["mass"]) == m.cfg.num_hidden_layers
-    assert all(round(h * n_val, 6) == round(h * n_val) for h in r["hit"]) and all(0 <= v <= 1 + 1e-5 for v in r["mass"])
-    assert probe_example(m, ids[:a0] + ids[a0:a0 + 1] * 2 + ids[-1:], a0) is None  # a repeated byte: not one clear source
