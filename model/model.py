@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.weight * xf).to(x.dtype)  # fp32 weight x fp32 statistics, cast back as V3.2 does
 
 
 # ---------------------------------------------------------------- RoPE (YaRN)
