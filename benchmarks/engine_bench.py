@@ -109,8 +109,9 @@ def synthetic_prefix(eng: Engine, L: int, vocab: int):
     c, g = eng.cfg, torch.Generator().manual_seed(L)
     t = {"tokens": torch.tensor(ids_of(L, 0, vocab), dtype=torch.int64)}
     for i in range(c.num_hidden_layers):
-        t[f"layer.{i}.kv"] = torch.randn(L, c.kv_lora_rank + c.qk_rope_head_dim, generator=g)
-        t[f"layer.{i}.index_k"] = torch.randn(L, c.index_head_dim, generator=g)
+        # in the engine's cache dtypes: restore refuses a snapshot of another dtype
+        t[f"layer.{i}.kv"] = torch.randn(L, c.kv_lora_rank + c.qk_rope_head_dim, generator=g).to(eng.pool.kv_dtype)
+        t[f"layer.{i}.index_k"] = torch.randn(L, c.index_head_dim, generator=g).to(eng.pool.ik_dtype)
     return eng.restore(t)
 
 

@@ -1,6 +1,6 @@
 """Checkpoint loading and saving.
 
-`load_model(path_or_preset, device="cpu", dtype=torch.float32)` reads
+`load_model(path_or_preset, device="cpu", dtype=torch.float32, **overrides)` reads
   - a preset name (`dsa-tiny`: the weights shipped in model/weights/dsa-tiny/ when present,
     otherwise a seeded random init, said in a log line), or
   - a HF directory: config.json + model.safetensors or model.safetensors.index.json (shards),
@@ -8,13 +8,18 @@
     (`model.layers.3.self_attn.q_a_proj.weight`) or the official converted names
     (`layers.3.attn.wq_a.weight` + `.scale`). The MTP layer `model.layers.{n_layers}` is skipped.
 The model is built on the meta device, so the 671B config costs no memory until tensors arrive.
+`dtype` (torch.float32 / bfloat16 / float16, or its name) is the serving dtype of every weight
+except those V3.2 keeps in fp32 (`_keeps_fp32`: norms, the router, the indexer's weights_proj,
+the lm head); activations and caches follow the weights. `checkpoint_dtype(path_or_preset)` is
+the dtype a checkpoint was saved for (its config's `torch_dtype`, or transformers' `dtype`).
+`cast_model(model, dtype)` converts a built model the same way (tests, benchmarks).
 
 `load_any(path, device="cpu")` also reads a training run dir (`<dir>/ckpt.pt`, written by
 `dsa_rag.model.training.train`), else what `load_model` reads: what the eval, the probes and the
 indexer fit take as `--model`.
 
-`save_checkpoint(model, path, fp8=False, shard_bytes=None)` writes the official HF layout (what the
-tests use to make tiny random DeepSeek-V3.2 checkpoints).
+`save_checkpoint(model, path, fp8_weights=False, shard_bytes=None)` writes the official HF layout
+(what the tests use to make tiny random DeepSeek-V3.2 checkpoints), `torch_dtype` included.
 
     .venv/bin/python -m dsa_rag.model.load dsa-tiny        # load and print the parameter count
     .venv/bin/python -m pytest -q tests/model/test_load.py
@@ -104,6 +109,71 @@ def _fp8_quantized(name: str) -> bool:
     return not (name.startswith(("embed.", "head.")) or name.endswith(("gate.weight", "weights_proj.weight")))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# Checkpoints whose weights are FP8 serve in bf16 (DeepSeek's own choice for V3.2).
+_FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "f8_e4m3")
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """torch.float32 / bfloat16 / float16, or one of their names ("bfloat16", "torch.bfloat16",
+    "bf16", ...) -> the torch dtype. Anything else is a ValueError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (what config.json's torch_dtype holds)."""
+    return str(as_dtype(dtype)).removeprefix("torch.")
+
+
+def checkpoint_dtype(path_or_preset: str | Path = "dsa-tiny") -> torch.dtype:
+    """The dtype a checkpoint is meant to run in: config.json's `torch_dtype` (or `dtype`, as
+    transformers 5 writes it; FP8 weights -> bfloat16), float32 when it says none. Presets: the
+    shipped weights' config.json, bfloat16 for the deepseek-v3.2 shape."""
+    p = str(path_or_preset)
+    if p in PRESETS:
+        shipped = WEIGHTS_DIR / p
+        if (shipped / "config.json").exists():
+            return checkpoint_dtype(shipped)
+        return torch.bfloat16 if preset(p).quantization_config else torch.float32
+    f = Path(p) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{p} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    d = json.loads(f.read_text())
+    for key in ("torch_dtype", "dtype"):
+        v = d.get(key)
+        if isinstance(v, str) and v.strip():
+            name = v.strip().lower().removeprefix("torch.")
+            if name in _FP8_NAMES:
+                return torch.bfloat16
+            try:
+                return as_dtype(name)
+            except ValueError:
+                raise ValueError(f"{f}: {key} {v!r} is not a dtype this engine runs in "
+                                 f"(one of {', '.join(DTYPES)}, or fp8 weights)") from None
+    return torch.float32
+
+
+def cast_model(model: Transformer, dtype) -> Transformer:
+    """Convert every parameter to `dtype` except those kept in fp32 (`_keeps_fp32`), in place.
+    What `build_model` / `load_model` do; use it instead of `model.to(dtype)`, which would also
+    round the router, the norms, the indexer's weights_proj and the lm head."""
+    dtype = as_dtype(dtype)
+    for name, p in model.named_parameters():
+        want = torch.float32 if _keeps_fp32(name) else dtype
+        if p.dtype != want:
+            p.data = p.data.to(want)
+    return model
+
+
 def _shard_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
@@ -121,14 +191,13 @@ def _shard_files(d: Path) -> list[Path]:
 def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, meta: bool = False) -> Transformer:
     with torch.device("meta" if meta else device):
         m = Transformer(cfg)
-    for name, p in m.named_parameters():
-        if not _keeps_fp32(name) and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    return m
+    return cast_model(m, dtype)
 
 
 def load_state_dict_from_dir(d: Path, cfg: ModelConfig, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Read every shard, map names to ours, dequantize FP8 blocks, drop the MTP layer."""
+    """Read every shard, map names to ours, dequantize FP8 blocks (in fp32, then rounded once to
+    `dtype`, as V3.2's weight_dequant), drop the MTP layer."""
+    dtype = as_dtype(dtype)
     raw: dict[str, torch.Tensor] = {}
     skipped_mtp = 0
     n = cfg.num_hidden_layers
@@ -160,7 +229,10 @@ def load_state_dict_from_dir(d: Path, cfg: ModelConfig, dtype=torch.float32) -> 
 
 
 def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torch.float32, **overrides) -> Transformer:
-    """-> Transformer in eval mode. overrides: ModelConfig fields (e.g. fp8_numerics=True, dense_attention=True)."""
+    """-> Transformer in eval mode, its weights in `dtype` (a torch dtype or its name) except the
+    fp32 ones (`_keeps_fp32`). overrides: ModelConfig fields (e.g. fp8_numerics=True,
+    dense_attention=True)."""
+    dtype = as_dtype(dtype)
     p = str(path_or_preset)
     if p in PRESETS:
         shipped = WEIGHTS_DIR / p
@@ -213,6 +285,7 @@ def save_checkpoint(model: Transformer, path: str | Path, fp8_weights: bool = Fa
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg.to_hf_dict()
+    cfg["torch_dtype"] = "bfloat16" if fp8_weights else dtype_name(model.embed.weight.dtype)
     if fp8_weights:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}

@@ -40,6 +40,14 @@ class RMSNorm(nn.Module):
         return (self.weight * xf).to(x.dtype)  # fp32 weight x fp32 statistics, cast back as V3.2 does
 
 
+class LayerNorm(nn.LayerNorm):
+    """The indexer's key norm: fp32 statistics and fp32 affine parameters, output cast back to the
+    input dtype (V3.2's `F.layer_norm(x.float(), ...).type_as(x)`)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 # ---------------------------------------------------------------- RoPE (YaRN)
 def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the qk_rope_head_dim rotary dims and the cos/sin attention factor."""
@@ -74,27 +82,31 @@ class Rotary(nn.Module):
         inv, self.attention_factor = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, rope_dim / 2]."""
+    def forward(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, rope_dim / 2] (fp32 unless `dtype` says otherwise;
+        the rope functions rotate in fp32 whatever the activation dtype)."""
         f = positions.float()[..., None] * self.inv_freq.to(positions.device)
         return (f.cos() * self.attention_factor).to(dtype), (f.sin() * self.attention_factor).to(dtype)
 
 
 def rope_interleaved(x, cos, sin):
-    """MLA RoPE: pairs (2i, 2i+1). x [B, T, (H,) d]; cos/sin [B, T, d/2]. Output stays interleaved."""
+    """MLA RoPE: pairs (2i, 2i+1). x [B, T, (H,) d]; cos/sin [B, T, d/2]. Output stays interleaved.
+    Rotates in fp32 and casts back to x.dtype (V3.2's apply_rotary_emb)."""
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+    xf, cos, sin = x.float(), cos.float(), sin.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)
 
 
 def rope_half(x, cos, sin):
-    """Indexer RoPE (the V3.2 fix): pairs (i, i + d/2), NeoX style."""
+    """Indexer RoPE (the V3.2 fix): pairs (i, i + d/2), NeoX style; fp32 math, cast back."""
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    xf, cos, sin = x.float(), cos.float(), sin.float()
     h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    x1, x2 = xf[..., :h], xf[..., h:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 # ---------------------------------------------------------------- lightning indexer
@@ -139,7 +151,7 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.k_norm = LayerNorm(self.head_dim, eps=1e-6)
         # Kept in fp32 in V3.2 (called on x.float()).
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
 
@@ -195,8 +207,14 @@ class MLA(nn.Module):
         mode: "mha" (expand keys per head), "absorb" (MQA over the latent), or "auto": MHA for dense
         prefill (compute-bound: 2*H*(dqk+dv) FLOPs per key), absorbed for decode and for sparse
         prefill, where gathering the shared 576-dim latent once per key beats gathering H expanded
-        heads (FlashMLA's sparse prefill is MQA over the latent for the same reason)."""
+        heads (FlashMLA's sparse prefill is MQA over the latent for the same reason).
+        In bf16/fp16 "auto" takes the absorbed form for dense prefill too (unless dense_attention):
+        the two forms agree to ~1e-6 in fp32 but round differently in 16-bit (~1e-2), which would
+        make a cache depend on how its prefix was chunked; with one form, cached decoding equals
+        recomputing the whole sequence, token for token. Only the first index_topk tokens are
+        dense, so the cost is small."""
         B, T, _ = x.shape
+        mha_ok = x.dtype == torch.float32 or self.cfg.dense_attention  # see "auto" above
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(B, T, self.n_heads, self.dn + self.dr)
         q_nope, q_pe = q[..., : self.dn], rope_interleaved(q[..., self.dn:], cos, sin)
@@ -224,7 +242,7 @@ class MLA(nn.Module):
             if not self.cfg.dense_attention and end > self.cfg.index_topk:
                 idx = self._select(iq[b], iw[b], c, end, sp)
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.
-            row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 else "absorb")
+            row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 and mha_ok else "absorb")
             if row_mode == "mha":
                 o = self._attend_mha(q_nope[b], q_pe[b], c.kv(end), idx, sp)
             else:
@@ -313,7 +331,8 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        """SwiGLU; the gate product runs in fp32 and is cast back before w2 (as V3.2's MLP/Expert)."""
+        return self.w2((F.silu(self.w1(x).float()) * self.w3(x).float()).to(x.dtype))
 
 
 class Gate(nn.Module):
@@ -350,17 +369,19 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     def forward(self, x):
+        """Routed experts weighted by the fp32 router weights and summed in fp32 with the shared
+        expert, then cast back to x.dtype (V3.2's MoE keeps its accumulator in fp32)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.gate(x)
-        y = torch.zeros_like(x)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             tok, slot = torch.where(idx == e)
-            y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype))
-        return (y + self.shared_experts(x)).view(shape)
+            y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return (y + self.shared_experts(x)).to(x.dtype).view(shape)
 
 
 # ---------------------------------------------------------------- block / transformer
@@ -398,8 +419,8 @@ class Transformer(nn.Module):
         if max(sp) + T > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {max(sp) + T} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
         pos = torch.tensor(sp, device=input_ids.device)[:, None] + torch.arange(T, device=input_ids.device)
-        h = self.embed(input_ids)
-        cos, sin = self.rotary(pos, h.dtype)
+        h = self.embed(input_ids)  # the activation dtype: the embedding's (build_model / load_model `dtype`)
+        cos, sin = self.rotary(pos)
         for i, layer in enumerate(self.layers):
             lc = None if caches is None else [None if c is None else c[i] for c in caches]
             h = layer(h, cos, sin, sp, lc, mode, trace)

@@ -66,14 +66,16 @@ class ByteTokenizer:
         out = bytearray()
         for i in ids:
             i = int(i)
-            if i >= off:
+            if off <= i < off + 256:
                 out.append(i - off)
             elif not skip_special:
                 out.extend(self.specials[i].encode())
         return out.decode("utf-8", errors="replace")
 
     def token_bytes(self, i: int) -> bytes:
-        return bytes([i - self.offset]) if i >= self.offset else b""
+        """A special id or an id past the 256 bytes (a model whose vocab is larger than this
+        tokenizer's, e.g. a V3.2-shaped engine without its tokenizer) decodes to no bytes."""
+        return bytes([i - self.offset]) if self.offset <= i < self.offset + 256 else b""
 
     def prompt_ids(self, documents: list[tuple[str, str]], question: str | None = None) -> list[int]:
         """[(name, text), ...] + question -> ids of `<bos> <doc>name\\ntext</doc>... <question>q<answer>`.

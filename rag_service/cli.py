@@ -3,6 +3,7 @@
     dsa-rag serve                          # local Ray + embedded Redis + dsa-tiny; prints the URL
     dsa-rag serve --no-ray                 # the same API in one process (uvicorn), for development
     dsa-rag serve --config deploy/serve.yaml   # a Ray Serve config (applications, autoscaling, ...)
+    dsa-rag serve --model /ckpt/DeepSeek-V3.2 --dtype bfloat16 --fp8-numerics   # a real checkpoint
     dsa-rag ingest report.pdf notes/       # upload files (directories: *.pdf *.txt *.md), progress bar
     dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations
     dsa-rag status                         # readiness, replicas, documents, prefix-cache counters
@@ -36,6 +37,7 @@ def _settings(a):
     over = {k: v for k, v in {
         "host": a.host, "port": a.port, "model": a.model, "model_replicas": a.replicas,
         "data_dir": a.data_dir, "ray_address": a.address, "ray_num_cpus": a.num_cpus,
+        "dtype": a.dtype, "fp8_numerics": a.fp8_numerics,
     }.items() if v is not None}
     s = ServeSettings(**over)
     updates = {"data_dir": Path(s.data_dir).expanduser().resolve()}  # Ray workers have another cwd
@@ -75,7 +77,8 @@ def cmd_serve(a) -> int:
         server.startup = startup
         server.run()
         return 0
-    explicit = {k for k in ("host", "port") if getattr(a, k) is not None or f"DSA_RAG_{k.upper()}" in os.environ}
+    explicit = {k for k in ("host", "port", "model", "dtype", "fp8_numerics")
+                if getattr(a, k) is not None or f"DSA_RAG_{k.upper()}" in os.environ}
     return _serve_ray(s, a.config, explicit)
 
 
@@ -146,9 +149,11 @@ def _deploy_config(s, path: str, explicit: set[str]):
             http[k] = getattr(s, k)
     s = s.model_copy(update={"host": http["host"], "port": int(http["port"])})
     for app in cfg.get("applications", []):
-        if app.get("import_path", "").startswith("rag_service."):
+        if app.get("import_path", "").startswith("dsa_rag.rag_service."):
+            # the config's own args win, except what was given explicitly on the command line / env
+            given = {k: getattr(s, k) for k in ("model", "dtype", "fp8_numerics") if k in explicit}
             app["args"] = {"redis_url": s.redis_url, "data_dir": str(s.data_dir), "app_name": app.get("name"),
-                           **(app.get("args") or {})}
+                           **(app.get("args") or {}), **given}
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=True)
@@ -283,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="listen address (default 127.0.0.1; DSA_RAG_HOST)")
     sv.add_argument("--port", type=int, help="port (default 8000; 0 = a free one; DSA_RAG_PORT)")
     sv.add_argument("--model", help="preset or checkpoint dir (default dsa-tiny)")
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="serving dtype of the model and its caches (default auto: the checkpoint's "
+                         "torch_dtype on CUDA, float32 on CPU; DSA_RAG_DTYPE)")
+    sv.add_argument("--fp8-numerics", action=argparse.BooleanOptionalAction, default=None,
+                    help="V3.2's simulated FP8 indexer keys and latent cache (default: the model config's; "
+                         "DSA_RAG_FP8_NUMERICS)")
     sv.add_argument("--replicas", type=int, help="model replicas (default 1)")
     sv.add_argument("--data-dir", help="blobs, KV cache, embedded Redis (default ./data)")
     sv.add_argument("--config", help="a Ray Serve config YAML (e.g. deploy/serve.yaml)")

@@ -10,8 +10,11 @@ then one top-k per chunk over its whole row (_row_topk: group maxima first), whe
 merge per 4096-key block costs ~2x more at 32k keys and ~6x at 128k (`--topk-only` of
 benchmarks/indexer_score_cost.py).
 
-Math dtype: bf16 GEMMs (fp32 accumulate; ~2.5x fp32 speed on this CPU) when the inputs are
-bf16/fp16/FP8 (FP8 upcast to bf16 block by block, which is exact); fp32 GEMMs for fp32 inputs.
+Math dtype: fp32 GEMMs for fp32 and fp16 inputs. bf16/FP8 inputs: bf16 GEMMs (fp32 accumulate;
+~2.5x fp32 speed on a CPU with native bf16) where the CPU has native bf16, else fp32 GEMMs on blocks
+upcast one at a time (`dispatch.lowp_math_dtype`; FP8 -> bf16 / fp32 is exact). The ReLU score's
+head sum is fp32 either way (as V3.2's fp8_index): bf16 scores would tie often enough to make the
+top-k depend on how the queries were chunked.
 k_scale is applied after the ReLU (ReLU(x*c) = c*ReLU(x) for c >= 0, and dequant scales are > 0).
 score="mixture" (log sum_h exp(w + dot)): the same GEMM, then a fp32 logsumexp over the heads.
 indexer_head_lse: the same blocks, a GEMM and a logsumexp over each block's keys per head, merged
@@ -29,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from dsa_rag.kernels.checks import is_fp8
+from dsa_rag.kernels.dispatch import lowp_math_dtype
 
 S_BLOCK = 4096  # keys per block
 PAIR_BUDGET = 1 << 21  # Tc * H * S_BLOCK elements per block intermediate (4 MiB in bf16)
@@ -37,7 +41,7 @@ TOPK_GROUP_RATIO, MAX_TOPK_GROUP = 4, 32  # _row_topk: groups of G keys, G <= 32
 
 
 def _math_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    return torch.float32 if q.dtype == torch.float32 else lowp_math_dtype(q)
 
 
 def _t_chunk(H: int, s_block: int) -> int:
@@ -47,8 +51,8 @@ def _t_chunk(H: int, s_block: int) -> int:
 def _block_scores(qm, k_blk, w, ks_blk, dt):
     """Differentiable version of _Scratch.scores (fresh tensors, no in-place on saved ones)."""
     Tc, H = w.shape
-    x = torch.relu(qm @ k_blk.to(dt).t())  # [Tc*H, Sb]
-    s = torch.bmm(w.to(dt)[:, None, :], x.view(Tc, H, -1))[:, 0].float()  # [Tc, Sb]
+    x = torch.relu((qm @ k_blk.to(dt).t()).float())  # [Tc*H, Sb], fp32 for the head sum
+    s = torch.bmm(w.float()[:, None, :], x.view(Tc, H, -1))[:, 0]  # [Tc, Sb]
     return s if ks_blk is None else s * ks_blk
 
 
@@ -66,17 +70,20 @@ class _Scratch:
 
     def __init__(self, tc, H, s_block, dt, device):
         self.x = torch.empty(tc * H * s_block, dtype=dt, device=device)
-        self.s = torch.empty(tc * s_block, dtype=dt, device=device)
-        self.f = torch.empty(tc * s_block, dtype=torch.float32, device=device) if dt != torch.float32 else None
+        self.f = torch.empty(tc * s_block, dtype=torch.float32, device=device)  # fp32 scores of one block
         self.xf = None
 
     def scores(self, qm, k_blk, w, ks_blk, dt):
-        """qm [Tc*H, D] (dt), k_blk [Sb, D], w [Tc, H] fp32, ks_blk [Sb] or None -> fp32 [Tc, Sb] view."""
+        """qm [Tc*H, D] (dt), k_blk [Sb, D], w [Tc, H] fp32, ks_blk [Sb] or None -> fp32 [Tc, Sb] view.
+        The head sum is an fp32 GEMM whatever dt (bf16 dots are upcast first)."""
         Tc, H = w.shape
         Sb = k_blk.shape[0]
-        x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb)).relu_()
-        s = torch.bmm(w.to(dt)[:, None, :], x.view(Tc, H, Sb), out=self.s[: Tc * Sb].view(Tc, 1, Sb))
-        f = s.view(Tc, Sb) if self.f is None else self.f[: Tc * Sb].view(Tc, Sb).copy_(s.view(Tc, Sb))
+        if dt == torch.float32:
+            x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb)).relu_()
+        else:
+            x = self.dots(qm, k_blk, None, dt, Tc, H).relu_()
+        s = torch.bmm(w[:, None, :], x.view(Tc, H, Sb), out=self.f[: Tc * Sb].view(Tc, 1, Sb))
+        f = s.view(Tc, Sb)
         return f if ks_blk is None else f.mul_(ks_blk)
 
     def dots(self, qm, k_blk, ks_blk, dt, Tc, H, out=None):
@@ -88,7 +95,7 @@ class _Scratch:
                 self.xf = torch.empty(self.x.numel(), dtype=torch.float32, device=self.x.device)
             out = self.xf[: Tc * H * Sb].view(Tc, H, Sb)
         if dt == torch.float32:
-            f = torch.mm(qm, k_blk.t(), out=out.view(Tc * H, Sb)).view(Tc, H, Sb)
+            f = torch.mm(qm, k_blk.to(dt).t(), out=out.view(Tc * H, Sb)).view(Tc, H, Sb)
         else:
             x = torch.mm(qm, k_blk.to(dt).t(), out=self.x[: Tc * H * Sb].view(Tc * H, Sb))
             f = out.copy_(x.view(Tc, H, Sb))

@@ -25,6 +25,8 @@ def sparse_mla(q, kv, indices, *, v_dim, scale):
     mask = torch.zeros(T, S + 1, dtype=torch.bool, device=q.device)
     mask.scatter_(1, torch.where(valid, indices.long(), S), True)
     mask = mask[:, :S]
+    # rows no query selects never enter the math (kv may be a cache pool with unwritten rows: 0 * NaN)
+    kvf = kvf.masked_fill(~mask.any(0)[:, None], 0.0)
     logits = scale * torch.einsum("thd,sd->ths", qf, kvf)  # [T, H, S]
     logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
     has_any = mask.any(dim=-1)[:, None]  # [T, 1]

@@ -7,8 +7,10 @@ Forward, per chunk of Tc query rows (memory O(Tc * K * (D + H)), never [T, H, S]
     lse    = logsumexp(logits); p = exp(logits - lse) fp32 softmax
     out    = bmm(p, g[..., :v_dim])                   [Tc, H, v_dim]
 
-GEMMs run in bf16 (fp32 accumulate) for bf16/fp16 inputs and in fp32 for fp32 inputs; softmax
-and lse always in fp32. Backward (torch.autograd.Function) recomputes g and p per chunk from the
+GEMMs run in fp32 for fp32 and fp16 inputs; for bf16 inputs in bf16 (fp32 accumulate) where the
+CPU has native bf16 GEMMs, else in fp32 on the gathered rows (`dispatch.lowp_math_dtype`);
+softmax and lse always in fp32. kv (often a whole cache pool) is never converted as a whole: the gathered
+rows are, when its dtype is not the math dtype (fp16). Backward (torch.autograd.Function) recomputes g and p per chunk from the
 saved lse (FlashAttention style: delta = rowsum(dout * out)) and scatters dkv with index_add_.
 
 Test: .venv/bin/python -m pytest -q tests/kernels/test_sparse_mla.py
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from dsa_rag.kernels.dispatch import lowp_math_dtype
+
 CHUNK_BYTES = 32 << 20  # per-chunk working set target (24-48 MiB measured best on 2 cores)
 
 
 def _math_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    return torch.float32 if q.dtype == torch.float32 else lowp_math_dtype(q)
 
 
 def _t_chunk(H: int, K: int, D: int, elem: int) -> int:
@@ -52,10 +56,9 @@ def _forward(q, kv, indices, v_dim, scale):
     T, H, D = q.shape
     K = indices.shape[1]
     dt = _math_dtype(q)
-    kv_m = kv.to(dt)
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    tc = min(_t_chunk(H, K, D, kv_m.element_size()), max(T, 1))
+    tc = min(_t_chunk(H, K, D, torch.empty((), dtype=dt).element_size()), max(T, 1))
     # Buffers reused by every chunk: fresh multi-MB allocations page-fault on every call and
     # cost as much as the gather itself on this CPU.
     g_buf = torch.empty(tc * K, D, dtype=dt, device=q.device)
@@ -67,7 +70,11 @@ def _forward(q, kv, indices, v_dim, scale):
         n = t1 - t0
         idx = indices[t0:t1]
         valid = idx >= 0
-        g = torch.index_select(kv_m, 0, idx.clamp(min=0).reshape(-1).long(), out=g_buf[: n * K]).view(n, K, D)
+        flat = idx.clamp(min=0).reshape(-1).long()
+        if kv.dtype == dt:
+            g = torch.index_select(kv, 0, flat, out=g_buf[: n * K]).view(n, K, D)
+        else:  # convert the selected rows only
+            g = g_buf[: n * K].copy_(kv.index_select(0, flat)).view(n, K, D)
         s = torch.bmm(q[t0:t1].to(dt), g.transpose(1, 2), out=s_buf[:n])  # [n, H, K]
         logits = l_buf[:n]
         if logits is not s:
@@ -90,13 +97,13 @@ def _backward(q, kv, indices, out, lse, dout, dlse, v_dim, scale):
     T, H, D = q.shape
     K = indices.shape[1]
     dt = _math_dtype(q)
-    kv_m = kv.to(dt)
     dq = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-    tc = _t_chunk(H, K, D, kv_m.element_size() * 3)
+    tc = _t_chunk(H, K, D, torch.empty((), dtype=dt).element_size() * 3)
     for t0 in range(0, T, tc):
         t1 = min(t0 + tc, T)
-        g, valid, flat = _gather(kv_m, indices[t0:t1])
+        g, valid, flat = _gather(kv, indices[t0:t1])
+        g = g.to(dt)
         q_c = q[t0:t1].to(dt)
         p, _ = _probs(q_c, g, valid, scale, lse[t0:t1])  # [Tc, H, K] fp32
         do = dout[t0:t1].float()  # [Tc, H, v]

@@ -62,7 +62,7 @@ from dsa_rag.model.engine.sampling import SamplingParams, StopMatcher, make_gene
 from dsa_rag.model.tokenizer import ByteTokenizer, IncrementalDecoder
 
 __all__ = ["Engine", "AsyncEngine", "SamplingParams", "TokenEvent", "Completion", "Trace", "PrefixHandle",
-           "Snapshot", "model_fingerprint", "SNAPSHOT_FORMAT"]
+           "Snapshot", "cache_dtypes", "model_fingerprint", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = "dsa-engine-snapshot/1"
 
@@ -147,10 +147,21 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def cache_dtypes(model) -> tuple[torch.dtype, torch.dtype]:
+    """(latent kv dtype, indexer key dtype) of the caches `model` writes: its activation dtype (the
+    embedding's), and float8_e4m3fn for the index keys under fp8_numerics."""
+    act = model.embed.weight.dtype
+    return act, (torch.float8_e4m3fn if model.cfg.fp8_numerics else act)
+
+
 def model_fingerprint(model) -> str:
-    """Changes whenever cache bytes could: config (shapes, numerics, attention mode), parameter
-    names / shapes / dtypes and a strided sample of every tensor's values (cheap, even at 671B)."""
+    """Changes whenever cache bytes could: config (shapes, numerics, attention mode), the cache
+    dtypes and fp8_numerics (explicitly: a cache prefilled in bf16 never restores into an fp32
+    engine), parameter names / shapes / dtypes and a strided sample of every tensor's values
+    (cheap, even at 671B)."""
     h = hashlib.sha256(json.dumps(model.cfg.fingerprint_fields(), sort_keys=True, default=str).encode())
+    kv_dtype, ik_dtype = cache_dtypes(model)
+    h.update(f"cache:kv={kv_dtype}:index_k={ik_dtype}:fp8_numerics={bool(model.cfg.fp8_numerics)}".encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
@@ -197,8 +208,8 @@ class Engine:
         p = model.embed.weight
         self.pool = BlockPool(c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim,
                               block_size, n_blocks, max_blocks, p.device)
-        ik_dtype = torch.float8_e4m3fn if c.fp8_numerics else p.dtype
-        self.pool.ensure_storage(p.dtype, ik_dtype, c.fp8_numerics)
+        self.dtype, ik_dtype = cache_dtypes(model)  # the serving dtype: the model's activations and its caches
+        self.pool.ensure_storage(self.dtype, ik_dtype, c.fp8_numerics)
         self.device = p.device
         self.running: dict[int, _Request] = {}
         self._ids = itertools.count()
@@ -463,17 +474,25 @@ class Engine:
                 t[f"layer.{i}.index_scale"] = isc.cpu()
         meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "model": self.cfg.name,
                 "tokens": str(n), "layers": str(self.cfg.num_hidden_layers),
-                "kv_dtype": str(self.pool.kv_dtype), "index_dtype": str(self.pool.ik_dtype)}
+                "kv_dtype": str(self.pool.kv_dtype), "index_dtype": str(self.pool.ik_dtype),
+                "fp8_numerics": str(bool(self.cfg.fp8_numerics))}
         return Snapshot(t, meta)
 
     def restore(self, snapshot: Snapshot | dict, metadata: dict | None = None) -> PrefixHandle:
         """A PrefixHandle from snapshot tensors (+ metadata: checked against this model's
-        fingerprint). Raises ValueError naming the tensor when one is missing or misshapen."""
+        fingerprint). Raises ValueError naming the tensor when one is missing, misshapen or of
+        another dtype than this engine's caches (a bf16 cache never restores into an fp32 engine,
+        nor the reverse: no silent cast), and naming both dtypes when the metadata says so."""
         tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else snapshot
         metadata = snapshot.metadata if isinstance(snapshot, Snapshot) else metadata
         if metadata:
             if metadata.get("format") != SNAPSHOT_FORMAT:
                 raise ValueError(f"snapshot format {metadata.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
+            for key, mine in (("kv_dtype", self.pool.kv_dtype), ("index_dtype", self.pool.ik_dtype)):
+                if key in metadata and metadata[key] != str(mine):
+                    raise ValueError(f"snapshot cache dtype {metadata[key]} ({key}) differs from this engine's {mine}: "
+                                     f"a cache prefilled in one dtype is never restored into another; "
+                                     f"prefill the prefix again")
             if metadata.get("fingerprint") != self.fingerprint:
                 raise ValueError(f"snapshot was made by model {metadata.get('model')!r} with fingerprint "
                                  f"{metadata.get('fingerprint')}; this engine runs {self.cfg.name!r} with "
@@ -485,6 +504,7 @@ class Engine:
         if not 0 < n <= c.max_position_embeddings:
             raise ValueError(f"snapshot holds {n} tokens: expected 1 .. {c.max_position_embeddings}")
         want = {"kv": (n, c.kv_lora_rank + c.qk_rope_head_dim), "index_k": (n, c.index_head_dim)}
+        dtypes = {"kv": self.pool.kv_dtype, "index_k": self.pool.ik_dtype, "index_scale": torch.float32}
         if c.fp8_numerics:
             want["index_scale"] = (n,)
         seq = PagedSequence(self.pool)
@@ -498,9 +518,12 @@ class Engine:
                     if tuple(tensors[name].shape) != shape:
                         raise ValueError(f"snapshot tensor {name!r} has shape {list(tensors[name].shape)}, "
                                          f"expected {list(shape)}")
+                    if tensors[name].dtype != dtypes[k]:
+                        raise ValueError(f"snapshot tensor {name!r} is {tensors[name].dtype}, this engine caches "
+                                         f"{dtypes[k]}: a cache prefilled in one dtype is never restored into "
+                                         f"another; prefill the prefix again")
                     got[k] = tensors[name].to(self.device)
-                ik_dtype = self.pool.ik_dtype
-                layer.write(0, got["kv"].to(self.pool.kv_dtype), got["index_k"].to(ik_dtype), got.get("index_scale"))
+                layer.write(0, got["kv"], got["index_k"], got.get("index_scale"))
         except Exception:
             seq.free()
             raise

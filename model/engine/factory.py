@@ -1,13 +1,14 @@
-"""Build the engine a model replica runs: the one place that picks a backend and loads weights.
-The service calls only this and the `EngineProtocol` (model/engine/protocol.py); a second backend
-(e.g. an OpenAI-compatible upstream) would be chosen here.
+"""Build the engine a model replica runs: the one place that picks a backend, a device and a
+serving dtype, and loads weights. The service calls only this and the `EngineProtocol`
+(model/engine/protocol.py); a second backend (e.g. an OpenAI-compatible upstream) would be chosen here.
 
     from dsa_rag.model.engine.factory import load_engine
     engine = load_engine("dsa-tiny", device="cpu", tokenizer=rag.tok, threads=1)   # an EngineProtocol
+    engine = load_engine("/ckpt/DeepSeek-V3.2", dtype="bfloat16", fp8_numerics=True)
     ...
     engine.close()
 
-Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_engine_protocol.py`.
+Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_engine_protocol.py tests/model/engine/test_engine_dtype.py`.
 """
 
 from __future__ import annotations
@@ -16,18 +17,40 @@ import torch
 
 from dsa_rag.model.engine.engine import AsyncEngine, Engine
 from dsa_rag.model.engine.protocol import EngineProtocol
-from dsa_rag.model.load import load_model
+from dsa_rag.model.load import as_dtype, checkpoint_dtype, load_model
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | None = None) -> str:
+    """None = cuda when available, else cpu."""
+    return str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", model: str = "dsa-tiny", device: str | None = None) -> torch.dtype:
+    """The serving dtype. "auto": on CUDA the checkpoint's own (`torch_dtype` of its config.json:
+    bfloat16 for DeepSeek-V3.2, float32 when the config names none); on CPU float32 (dsa-tiny is
+    small, and fp32 keeps its shipped answers). Anything else: that dtype, wherever it runs."""
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        if resolve_device(device).startswith("cuda"):
+            return checkpoint_dtype(model)
+        return torch.float32
+    return as_dtype(dtype)
 
 
 def load_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=None, *,
-                threads: int | None = None) -> EngineProtocol:
+                threads: int | None = None, dtype: str | torch.dtype = "auto",
+                fp8_numerics: bool | None = None) -> EngineProtocol:
     """Load `model` (a preset name or a checkpoint dir) into the DSA engine, wrapped for async use.
-    device: None = cuda when available, else cpu (bf16 on GPUs, what real checkpoints need to
-    fit; fp32 on CPU, where dsa-tiny is small). tokenizer: what decodes the generated text (the
+    device: None = cuda when available, else cpu. tokenizer: what decodes the generated text (the
     pipeline's; None = the engine's byte tokenizer). threads: torch intra-op threads for this
-    process (None or 0 = torch's default)."""
+    process (None or 0 = torch's default). dtype: "auto" | "float32" | "bfloat16" | "float16" (or
+    a torch dtype), see `resolve_dtype`; the model, its caches and snapshots all run in it.
+    fp8_numerics: None = the model config's own setting; True / False override it (V3.2's
+    simulated FP8 indexer keys and latent cache)."""
     if threads:
         torch.set_num_threads(threads)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return AsyncEngine(Engine(load_model(model, device=device, dtype=dtype), tokenizer))
+    device = resolve_device(device)
+    overrides = {} if fp8_numerics is None else {"fp8_numerics": bool(fp8_numerics)}
+    m = load_model(model, device=device, dtype=resolve_dtype(dtype, model, device), **overrides)
+    return AsyncEngine(Engine(m, tokenizer))

@@ -28,8 +28,9 @@ from dsa_rag.rag_service.settings import RagSettings
 
 class LocalBackend:
     """Pipeline + PackWorker in this process. What is not given loads in `start()` (the app's
-    lifespan, or `ask_sync`) from `settings` (a ServeSettings: model, warm_packs_per_replica,
-    citations_per_pack, max_new_tokens, torch_threads) and is closed by `close()`."""
+    lifespan, or `ask_sync`) from `settings` (a ServeSettings: model, dtype, fp8_numerics,
+    warm_packs_per_replica, citations_per_pack, max_new_tokens, torch_threads) and is closed by
+    `close()`."""
 
     def __init__(self, settings: RagSettings | None = None, *, rag: RagPipeline | None = None,
                  worker: PackWorker | None = None):
@@ -51,7 +52,8 @@ class LocalBackend:
 
     def _load_worker(self) -> None:
         s = self.settings
-        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads)
+        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads,
+                             dtype=s.dtype, fp8_numerics=s.fp8_numerics)
         self.worker = PackWorker(self.rag, engine, replica_id="local", warm_packs=s.warm_packs_per_replica,
                                  citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 

@@ -96,7 +96,8 @@ class ModelReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rag = RagPipeline(s)
-        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads)
+        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads,
+                             dtype=s.dtype, fp8_numerics=s.fp8_numerics)
         self.worker = PackWorker(self.rag, engine, replica_id=self.replica_id, warm_packs=s.warm_packs_per_replica,
                                  citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 

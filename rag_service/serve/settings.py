@@ -15,7 +15,7 @@ work); the ones set here at runtime are checked once each: `max_question_chars` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -58,6 +58,17 @@ class ServeSettings(RagSettings):
     warm_packs_per_replica: int = Field(8, ge=0, description="prefix caches kept in a replica's memory (LRU)")
     citations_per_pack: int = Field(5, ge=0, le=50)
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica; 0 = torch default")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="serving dtype of the model, its caches and snapshots (env DSA_RAG_DTYPE); auto = the "
+        "checkpoint config's torch_dtype on CUDA (bfloat16 for DeepSeek-V3.2, float32 when it names none), "
+        "float32 on CPU",
+    )
+    fp8_numerics: bool | None = Field(
+        None,
+        description="V3.2's simulated FP8 indexer keys and latent cache (env DSA_RAG_FP8_NUMERICS=true/false); "
+        "unset = the model config's own default",
+    )
 
     # --- Ray -----------------------------------------------------------------------------------
     model_replicas: int = Field(1, ge=1, le=1024, description="model replicas when not autoscaling")
@@ -69,6 +80,14 @@ class ServeSettings(RagSettings):
     )
     ray_address: str | None = Field(None, description="join this Ray cluster; None = start a local one")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance")
+
+    @field_validator("fp8_numerics", mode="before")
+    @classmethod
+    def _fp8_unset(cls, v):
+        """An empty DSA_RAG_FP8_NUMERICS (or "none") means unset: the model's own default."""
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
+            return None
+        return v
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -110,6 +129,8 @@ class ServeSettings(RagSettings):
         if self.tokenizer_dir is None and d.is_dir() and any(
                 (d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             self.tokenizer_dir = d
+        if d.is_dir() and "model_id" not in self.model_fields_set:
+            self.model_id = d.name  # what /v1/models reports and OpenAI clients send back
         return self
 
     @property

@@ -83,3 +83,73 @@ def hf_model_from(ours):
     missing = [k for k in missing if "rotary" not in k]
     assert not missing and not unexpected, (missing, unexpected)
     return hf
+
+
+# ---------------------------------------------------------------- dtype parity (tests/model/test_dtype_parity.py,
+# benchmarks/dtype_parity.py)
+LAYOUTS = ("official_fp8", "hf_save_pretrained")
+
+
+def logit_error(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Distance of logits `got` from the reference `ref` (both [..., vocab]): the mean over positions
+    of the relative L2 error |got - ref| / |ref|, its max, and the share of positions whose argmax
+    agrees."""
+    got, ref = got.detach().float(), ref.detach().float()
+    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    return {"rel_err": rel.mean().item(), "rel_err_max": rel.max().item(),
+            "argmax_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "finite": bool(torch.isfinite(got).all())}
+
+
+def hf_pretrained(path, dtype=torch.float32):
+    """transformers' own load of a `save_pretrained` directory at `dtype` (its keep-in-fp32 rules)."""
+    from transformers import DeepseekV32ForCausalLM
+
+    hf = DeepseekV32ForCausalLM.from_pretrained(str(path), dtype=dtype)
+    hf.config._attn_implementation = "eager"
+    return hf.eval()
+
+
+def write_checkpoint(model, path, layout: str, shard_bytes: int | None = 40_000):
+    """Write `model` (ours) to `path` in one of LAYOUTS -> path:
+    "official_fp8": the official layout (FP8 e4m3 + weight_scale_inv, sharded with an index);
+    "hf_save_pretrained": transformers' `save_pretrained` of the same weights loaded by transformers
+    in bf16 (per-expert tensors, `rope_parameters` in config.json): a bf16 checkpoint as HF writes it."""
+    import tempfile
+    from pathlib import Path
+
+    from dsa_rag.model.load import save_checkpoint
+
+    path = Path(path)
+    if layout == "official_fp8":
+        return save_checkpoint(model, path, fp8_weights=True, shard_bytes=shard_bytes)
+    if layout != "hf_save_pretrained":
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model_from(model).save_pretrained(tmp)
+        hf_pretrained(tmp, torch.bfloat16).save_pretrained(str(path))
+    return path
+
+
+def indexer_selections(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Run `model` on `ids` [B, T] (a prefill from position 0) and return, per layer, the indexer's
+    top-k key indices [B, T, index_topk] (the `trace` hook of the absorbed attention); needs
+    T > index_topk (else there is no selection)."""
+    got: dict[tuple[int, int], torch.Tensor] = {}
+
+    def trace(layer, row, idx, mass):
+        got[(layer, row)] = idx.detach().clone()
+
+    with torch.no_grad():
+        model(ids, trace=trace)
+    B, L = ids.shape[0], model.cfg.num_hidden_layers
+    return [torch.stack([got[(layer, b)] for b in range(B)]) for layer in range(L)]
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor, topk: int) -> float:
+    """Mean |a_t & b_t| / topk over the queries t that have more than topk causal keys (position
+    t >= topk), for selections a, b [B, T, topk] (-1 = padding)."""
+    a, b = a[:, topk:].long(), b[:, topk:].long()
+    n = a.shape[-1]
+    hits = (a.unsqueeze(-1) == b.unsqueeze(-2)) & (a.unsqueeze(-1) >= 0)
+    return (hits.any(-1).sum(-1).float() / n).mean().item()
