@@ -23,6 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
+from dsa_rag.rag_service.client import DSARagAPIError, DSARagClient
+from dsa_rag.rag_service.serve.settings import ServeSettings
+
 DOC_SUFFIXES = {".pdf", ".txt", ".md", ".markdown", ".text"}
 
 
@@ -32,8 +37,6 @@ def _default_url() -> str:
 
 # ------------------------------------------------------------------ serve
 def _settings(a):
-    from dsa_rag.rag_service.serve.settings import ServeSettings
-
     over = {k: v for k, v in {
         "host": a.host, "port": a.port, "model": a.model, "model_replicas": a.replicas,
         "data_dir": a.data_dir, "ray_address": a.address, "ray_num_cpus": a.num_cpus,
@@ -60,6 +63,8 @@ def _announce(s) -> None:
 def cmd_serve(a) -> int:
     s = _settings(a)
     if a.no_ray:
+        # The serving stack (torch, the engine, FastAPI; Ray below) loads only for `serve`: the
+        # client commands stay fast to start and need none of it.
         import uvicorn
 
         from dsa_rag.rag_service.ask.local import LocalBackend
@@ -173,8 +178,6 @@ def _deploy_config(s, path: str, explicit: set[str]):
 # ------------------------------------------------------------------ client commands
 def _client(a):
     """The service client (rag_service/client.py) for --url / --tenant / --api-key."""
-    from dsa_rag.rag_service.client import DSARagClient
-
     return DSARagClient(a.url, getattr(a, "api_key", None) or None, tenant=a.tenant, timeout=600)
 
 
@@ -198,8 +201,6 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def cmd_ingest(a) -> int:
     from tqdm import tqdm
-
-    from dsa_rag.rag_service.client import DSARagAPIError
 
     files = _expand(a.paths)
     if not files:
@@ -225,8 +226,6 @@ def cmd_ingest(a) -> int:
 
 
 def cmd_ask(a) -> int:
-    from dsa_rag.rag_service.client import DSARagAPIError
-
     opts = {"temperature": a.temperature, "max_tokens": a.max_tokens or None, "document_ids": a.document_id}
     with _client(a) as c:
         if a.no_stream:
@@ -334,10 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - client commands: one line, not a traceback
-        import httpx
-
-        from dsa_rag.rag_service.client import DSARagAPIError
-
         if isinstance(e, DSARagAPIError):
             print(f"error{f' {e.status_code}' if e.status_code else ''}: {e.message}", file=sys.stderr)
             return 1
