@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from dsa_rag.model.config import ModelConfig, RopeScaling
+from dsa_rag.model.engine.engine import Engine
 from dsa_rag.model.load import build_model, official_to_hf
 
 
@@ -153,3 +154,26 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, topk: int) -> float:
     n = a.shape[-1]
     hits = (a.unsqueeze(-1) == b.unsqueeze(-2)) & (a.unsqueeze(-1) >= 0)
     return (hits.any(-1).sum(-1).float() / n).mean().item()
+
+
+# ---------------------------------------------------------------- engine oracles
+def ids_of(n: int, seed: int, vocab: int = 96) -> list[int]:
+    """n random token ids past the byte tokenizer's specials."""
+    return torch.randint(8, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def small_engine(model, **kw):
+    """An Engine with tiny blocks and prefill chunks, so every test crosses block and chunk edges."""
+    return Engine(model, **{"block_size": 8, "prefill_chunk": 16, **kw})
+
+
+@torch.no_grad()
+def greedy_full(model, ids, n: int) -> list[int]:
+    """The oracle of cached generation: the plain forward over the whole sequence for every new
+    token, no cache."""
+    toks, out = list(ids), []
+    for _ in range(n):
+        t = int(model(torch.tensor([toks]))[0, -1].argmax())
+        toks.append(t)
+        out.append(t)
+    return out

@@ -18,7 +18,7 @@ import torch
 
 from dsa_rag.model.cache import new_sequence_cache
 from dsa_rag.model.engine.engine import AsyncEngine, Engine, SamplingParams, Snapshot
-from tests.model.helpers import random_model, tiny_config
+from tests.model.helpers import greedy_full, ids_of, random_model, small_engine as engine, tiny_config
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])  # no EOS: fixed-length outputs to compare
 
@@ -36,26 +36,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny_config(0), 0)
-
-
-def ids_of(n, seed, vocab=96):
-    return torch.randint(8, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def engine(model, **kw):
-    kw = {"block_size": 8, "prefill_chunk": 16, **kw}
-    return Engine(model, **kw)
-
-
-@torch.no_grad()
-def greedy_full(model, ids, n):
-    """The oracle: recompute the whole sequence for every new token, no cache."""
-    toks, out = list(ids), []
-    for _ in range(n):
-        t = int(model(torch.tensor([toks]))[0, -1].argmax())
-        toks.append(t)
-        out.append(t)
-    return out
 
 
 @pytest.mark.parametrize("n_prompt,chunk,block", [(50, 16, 8), (20, 7, 8), (41, 64, 64), (1, 16, 8)],

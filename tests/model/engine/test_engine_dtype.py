@@ -20,32 +20,13 @@ import torch
 from dsa_rag.model.engine.engine import Engine, SamplingParams, Snapshot, model_fingerprint
 from dsa_rag.model.engine.factory import load_engine, resolve_dtype
 from dsa_rag.model.load import WEIGHTS_DIR, cast_model, save_checkpoint
-from tests.model.helpers import random_model, tiny_config
+from tests.model.helpers import greedy_full, ids_of, random_model, small_engine as engine, tiny_config
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])  # no EOS: fixed-length outputs to compare
 
 
-def ids_of(n, seed, vocab=96):
-    return torch.randint(8, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def engine(model, **kw):
-    return Engine(model, **{"block_size": 8, "prefill_chunk": 16, **kw})
-
-
 def bf16_model(seed=0, **cfg):
     return cast_model(random_model(tiny_config(0, **cfg), seed), torch.bfloat16)
-
-
-@torch.no_grad()
-def greedy_full(model, ids, n):
-    """The oracle: the plain forward over the whole sequence for every new token, no cache."""
-    toks, out = list(ids), []
-    for _ in range(n):
-        t = int(model(torch.tensor([toks]))[0, -1].argmax())
-        toks.append(t)
-        out.append(t)
-    return out
 
 
 @pytest.mark.parametrize("fp8_numerics,math", [(False, "fp32"), (False, "bf16"), (True, "fp32")],
