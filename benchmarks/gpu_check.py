@@ -14,8 +14,8 @@ Stages (budget = the shell's `timeout`; estimates for an H100 SXM from the FLOP 
                           paths (indexer FP8 top-k and sparse_mla over S = 131072).       ~25 s (mostly JIT)
   kernels_tflops    55 s  TFLOP/s (CUDA events, median of 10): sparse_mla prefill T4096 x
                           K2048 x H128 at S 8k..128k (2.34 TFLOP a call, FlashMLA's count
-                          2*T*K*H*(576+512)); decode 256 rows at S 32k; FP8 indexer_logits
-                          T2048 x H64 x D128 at S 4k..64k (DeepGEMM's 2*T*S*H*D, 2.2 TFLOP
+                          2*T*K*H*(576+512)); decode: 128 rows at S 32k as 128 T=1 calls and as one call; FP8 indexer_logits
+                          T2048 x H64 x D128 at S 4k..64k (causal pairs: 2*H*D*(T*(S-T) + T(T+1)/2), 1.9 TFLOP
                           at 64k) and indexer_topk seconds. Even at 20 TFLOP/s every
                           timing loop is < 2 s: ~15 s in all with the compiles.           ~20 s
   engine           220 s  Engine TTFT and decode ms/token, DSA vs dense in the same run, of
@@ -292,7 +292,7 @@ def stage_kernels_tflops(st: Stage):
     st.result("device", torch.cuda.get_device_name())
     plan = [("sparse_mla_prefill", S, functools.partial(kg.bench_sparse_mla, "cuda", 4096, S))
             for S in (8192, 32768, 65536, 131072)]
-    plan.append(("sparse_mla_decode", 32768, functools.partial(kg.bench_sparse_mla, "cuda", 256, 32768)))
+    plan.append(("sparse_mla_decode", 32768, functools.partial(kg.bench_sparse_mla_decode, "cuda", 128, 32768)))
     plan += [("indexer_fp8", S, functools.partial(kg.bench_indexer_fp8, "cuda", 2048, S)) for S in (4096, 16384, 65536)]
     rows = {"sparse_mla_prefill": [], "sparse_mla_decode": [], "indexer_fp8": []}
     errors = {}
@@ -313,7 +313,7 @@ def stage_kernels_tflops(st: Stage):
         else:
             st.part(name, "pass", measured=len(rows[name]))
     st.result("flop_counts", {"sparse_mla": "2*T*topk*H*(576+512) (FlashMLA)",
-                              "indexer_logits": "2*T*S*H*D (DeepGEMM fp8_mqa_logits; causal masking ignored)"})
+                              "indexer_logits": "2*H*D*pairs, pairs = T*start_pos + T*(T+1)/2 (causal: unmasked pairs only)"})
     st.result("anchors", {"FlashMLA sparse prefill H800": "~640 TFLOP/s", "FlashMLA sparse decode FP8 H800": "~410 TFLOP/s",
                           "DeepGEMM fp8_mqa_logits (community, H200)": "~1000 TFLOP/s"})
 
@@ -674,9 +674,13 @@ def markdown(res) -> str:
         res_ = r.get("results", {})
         if name == "kernels_tflops" and any(res_.get(k) for k in ("sparse_mla_prefill", "indexer_fp8")):
             L += ["| kernel | T | S | seconds | TFLOP/s |", "|---|---:|---:|---:|---:|"]
-            for k in ("sparse_mla_prefill", "sparse_mla_decode"):
-                for x in res_.get(k, []):
-                    L.append(f"| {k} | {x['T']} | {x['S']} | {x['seconds']:.5f} | {x['tflops']:.1f} |")
+            for x in res_.get("sparse_mla_prefill", []):
+                L.append(f"| sparse_mla_prefill | {x['T']} | {x['S']} | {x['seconds']:.5f} | {x['tflops']:.1f} |")
+            for x in res_.get("sparse_mla_decode", []):  # B rows of T = 1: separate calls, then one batched call
+                L.append(f"| sparse_mla_decode, {x['B']} separate T=1 calls | 1 | {x['S']} | "
+                         f"{x['separate_seconds']:.5f} | {x['separate_tflops']:.1f} |")
+                L.append(f"| sparse_mla_decode, one call of {x['B']} rows | {x['B']} | {x['S']} | "
+                         f"{x['batched_seconds']:.5f} | {x['batched_tflops']:.1f} |")
             for x in res_.get("indexer_fp8", []):
                 L.append(f"| indexer_logits FP8 (top-k {x['topk_seconds']:.4f} s) | {x['T']} | {x['S']} | "
                          f"{x['logits_seconds']:.5f} | {x['logits_tflops']:.1f} |")

@@ -5,16 +5,22 @@
 Shapes follow the published anchors (reference/dsa-spec.md section 6):
 * sparse_mla prefill (FlashMLA template): T = 4096, H = 128, D = 576, v = 512, topk = 2048,
   S = 8k, 32k, 64k, 128k; FLOPs = 2 * T * topk * H * (D + v). FlashMLA: ~640 TFLOP/s on H800.
-* sparse_mla decode: T = 128 sequences x 2 query tokens flattened (256 rows, one shared cache
-  here), H = 128, topk = 2048, S = 32k.
+* sparse_mla decode, engine-shaped (the engine calls the op once per sequence per step, T = 1):
+  B = 128 rows, H = 128, topk = 2048, S = 32k, as B separate T = 1 calls ("separate") and as one
+  call of B rows ("batched", what a batched decode step would do); same FLOP count.
 * indexer_logits FP8 (DeepGEMM fp8_mqa_logits template): T = 2048, H = 64, D = 128,
-  S = 4k..64k; FLOPs = 2 * T * S * H * D (causal masking ignored: start_pos = S - T keeps all
-  but the last T x T triangle). DeepGEMM community figure: ~1000 TFLOP/s on H200.
+  S = 4k..64k, start_pos = S - T. FLOPs count only the causal (unmasked) pairs:
+  2 * H * D * pairs, pairs = sum_t (start_pos + t + 1) = T * start_pos + T * (T + 1) / 2
+  (= T*S - T*(T-1)/2); the kernel skips tiles entirely in the future, so the dense 2*T*S*H*D
+  overstated TFLOP/s by S*T / pairs (1.33x at S = 4k, T = 2k). `logits_tflops_dense_count` keeps
+  the old figure for comparison. DeepGEMM community figure: ~1000 TFLOP/s on H200.
 * indexer_topk at the same shapes (logits kernel + streaming torch.topk merge): seconds.
 Correctness gate first: every op vs naive.py on a medium shape; red gate -> no timings.
-Timing: CUDA events, median of 10 runs after 3 warm-ups. JSON is the last stdout line and is
+Timing: CUDA events, median of 10 runs after 3 warm-ups; before every warm-up and timed run a
+256 MiB buffer is written (more than any GPU's L2: H100 50 MB, H200 60 MB, B200 126 MB) so no
+run reads inputs left in L2 by the previous one (flush outside the timed events). JSON is the last stdout line and is
 written to benchmarks/results/kernels_gpu.json.
-NOT RUN YET: no GPU was available when this was written.
+NOT RUN YET: no GPU was available when this was written (nor for the finding-5 changes).
 """
 
 from __future__ import annotations
@@ -39,11 +45,27 @@ def rms_ratio(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
-def cuda_time(fn, warmup=3, reps=10):
+L2_FLUSH_BYTES = 256 << 20
+_flush_buf = {}
+
+
+def flush_l2():
+    """Write a 256 MiB buffer (> L2) on the current CUDA device: evicts the previous run's data."""
+    dev = torch.cuda.current_device()
+    if dev not in _flush_buf:
+        _flush_buf[dev] = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=f"cuda:{dev}")
+    _flush_buf[dev].zero_()
+
+
+def cuda_time(fn, warmup=3, reps=10, flush=True):
     for _ in range(warmup):
+        if flush:
+            flush_l2()
         fn()
     times = []
     for _ in range(reps):
+        if flush:
+            flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -95,9 +117,16 @@ def sparse_mla_flops(T, K, H=128, D=576, V=512):
     return 2 * T * K * H * (D + V)
 
 
-def indexer_flops(T, S, H=64, D=128):
-    """DeepGEMM fp8_mqa_logits' count: 2 * T * S * H * D (causal masking ignored)."""
-    return 2 * T * S * H * D
+def indexer_flops(T, S, H=64, D=128, start_pos=None, causal=True):
+    """FLOPs of the unmasked (query, key) pairs: 2 * H * D * pairs, pairs = sum over the T queries
+    of the keys s <= start_pos + t (capped at S) = T * start_pos + T * (T + 1) / 2 for start_pos =
+    S - T (the default, a prefill chunk at the end of the context). causal=False: DeepGEMM
+    fp8_mqa_logits' dense count 2 * T * S * H * D."""
+    if not causal:
+        return 2 * T * S * H * D
+    sp = S - T if start_pos is None else start_pos
+    pairs = sum(min(S, sp + t + 1) for t in range(T)) if sp + T > S else T * sp + T * (T + 1) // 2
+    return 2 * pairs * H * D
 
 
 def bench_sparse_mla(dev, T, S, H=128, D=576, V=512, K=2048, timer=cuda_time):
@@ -108,11 +137,31 @@ def bench_sparse_mla(dev, T, S, H=128, D=576, V=512, K=2048, timer=cuda_time):
     return dict(T=T, S=S, seconds=t, tflops=sparse_mla_flops(T, K, H, D, V) / t / 1e12)
 
 
+def bench_sparse_mla_decode(dev, B, S, H=128, D=576, V=512, K=2048, timer=cuda_time):
+    """Engine-shaped decode: B sequences x 1 query token, as B separate T = 1 calls (what the
+    engine does per step today) and as one call of B rows (a batched step)."""
+    q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(S, D, device=dev, dtype=torch.bfloat16)
+    ind = random_indices(B, S, K, dev)
+    rows = [(q[b: b + 1], ind[b: b + 1]) for b in range(B)]
+
+    def separate():
+        for qb, ib in rows:
+            sparse_mla(qb, kv, ib, v_dim=V, scale=0.135)
+
+    t_sep = timer(separate)
+    t_bat = timer(lambda: sparse_mla(q, kv, ind, v_dim=V, scale=0.135))
+    flops = sparse_mla_flops(B, K, H, D, V)
+    return dict(B=B, S=S, separate_seconds=t_sep, separate_tflops=flops / t_sep / 1e12,
+                separate_us_per_call=t_sep / B * 1e6, batched_seconds=t_bat, batched_tflops=flops / t_bat / 1e12)
+
+
 def bench_indexer_fp8(dev, T, S, H=64, D=128, topk=2048, timer=cuda_time, topk_reps=3):
     q, k, w, ks = fp8_inputs(T, S, H, D, dev)
     t = timer(lambda: indexer_logits(q, k, w, k_scale=ks, start_pos=S - T))
     t_topk = timer(lambda: indexer_topk(q, k, w, topk, k_scale=ks, start_pos=S - T), reps=topk_reps)
-    return dict(T=T, S=S, logits_seconds=t, logits_tflops=indexer_flops(T, S, H, D) / t / 1e12, topk_seconds=t_topk)
+    return dict(T=T, S=S, logits_seconds=t, logits_tflops=indexer_flops(T, S, H, D) / t / 1e12,
+                logits_tflops_dense_count=indexer_flops(T, S, H, D, causal=False) / t / 1e12, topk_seconds=t_topk)
 
 
 def main():
@@ -125,11 +174,14 @@ def main():
     if not all(checks.values()):
         print(json.dumps({"gate": "red", "checks": checks}))
         sys.exit(1)
-    res = {"gate": "green", "checks": checks, "device": torch.cuda.get_device_name(), "sparse_mla_prefill": [],
+    res = {"gate": "green", "checks": checks, "device": torch.cuda.get_device_name(),
+           "flop_counts": {"sparse_mla": "2*T*topk*H*(576+512) (FlashMLA)",
+                           "indexer_logits": "2*H*D*pairs, pairs = T*start_pos + T*(T+1)/2 (causal, unmasked only)"},
+           "l2_flush_bytes": L2_FLUSH_BYTES, "sparse_mla_prefill": [],
            "sparse_mla_decode": [], "indexer_fp8": []}
     for S in (8192, 32768, 65536, 131072):
         res["sparse_mla_prefill"].append(bench_sparse_mla(dev, 4096, S))
-    res["sparse_mla_decode"].append(bench_sparse_mla(dev, 256, 32768))
+    res["sparse_mla_decode"].append(bench_sparse_mla_decode(dev, 128, 32768))
     for S in (4096, 16384, 65536):
         res["indexer_fp8"].append(bench_indexer_fp8(dev, 2048, S))
     out = ROOT / "benchmarks" / "results" / "kernels_gpu.json"

@@ -58,8 +58,7 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
         "relu": out[t, s] = sum_h w[t, h] * ReLU(d);  "mixture": out[t, s] = log sum_h exp(w[t, h] + d).
     """
     _validate(q, k, w, k_scale, start_pos, score)
-    impl = dispatch.load("indexer", dispatch.backend_for(q))
-    return impl.indexer_logits(q, k, w, k_scale=k_scale, start_pos=start_pos, score=score)
+    return dispatch.call("indexer", "indexer_logits", q, k, w, k_scale=k_scale, start_pos=start_pos, score=score)
 
 
 def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
@@ -78,8 +77,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu"):
     _validate(q, k, w, k_scale, start_pos, score, TOPK_SCORES)
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
-    impl = dispatch.load("indexer", dispatch.backend_for(q))
-    return impl.indexer_topk(q, k, w, topk, k_scale=k_scale, start_pos=start_pos, score=score)
+    return dispatch.call("indexer", "indexer_topk", q, k, w, topk, k_scale=k_scale, start_pos=start_pos, score=score)
 
 
 def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
@@ -93,5 +91,4 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
     A query with no causal key gets -inf.
     """
     _validate(q, k, q.new_zeros(q.shape[:2], dtype=torch.float32), k_scale, start_pos, "mixture")
-    impl = dispatch.load("indexer", dispatch.backend_for(q))
-    return impl.indexer_head_lse(q, k, k_scale=k_scale, start_pos=start_pos)
+    return dispatch.call("indexer", "indexer_head_lse", q, k, k_scale=k_scale, start_pos=start_pos)

@@ -5,8 +5,14 @@ tile once, loops over the H heads (q tile of head h, tl.dot -> [BLOCK_T, BLOCK_S
 times w[:, h]; or, for score="mixture", an online logsumexp of w[:, h] + dot * k_scale over the
 heads), multiplies by k_scale, writes -inf above the causal diagonal, and skips the dot
 products of tiles that lie entirely in the future. FP8 inputs go straight into tl.dot on
-sm_89+ GPUs (FP8 tensor cores, fp32 accumulate); elsewhere (and in the interpreter) they are
-upcast to bf16 in registers, which is exact.
+sm_89+ GPUs (FP8 tensor cores, fp32 accumulate, BLOCK_D >= 32: an 8-bit dot needs K >= 32);
+elsewhere (A100, ROCm) FP8 q and k are converted to bf16 on the host (exact) because FP8 dot
+operands do not compile there. Query and key row offsets are int64 (t * stride wraps int32 from
+2^31 elements: T >= 2^31 / (H * D)).
+
+Launch configuration: `launch_config(D, dtype, target)` (block sizes, warps, constexprs), also
+used by the GPU compile check (kernels/gpu_compile.py, tests/kernels/test_compile_gpu.py);
+`plan(...)` builds the exact kernel arguments of a launch without launching it.
 
 `indexer_topk` streams over S: for each chunk of queries it launches the kernel on one key block
 at a time into a [T_chunk, S_BLOCK] buffer and merges it into a running top-k with torch.topk
@@ -24,6 +30,7 @@ import triton
 import triton.language as tl
 
 from dsa_rag.kernels.checks import is_fp8
+from dsa_rag.kernels.dispatch import Target, target_of
 from dsa_rag.kernels.indexer.torch_impl import _blocks, _merge
 # The softmax_mixture normalizers: a GEMM and a logsumexp per key block in torch (cuBLAS on a GPU);
 # no fused Triton kernel for it yet.
@@ -39,7 +46,7 @@ def _logits_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr,
     T, H, D, start_pos, s_lo, s_hi,
     stride_qt, stride_qh, stride_ks, stride_wt, stride_ot,
-    HAS_KS: tl.constexpr, DOT_CAST: tl.constexpr,  # 0: as loaded, 1: to bf16 (FP8), 2: to fp32
+    HAS_KS: tl.constexpr, DOT_CAST: tl.constexpr,  # 0: as loaded (GPU), 2: to fp32 (interpreter)
     IEEE: tl.constexpr, MIXTURE: tl.constexpr,  # MIXTURE: logsumexp_h(w + dot * ks), not sum_h w * ReLU(dot) * ks
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -47,6 +54,8 @@ def _logits_kernel(
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = s_lo + pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows_t = offs_t.to(tl.int64)  # row offsets in int64: T * stride_qt (and T * S) can pass 2^31
+    rows_s = offs_s.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     t_ok = offs_t < T
     s_ok = offs_s < s_hi
@@ -55,20 +64,16 @@ def _logits_kernel(
     run_max = tl.full((BLOCK_T, BLOCK_S), float("-inf"), dtype=tl.float32)  # MIXTURE: online logsumexp
     last_pos = start_pos + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1
     if s_lo + pid_s * BLOCK_S <= last_pos:  # tile not entirely in the future
-        k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :],
+        k = tl.load(k_ptr + rows_s[:, None] * stride_ks + offs_d[None, :],
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_CAST == 1:
-            k = k.to(tl.bfloat16)
-        elif DOT_CAST == 2:
+        if DOT_CAST == 2:
             k = k.to(tl.float32)
         for h in range(H):
-            qh = tl.load(q_ptr + offs_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            qh = tl.load(q_ptr + rows_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_CAST == 1:
-                qh = qh.to(tl.bfloat16)
-            elif DOT_CAST == 2:
+            if DOT_CAST == 2:
                 qh = qh.to(tl.float32)
-            wh = tl.load(w_ptr + offs_t * stride_wt + h, mask=t_ok, other=0.0)
+            wh = tl.load(w_ptr + rows_t * stride_wt + h, mask=t_ok, other=0.0)
             if IEEE:  # fp32 inputs: exact fp32 products, not TF32
                 x = tl.dot(qh, tl.trans(k), input_precision="ieee")  # [BLOCK_T, BLOCK_S] fp32
             else:
@@ -89,49 +94,60 @@ def _logits_kernel(
             acc = acc * ks[None, :]
     future = offs_s[None, :] > (start_pos + offs_t)[:, None]
     acc = tl.where(future, float("-inf"), acc)
-    out_offs = offs_t[:, None] * stride_ot + (offs_s - s_lo)[None, :]
+    out_offs = rows_t[:, None] * stride_ot + (offs_s - s_lo)[None, :]
     tl.store(out_ptr + out_offs, acc, mask=t_ok[:, None] & s_ok[None, :])
 
 
-def _prep(q, k, w):
-    """Contiguous inputs and the DOT_CAST mode.
+def _prep(q, k, w, target: Target | None = None):
+    """Contiguous inputs and the DOT_CAST mode for `target` (default: q's device).
 
-    CUDA: FP8 goes into tl.dot as is on sm_89+ (FP8 tensor cores), else upcast to bf16 in
-    registers. Interpreter (CPU): tl.dot on bf16 returns garbage in Triton 3.9's interpreter,
-    and it has no FP8 math, so FP8 is upcast on the host (exact) and every dot runs in fp32.
+    CUDA sm_89+: FP8 goes into tl.dot as is (FP8 tensor cores). Other GPUs (sm_80/86, ROCm): FP8
+    q and k are converted to bf16 on the host (exact; FP8 dot operands do not compile there).
+    Interpreter (CPU): tl.dot on bf16 returns garbage in Triton 3.9's interpreter, and it has no
+    FP8 math, so FP8 is upcast on the host (exact) and every dot runs in fp32.
     """
+    target = target or target_of(q.device)
     fp8 = is_fp8(q)
-    if not q.is_cuda:
-        if fp8:
-            q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
-        cast = 2
-    elif fp8:
-        cast = 0 if torch.cuda.get_device_capability(q.device) >= (8, 9) else 1
-    else:
-        cast = 0
+    if fp8 and not target.fp8_dot:
+        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    cast = 2 if target.kind == "interp" else 0
     if not fp8 and q.dtype != k.dtype:
         q, k = q.float(), k.float()
     return q.contiguous(), k.contiguous(), w.float().contiguous(), cast
 
 
-def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score):
-    """out[t0:t1, 0:s_hi-s_lo] <- scores of queries t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1."""
-    T, H, D = q.shape
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+def launch_config(D: int, dtype: torch.dtype, target: Target) -> dict:
+    """Block sizes and launch options of `_logits_kernel` for head dim D, with q/k of `dtype` as
+    they reach the kernel (after _prep). The launch and the GPU compile check both call this."""
+    eight_bit = dtype.itemsize == 1 and target.kind != "interp"
+    BLOCK_D = max(32 if eight_bit else 16, triton.next_power_of_2(D))  # 8-bit tl.dot: K >= 32
     if BLOCK_D > 256:
         raise ValueError(f"q: head dim D <= 256 supported by the Triton indexer, got {D}")
-    BLOCK_T, BLOCK_S = (64, 64) if q.is_cuda else (16, 32)
+    BLOCK_T, BLOCK_S = (16, 32) if target.kind == "interp" else (64, 64)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+
+
+def plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, target: Target | None = None):
+    """(grid, args, kwargs) of the launch that writes out[t0:t1, 0:s_hi-s_lo] <- scores of queries
+    t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1; inputs as returned by _prep."""
+    T, H, D = q.shape
+    target = target or target_of(q.device)
+    cfg = launch_config(D, q.dtype, target)
     qs, ws = q[t0:t1], w[t0:t1]
-    grid = (triton.cdiv(t1 - t0, BLOCK_T), triton.cdiv(s_hi - s_lo, BLOCK_S))
+    grid = (triton.cdiv(t1 - t0, cfg["BLOCK_T"]), triton.cdiv(s_hi - s_lo, cfg["BLOCK_S"]))
     ks = k_scale if k_scale is not None else w  # dummy pointer when HAS_KS is False
-    _logits_kernel[grid](
-        qs, k, ws, ks, out,
-        t1 - t0, H, D, start_pos + t0, s_lo, s_hi,
-        qs.stride(0), qs.stride(1), k.stride(0), ws.stride(0), out.stride(0),
-        HAS_KS=k_scale is not None, DOT_CAST=cast, IEEE=q.dtype == torch.float32, MIXTURE=score == "mixture",
-        BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=2,
-    )
+    args = (qs, k, ws, ks, out,
+            t1 - t0, H, D, start_pos + t0, s_lo, s_hi,
+            qs.stride(0), qs.stride(1), k.stride(0), ws.stride(0), out.stride(0))
+    kwargs = dict(HAS_KS=k_scale is not None, DOT_CAST=cast, IEEE=q.dtype == torch.float32,
+                  MIXTURE=score == "mixture", **cfg)
+    return grid, args, kwargs
+
+
+def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score):
+    """out[t0:t1, 0:s_hi-s_lo] <- scores of queries t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1."""
+    grid, args, kwargs = plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score)
+    _logits_kernel[grid](*args, **kwargs)
 
 
 def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):

@@ -39,5 +39,4 @@ def sparse_mla(q, kv, indices, *, v_dim, scale):
         raise ValueError(f"v_dim: expected an int in [1, {D}] (D of q), got {v_dim!r}")
     if not kv.is_cuda and indices.numel() and int(indices.max()) >= kv.shape[0]:
         raise ValueError(f"indices: expected values in [-1, {kv.shape[0]}) (rows of kv), got max {int(indices.max())}")
-    impl = dispatch.load("sparse_mla", dispatch.backend_for(q))
-    return impl.sparse_mla(q, kv, indices, v_dim=v_dim, scale=float(scale))
+    return dispatch.call("sparse_mla", "sparse_mla", q, kv, indices, v_dim=v_dim, scale=float(scale))

@@ -10,6 +10,10 @@ Writes out = acc / l (0 when no valid index) and lse = (m + log2 l) * ln 2 (-inf
 All programs of a row that cover different head blocks re-gather the same kv rows (H=128 ->
 2 programs with BLOCK_H=64); FlashMLA-style head-split sharing through SMEM is not done.
 
+The query row offset is int64 (t * stride_qt wraps int32 from t >= 2^31 / (H * D): 29,128 rows
+at V3.2's 128 x 576). Launch configuration: `launch_config(H, v_dim, D, dtype, target)`, shared
+with the GPU compile check (kernels/gpu_compile.py); `plan(...)` builds a launch's exact arguments.
+
 Backward: `torch_impl.differentiable` wraps this forward with the chunked analytic torch backward
 (torch_impl.SparseMLA), which runs on CUDA tensors too.
 
@@ -23,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_rag.kernels.dispatch import Target, target_of
 from dsa_rag.kernels.sparse_mla.torch_impl import differentiable
 
 LOG2E = 1.4426950408889634
@@ -37,7 +42,7 @@ def _fwd_kernel(
     HAS_ROPE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at V3.2 shapes from t = 29,128
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_DR)
@@ -94,9 +99,38 @@ def _fwd_kernel(
     tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=h_ok)
 
 
+def launch_config(H: int, v_dim: int, D: int, dtype: torch.dtype, target: Target) -> dict:
+    """Block sizes, constexprs and launch options of `_fwd_kernel` for q [*, H, D] of `dtype`
+    with values kv[:, :v_dim]. The launch and the GPU compile check both call this."""
+    DR = D - v_dim
+    BLOCK_DV = max(16, triton.next_power_of_2(v_dim))
+    BLOCK_DR = max(16, triton.next_power_of_2(max(DR, 1)))
+    if target.kind == "interp":
+        BLOCK_H, BLOCK_K, num_warps, num_stages = 16, 16, 4, 1
+    else:
+        BLOCK_H = min(64, max(16, triton.next_power_of_2(H)))
+        BLOCK_K = 32 if BLOCK_DV >= 512 else 64
+        num_warps, num_stages = (8, 2) if BLOCK_DV >= 256 else (4, 2)
+    return dict(HAS_ROPE=DR > 0, F32_DOT=target.kind == "interp",
+                IEEE=dtype == torch.float32 and target.kind != "interp",
+                BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, BLOCK_DR=BLOCK_DR,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def plan(q, kv, indices, out, lse, v_dim, scale, target: Target | None = None):
+    """(grid, args, kwargs) of the forward launch for contiguous q, kv (q's dtype), indices."""
+    T, H, D = q.shape
+    target = target or target_of(q.device)
+    cfg = launch_config(H, v_dim, D, q.dtype, target)
+    grid = (T, triton.cdiv(H, cfg["BLOCK_H"]))
+    args = (q, kv, indices, out, lse,
+            H, indices.shape[1], v_dim, D - v_dim, kv.shape[0], scale * LOG2E,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0))
+    return grid, args, cfg
+
+
 def _forward(q, kv, indices, v_dim, scale):
     T, H, D = q.shape
-    K = indices.shape[1]
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
@@ -104,24 +138,8 @@ def _forward(q, kv, indices, v_dim, scale):
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0 or H == 0:
         return out, lse
-    DR = D - v_dim
-    BLOCK_DV = max(16, triton.next_power_of_2(v_dim))
-    BLOCK_DR = max(16, triton.next_power_of_2(max(DR, 1)))
-    if q.is_cuda:
-        BLOCK_H = min(64, max(16, triton.next_power_of_2(H)))
-        BLOCK_K = 32 if BLOCK_DV >= 512 else 64
-        num_warps, num_stages = (8, 2) if BLOCK_DV >= 256 else (4, 2)
-    else:
-        BLOCK_H, BLOCK_K, num_warps, num_stages = 16, 16, 4, 1
-    grid = (T, triton.cdiv(H, BLOCK_H))
-    _fwd_kernel[grid](
-        q, kv, indices, out, lse,
-        H, K, v_dim, DR, kv.shape[0], scale * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        HAS_ROPE=DR > 0, F32_DOT=not q.is_cuda, IEEE=q.dtype == torch.float32 and q.is_cuda,
-        BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, BLOCK_DR=BLOCK_DR,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    grid, args, kwargs = plan(q, kv, indices, out, lse, v_dim, scale)
+    _fwd_kernel[grid](*args, **kwargs)
     return out, lse
 
 

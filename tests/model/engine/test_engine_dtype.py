@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from dsa_rag.model.engine.engine import Engine, SamplingParams, Snapshot, model_fingerprint
+from dsa_rag.model.engine.engine import SamplingParams, Snapshot, model_fingerprint
 from dsa_rag.model.engine.factory import load_engine, resolve_dtype
 from dsa_rag.model.load import WEIGHTS_DIR, cast_model, save_checkpoint
 from tests.model.helpers import greedy_full, ids_of, random_model, small_engine as engine, tiny_config
