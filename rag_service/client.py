@@ -186,41 +186,60 @@ def _decode_event(payload: str) -> dict:
     return ev
 
 
+class _EventReader:
+    """SSE bytes -> JSON events, up to `data: [DONE]`; shared by the sync and async iterators."""
+
+    def __init__(self):
+        self.dec, self.done = SSEDecoder(), False
+
+    def events(self, payloads: list[str]) -> Iterator[dict]:
+        """Lazily, so the events before an error event reach the caller before it raises."""
+        for payload in payloads:
+            if payload == DONE:
+                self.done = True
+                return
+            yield _decode_event(payload)
+
+    def feed(self, chunk: bytes) -> Iterator[dict]:
+        return self.events(self.dec.feed(chunk))
+
+    def close(self) -> Iterator[dict]:
+        yield from self.events(self.dec.close())
+        if not self.done:
+            raise StreamBroken("the answer stream ended without `data: [DONE]`")
+
+
+def _broken(e: BaseException) -> StreamBroken:
+    return StreamBroken(f"the answer stream broke: {type(e).__name__}: {e}")
+
+
 def iter_events(chunks: Iterable[bytes]) -> Iterator[dict]:
     """An SSE byte stream -> each JSON event until `data: [DONE]`; an error event raises
     `DSARagAPIError`, a broken or unfinished stream `StreamBroken`."""
-    dec = SSEDecoder()
+    reader = _EventReader()
     try:
         for chunk in chunks:
-            for payload in dec.feed(chunk):
-                if payload == DONE:
-                    return
-                yield _decode_event(payload)
-        for payload in dec.close():
-            if payload == DONE:
+            yield from reader.feed(chunk)
+            if reader.done:
                 return
-            yield _decode_event(payload)
     except RETRY_ERRORS as e:
-        raise StreamBroken(f"the answer stream broke: {type(e).__name__}: {e}") from e
-    raise StreamBroken("the answer stream ended without `data: [DONE]`")
+        raise _broken(e) from e
+    yield from reader.close()
 
 
 async def aiter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[dict]:
     """`iter_events` over an async byte stream."""
-    dec = SSEDecoder()
+    reader = _EventReader()
     try:
         async for chunk in chunks:
-            for payload in dec.feed(chunk):
-                if payload == DONE:
-                    return
-                yield _decode_event(payload)
-        for payload in dec.close():
-            if payload == DONE:
+            for ev in reader.feed(chunk):
+                yield ev
+            if reader.done:
                 return
-            yield _decode_event(payload)
     except RETRY_ERRORS as e:
-        raise StreamBroken(f"the answer stream broke: {type(e).__name__}: {e}") from e
-    raise StreamBroken("the answer stream ended without `data: [DONE]`")
+        raise _broken(e) from e
+    for ev in reader.close():
+        yield ev
 
 
 # ---------------------------------------------------------------------------------------- client
