@@ -35,9 +35,9 @@ from dsa_rag.kernels.dispatch import Target
 # sm_100 (B200) 227 KB (CUDA programming guide, compute capability table).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 # Spill bound (bytes of spill stores per thread) for a configuration the dispatch can choose.
-# 0 would be ideal, but the V3.2 sparse_mla forward keeps a [64, 512] fp32 accumulator, a
-# [64, 512] bf16 q tile and the online-softmax state in 8 warps' registers (>= 200 regs/thread
-# of live data vs a 255 cap), so ptxas spills a little there; a few hundred bytes of spill per
+# 0 would be ideal; the V3.2 sparse_mla forward with BLOCK_H=64 (sm_80, sm_100) keeps a [64, 512]
+# fp32 accumulator and the online-softmax state in 8 warps' registers (>= 200 regs/thread of
+# live data vs a 255 cap), so ptxas may spill a little there (sm_90 uses DV_SPLIT=2: 0 spills); a few hundred bytes of spill per
 # thread hit L1 and cost a few % (FlashAttention-style kernels tolerate that), while kilobytes
 # mean the tile does not fit and the config must change. 1024 B separates the two; the measured
 # figures are in benchmarks/results/kernels_compile.md.
@@ -172,6 +172,17 @@ def mma_shapes(ptx: str) -> list[str]:
     return sorted(set(found))
 
 
+def mma_counts(ptx: str) -> dict:
+    """How many times each tensor-core instruction shape appears in the PTX text (the loop body is
+    emitted once, so for a kernel with one dot loop: instructions per iteration per warp; e.g.
+    V3.2 sparse_mla QK^T over D = 576: 36 k-steps of k16 per N tile)."""
+    found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)|(?<!w)mma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)
+    out: dict = {}
+    for a, b in found:
+        out[a or b] = out.get(a or b, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def compile_case(c: Case, arch: int, modules: dict | None = None, keep=False) -> dict:
     """Compile case `c` for sm_<arch>; dict with ok, error, shared, regs, spills, mma, limits, violations."""
     target = Target("cuda", (arch // 10, arch % 10))
@@ -186,7 +197,7 @@ def compile_case(c: Case, arch: int, modules: dict | None = None, keep=False) ->
         res["error"] = f"{type(exc).__name__}: {(key or msg or [''])[-1][:300]}"
         return res
     res.update(ok=True, shared=compiled.metadata.shared, smem_limit=SMEM_LIMIT[arch], **parse_ptxas(log),
-               mma=mma_shapes(compiled.asm["ptx"]))
+               mma=mma_shapes(compiled.asm["ptx"]), mma_count=mma_counts(compiled.asm["ptx"]))
     viol = []
     if res["shared"] > res["smem_limit"]:
         viol.append(f"shared {res['shared']} B > {res['smem_limit']} B")
@@ -223,6 +234,23 @@ def i32_offset_muls(ttir: str) -> list[str]:
             if not re.search(r"\bi64\b|xi64>", rtype):
                 bad.append(line.strip().split(" loc(")[0])
     return bad
+
+
+def loop_smem_stores(ttgir: str) -> int:
+    """Register -> shared-memory stores (`ttg.local_alloc %value`, `ttg.local_store`) inside scf.for
+    bodies of the TTGIR: a loop-invariant operand staged there is re-stored on every iteration
+    (the FP8 indexer's key tile, once per head, before fix 4). cp.async copies (pipelined loads)
+    are not counted."""
+    n, depth = 0, 0
+    for line in ttgir.splitlines():
+        if depth == 0 and "scf.for" in line and line.rstrip().endswith("{"):
+            depth = 1
+            continue
+        if depth:
+            if re.search(r"ttg\.local_alloc %|ttg\.local_store ", line):
+                n += 1
+            depth += line.count("{") - line.count("}")
+    return n
 
 
 # --- BEFORE figures: the launchers of a git revision without plan()/launch_config ------------
@@ -318,6 +346,7 @@ def run_matrix(names=None, archs=(90, 80), ref=None, ttir_check=False, subproces
             compiled = r.pop("compiled", None)
             if ttir_check and compiled is not None:
                 r["i32_offset_muls"] = i32_offset_muls(compiled.asm["ttir"])
+                r["loop_smem_stores"] = loop_smem_stores(compiled.asm["ttgir"])
             results.append(r)
     return results
 

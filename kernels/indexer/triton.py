@@ -1,8 +1,10 @@
 """Lightning indexer, Triton path (CUDA; CPU only under TRITON_INTERPRET=1 with small shapes).
 
-Kernel `_logits_kernel`: one program per (BLOCK_T queries, BLOCK_S keys) tile. It loads the key
-tile once, loops over the H heads (q tile of head h, tl.dot -> [BLOCK_T, BLOCK_S] fp32, ReLU,
-times w[:, h]; or, for score="mixture", an online logsumexp of w[:, h] + dot * k_scale over the
+Kernel `_logits_kernel`: one program per (BLOCK_T queries, BLOCK_S keys) tile, computed as its
+transpose [BLOCK_S, BLOCK_T]. It loads the key tile once (the A operand of every head's dot, so
+on sm_90 it is stored to shared memory once per program, not once per head), then loops over the
+H heads (q tile of head h, tl.dot(k, q_h^T) -> [BLOCK_S, BLOCK_T] fp32, ReLU, times w[:, h]: w is
+passed transposed, [H, T] (_prep), so a head's BLOCK_T weights are one coalesced load; or, for score="mixture", an online logsumexp of w[:, h] + dot * k_scale over the
 heads), multiplies by k_scale, writes -inf above the causal diagonal, and skips the dot
 products of tiles that lie entirely in the future. FP8 inputs go straight into tl.dot on
 sm_89+ GPUs (FP8 tensor cores, fp32 accumulate, BLOCK_D >= 32: an 8-bit dot needs K >= 32);
@@ -50,6 +52,10 @@ def _logits_kernel(
     IEEE: tl.constexpr, MIXTURE: tl.constexpr,  # MIXTURE: logsumexp_h(w + dot * ks), not sum_h w * ReLU(dot) * ks
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Transposed tile: acc[s, t] = score of key s for query t. The key tile is the A operand of
+    # every head's dot (k [BLOCK_S, D] @ q_h^T [D, BLOCK_T]), loaded (and, on sm_90, staged to
+    # shared memory) once per program, outside the head loop. w arrives transposed ([H, T], from
+    # _prep), so each head's weights w[t-block, h] are one contiguous, coalesced BLOCK_T load.
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -60,46 +66,48 @@ def _logits_kernel(
     t_ok = offs_t < T
     s_ok = offs_s < s_hi
     d_ok = offs_d < D
-    acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-    run_max = tl.full((BLOCK_T, BLOCK_S), float("-inf"), dtype=tl.float32)  # MIXTURE: online logsumexp
+    acc = tl.zeros((BLOCK_S, BLOCK_T), dtype=tl.float32)
+    run_max = tl.full((BLOCK_S, BLOCK_T), float("-inf"), dtype=tl.float32)  # MIXTURE: online logsumexp
     last_pos = start_pos + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1
     if s_lo + pid_s * BLOCK_S <= last_pos:  # tile not entirely in the future
         k = tl.load(k_ptr + rows_s[:, None] * stride_ks + offs_d[None, :],
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_CAST == 2:
             k = k.to(tl.float32)
+        if HAS_KS:
+            ks = tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)
         for h in range(H):
             qh = tl.load(q_ptr + rows_t[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_CAST == 2:
                 qh = qh.to(tl.float32)
-            wh = tl.load(w_ptr + rows_t * stride_wt + h, mask=t_ok, other=0.0)
+            wh = tl.load(w_ptr + h * stride_wt + offs_t, mask=t_ok, other=0.0)  # w^T[h, t-block]: contiguous
             if IEEE:  # fp32 inputs: exact fp32 products, not TF32
-                x = tl.dot(qh, tl.trans(k), input_precision="ieee")  # [BLOCK_T, BLOCK_S] fp32
+                x = tl.dot(k, tl.trans(qh), input_precision="ieee")  # [BLOCK_S, BLOCK_T] fp32
             else:
-                x = tl.dot(qh, tl.trans(k))
+                x = tl.dot(k, tl.trans(qh))
             if MIXTURE:
                 if HAS_KS:
-                    x = x * tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)[None, :]
-                x = x + wh[:, None]
+                    x = x * ks[:, None]
+                x = x + wh[None, :]
                 new_max = tl.maximum(run_max, x)
                 acc = acc * tl.exp(run_max - new_max) + tl.exp(x - new_max)  # acc: sum of exp(. - run_max)
                 run_max = new_max
             else:
-                acc += tl.maximum(x, 0.0) * wh[:, None]
+                acc += tl.maximum(x, 0.0) * wh[None, :]
         if MIXTURE:
             acc = run_max + tl.log(acc)
         elif HAS_KS:
-            ks = tl.load(ks_ptr + offs_s, mask=s_ok, other=0.0)
-            acc = acc * ks[None, :]
-    future = offs_s[None, :] > (start_pos + offs_t)[:, None]
+            acc = acc * ks[:, None]
+    future = offs_s[:, None] > (start_pos + offs_t)[None, :]
     acc = tl.where(future, float("-inf"), acc)
-    out_offs = rows_t[:, None] * stride_ot + (offs_s - s_lo)[None, :]
-    tl.store(out_ptr + out_offs, acc, mask=t_ok[:, None] & s_ok[None, :])
+    out_offs = rows_t[None, :] * stride_ot + (offs_s - s_lo)[:, None]
+    tl.store(out_ptr + out_offs, acc, mask=s_ok[:, None] & t_ok[None, :])
 
 
 def _prep(q, k, w, target: Target | None = None):
-    """Contiguous inputs and the DOT_CAST mode for `target` (default: q's device).
+    """Contiguous inputs (w as fp32 w^T, [H, T]: a head's weights contiguous) and the DOT_CAST mode for
+    `target` (default: q's device).
 
     CUDA sm_89+: FP8 goes into tl.dot as is (FP8 tensor cores). Other GPUs (sm_80/86, ROCm): FP8
     q and k are converted to bf16 on the host (exact; FP8 dot operands do not compile there).
@@ -113,7 +121,7 @@ def _prep(q, k, w, target: Target | None = None):
     cast = 2 if target.kind == "interp" else 0
     if not fp8 and q.dtype != k.dtype:
         q, k = q.float(), k.float()
-    return q.contiguous(), k.contiguous(), w.float().contiguous(), cast
+    return q.contiguous(), k.contiguous(), w.float().t().contiguous(), cast  # w^T [H, T]
 
 
 def launch_config(D: int, dtype: torch.dtype, target: Target) -> dict:
@@ -133,7 +141,7 @@ def plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, targ
     T, H, D = q.shape
     target = target or target_of(q.device)
     cfg = launch_config(D, q.dtype, target)
-    qs, ws = q[t0:t1], w[t0:t1]
+    qs, ws = q[t0:t1], w[:, t0:t1]  # w: w^T [H, T] from _prep
     grid = (triton.cdiv(t1 - t0, cfg["BLOCK_T"]), triton.cdiv(s_hi - s_lo, cfg["BLOCK_S"]))
     ks = k_scale if k_scale is not None else w  # dummy pointer when HAS_KS is False
     args = (qs, k, ws, ks, out,

@@ -9,6 +9,11 @@ tl.dot, fp32 accumulate), online softmax in base 2 (running max m, sum l), acc +
 Writes out = acc / l (0 when no valid index) and lse = (m + log2 l) * ln 2 (-inf when none).
 All programs of a row that cover different head blocks re-gather the same kv rows (H=128 ->
 2 programs with BLOCK_H=64); FlashMLA-style head-split sharing through SMEM is not done.
+V3.2 on sm_90 (launch_config): BLOCK_H=128, 8 warps (a warpgroup per 64 heads: QK^T one wgmma
+sequence, not repeated by a second warpgroup) and DV_SPLIT=2: program_id(2) accumulates one half
+of the 512 value dims (acc [128, 256], no spills) and uses the other half only in the logits, so
+the two programs of a row each compute the row's full QK^T once (the same total QK work as two
+64-head programs; the old 64-head, 8-warp program computed it twice within itself).
 
 The query row offset is int64 (t * stride_qt wraps int32 from t >= 2^31 / (H * D): 29,128 rows
 at V3.2's 128 x 576). Launch configuration: `launch_config(H, v_dim, D, dtype, target)`, shared
@@ -39,20 +44,30 @@ def _fwd_kernel(
     q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
     H, K, DV, DR, S, sm_scale_log2,
     stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-    HAS_ROPE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROPE: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr, DV_SPLIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
 ):
+    # DV_SPLIT == 2: program_id(2) picks the half [dv0, dv0 + BLOCK_DV) of the value dims this
+    # program accumulates; the other half (dv1) only enters the logits (s = q0.kv0 + q1.kv1 + rope).
     t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at V3.2 shapes from t = 29,128
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_v = tl.arange(0, BLOCK_DV)
+    dv0 = tl.program_id(2) * BLOCK_DV
+    dv1 = (1 - tl.program_id(2)) * BLOCK_DV
+    offs_v = dv0 + tl.arange(0, BLOCK_DV)
+    offs_v1 = dv1 + tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_DR)
     h_ok = offs_h < H
     v_ok = offs_v < DV
+    v1_ok = offs_v1 < DV
     r_ok = offs_r < DR
     q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
     q_lat = tl.load(q_row + offs_v[None, :], mask=h_ok[:, None] & v_ok[None, :], other=0.0)
     if F32_DOT:
         q_lat = q_lat.to(tl.float32)
+    if DV_SPLIT == 2:
+        q_lat1 = tl.load(q_row + offs_v1[None, :], mask=h_ok[:, None] & v1_ok[None, :], other=0.0)
+        if F32_DOT:
+            q_lat1 = q_lat1.to(tl.float32)
     if HAS_ROPE:
         q_rope = tl.load(q_row + DV + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
         if F32_DOT:
@@ -72,6 +87,14 @@ def _fwd_kernel(
             s = tl.dot(q_lat, tl.trans(kv_lat), input_precision="ieee")
         else:
             s = tl.dot(q_lat, tl.trans(kv_lat))  # [BLOCK_H, BLOCK_K] fp32
+        if DV_SPLIT == 2:
+            kv_lat1 = tl.load(rows + offs_v1[None, :], mask=ok[:, None] & v1_ok[None, :], other=0.0)
+            if F32_DOT:
+                kv_lat1 = kv_lat1.to(tl.float32)
+            if IEEE:
+                s += tl.dot(q_lat1, tl.trans(kv_lat1), input_precision="ieee")
+            else:
+                s += tl.dot(q_lat1, tl.trans(kv_lat1))
         if HAS_ROPE:
             kv_rope = tl.load(rows + DV + offs_r[None, :], mask=ok[:, None] & r_ok[None, :], other=0.0)
             if F32_DOT:
@@ -96,7 +119,7 @@ def _fwd_kernel(
     lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_v[None, :],
              out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
-    tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=h_ok)
+    tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=offs_h < H * (1 - tl.program_id(2)))  # pid 2 = 0 writes lse
 
 
 def launch_config(H: int, v_dim: int, D: int, dtype: torch.dtype, target: Target) -> dict:
@@ -105,14 +128,24 @@ def launch_config(H: int, v_dim: int, D: int, dtype: torch.dtype, target: Target
     DR = D - v_dim
     BLOCK_DV = max(16, triton.next_power_of_2(v_dim))
     BLOCK_DR = max(16, triton.next_power_of_2(max(DR, 1)))
+    DV_SPLIT = 1
     if target.kind == "interp":
         BLOCK_H, BLOCK_K, num_warps, num_stages = 16, 16, 4, 1
+    elif (BLOCK_DV >= 512 and H >= 128 and target.kind == "cuda" and target.capability[0] == 9
+          and dtype.itemsize == 2):
+        # V3.2 (H=128, DV=512) on sm_90 (wgmma): the [64, 512] fp32 accumulator of BLOCK_H=64 needs two
+        # warpgroups, and Triton puts both on the same 64 rows of the chained QK^T dot (the QK
+        # ran twice, as N=16 wgmmas; 255 regs, spills). Instead: all 128 heads in one program
+        # (each warpgroup owns 64 heads: one QK^T wgmma sequence, N = BLOCK_K) and the value dims
+        # split in two programs (acc [128, 256]: 128 regs/thread, no spills).
+        DV_SPLIT, BLOCK_DV = 2, BLOCK_DV // 2
+        BLOCK_H, BLOCK_K, num_warps, num_stages = 128, 32, 8, 2
     else:
         BLOCK_H = min(64, max(16, triton.next_power_of_2(H)))
         BLOCK_K = 32 if BLOCK_DV >= 512 else 64
         num_warps, num_stages = (8, 2) if BLOCK_DV >= 256 else (4, 2)
     return dict(HAS_ROPE=DR > 0, F32_DOT=target.kind == "interp",
-                IEEE=dtype == torch.float32 and target.kind != "interp",
+                IEEE=dtype == torch.float32 and target.kind != "interp", DV_SPLIT=DV_SPLIT,
                 BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_DV=BLOCK_DV, BLOCK_DR=BLOCK_DR,
                 num_warps=num_warps, num_stages=num_stages)
 
@@ -122,7 +155,7 @@ def plan(q, kv, indices, out, lse, v_dim, scale, target: Target | None = None):
     T, H, D = q.shape
     target = target or target_of(q.device)
     cfg = launch_config(H, v_dim, D, q.dtype, target)
-    grid = (T, triton.cdiv(H, cfg["BLOCK_H"]))
+    grid = (T, triton.cdiv(H, cfg["BLOCK_H"]), cfg["DV_SPLIT"])
     args = (q, kv, indices, out, lse,
             H, indices.shape[1], v_dim, D - v_dim, kv.shape[0], scale * LOG2E,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0))

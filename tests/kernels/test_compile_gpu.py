@@ -67,6 +67,54 @@ def test_fp8_on_sm80_is_bf16_dot(compiled):
     assert all("bf16" in m for m in r["mma"]), r["mma"]
 
 
+@pytest.mark.parametrize("name", ["sparse_mla/v32/bf16/prefill", "sparse_mla/v32/bf16/decode"])
+def test_v32_sparse_mla_sm90_no_spill_no_repeated_qk(compiled, name):
+    """Fix 4: BLOCK_H=64 with 8 warps put both warpgroups on the same 64 heads of the chained
+    QK^T (2 x 36 m64n16k16 wgmmas per iteration: QK twice), 255 regs, 168 B of spills. Now each
+    warpgroup owns 64 of the 128 heads: QK^T is one sequence of D/16 = 36 wgmmas with N = BLOCK_K,
+    PV 2 x m64n256 (BLOCK_K/16 k-steps over a 256-wide value half), no spills, smem <= 227 KB."""
+    r = compiled[(name, "sm_90")]
+    assert r["ok"], r["error"]
+    cfg = r["config"]
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+    assert r["shared"] <= gc.SMEM_LIMIT[90]
+    qk = f"m64n{cfg['BLOCK_K']}k16"
+    pv = f"m64n{cfg['BLOCK_DV']}k16"
+    assert r["mma_count"] == {qk: 576 // 16, pv: cfg["BLOCK_K"] // 16}, r["mma_count"]
+    assert cfg["BLOCK_H"] == 64 * cfg["num_warps"] // 4  # one 64-row wgmma M tile per warpgroup
+
+
+@pytest.mark.parametrize("name", ["indexer/v32/fp8/prefill", "indexer/v32/fp8/decode", "indexer/glm5/fp8/decode",
+                                  "indexer/tiny/bf16/prefill"])
+def test_indexer_key_tile_stored_once(compiled, name):
+    """Fix 4: the key tile (loop-invariant over the heads) was re-stored to shared memory inside
+    the head loop (1 local_alloc per head = 64 stores per program at V3.2). Now it is the A
+    operand, staged once before the loop: no register -> smem store inside any loop; the QK is
+    still one m64n64 wgmma sequence per head (BLOCK_D/k wgmmas)."""
+    r = compiled[(name, "sm_90")]
+    assert r["ok"], r["error"]
+    assert r["loop_smem_stores"] == 0
+    cfg = r["config"]
+    kstep = 32 if "fp8" in name else 16
+    assert r["mma_count"] == {f"m64n{cfg['BLOCK_T']}k{kstep}": cfg["BLOCK_D"] // kstep}, r["mma_count"]
+
+
+def test_loop_smem_store_counter():
+    ttgir = """
+    %k = ttg.local_alloc %k_0 : (tensor<64x128xf8E4M3FN, #blocked>) -> !ttg.memdesc<64x128xf8E4M3FN>
+    %r:2 = scf.for %h = %c0 to %H step %c1 iter_args(%a = %z) -> (tensor<64x64xf32, #mma>) : i32 {
+      %x = ttg.local_alloc %k_0 : (tensor<64x128xf8E4M3FN, #blocked>) -> !ttg.memdesc<64x128xf8E4M3FN>
+      %y = scf.if %c -> (i32) {
+        ttg.local_store %v, %buf : tensor<16xi32> -> !ttg.memdesc<16xi32>
+      }
+      %e = ttg.local_alloc : () -> !ttg.memdesc<2x64x128xf8E4M3FN>
+      scf.yield %a
+    }
+    ttg.local_store %v, %buf : tensor<16xi32> -> !ttg.memdesc<16xi32>
+    """
+    assert gc.loop_smem_stores(ttgir) == 2
+
+
 @pytest.mark.parametrize("name", ["sparse_mla/v32/bf16/prefill", "indexer/v32/fp8/prefill"])
 def test_query_offsets_are_int64(compiled, name):
     """Finding 2: t * stride in i32 wraps at V3.2 shapes (sparse_mla: stride_qt = 128 * 576, so

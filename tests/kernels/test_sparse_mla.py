@@ -119,3 +119,43 @@ def test_triton_v32_shape_on_gpu(monkeypatch):
     ok = torch.isfinite(ref_lse)
     assert rms_ratio(out.float(), ref_out.float()) < 1e-2
     assert rms_ratio(lse[ok], ref_lse[ok]) < 1e-3
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param((7, 8, 48, 32, 90, 37), id="H8-D48-v32"),
+    pytest.param((6, 5, 40, 24, 60, 21), id="H5-D40-v24-ragged-halves"),
+    pytest.param((4, 4, 32, 32, 50, 19), id="no-rope"),
+])
+def test_triton_dv_split_matches_naive(monkeypatch, case):
+    """The V3.2 sm_90 configuration's DV_SPLIT=2 path (value dims in two programs, each also
+    computing the other half's logits), forced on the interpreter at small shapes."""
+    from dsa_rag.kernels.sparse_mla import triton as mla_triton
+
+    orig = mla_triton.launch_config
+
+    def split_config(*a, **k):
+        cfg = orig(*a, **k)
+        return dict(cfg, DV_SPLIT=2, BLOCK_DV=cfg["BLOCK_DV"] // 2)
+
+    monkeypatch.setenv("DSA_KERNEL_BACKEND", "triton")
+    monkeypatch.setattr(mla_triton, "launch_config", split_config)
+    T, H, D, v, S, K = case
+    q, kv, idx = make_inputs(T, H, D, S, K, torch.float32)
+    ref_out, ref_lse = naive.sparse_mla(q, kv, idx, v_dim=v, scale=D**-0.5)
+    out, lse = mla_triton._forward(q, kv, idx, v, D**-0.5)
+    ok = torch.isfinite(ref_lse)
+    assert torch.isneginf(lse[~ok]).all() and (out[~ok] == 0).all()
+    assert rms_ratio(out, ref_out) < 1e-5
+    assert rms_ratio(lse[ok], ref_lse[ok]) < 1e-6
+
+
+def test_v32_sm90_config_has_no_repeated_qk():
+    """V3.2 on sm_90: each warpgroup owns 64 of the 128 heads (BLOCK_H = 2 x 64, 8 warps), so the
+    QK^T is one wgmma sequence with N = BLOCK_K; the value dims are split over 2 programs."""
+    from dsa_rag.kernels.dispatch import Target
+    from dsa_rag.kernels.sparse_mla import triton as mla_triton
+
+    cfg = mla_triton.launch_config(128, 512, 576, torch.bfloat16, Target("cuda", (9, 0)))
+    assert cfg["BLOCK_H"] == 64 * cfg["num_warps"] // 4 and cfg["DV_SPLIT"] * cfg["BLOCK_DV"] == 512
+    for cap in ((8, 0), (10, 0)):  # mma.sync / tcgen05 targets keep BLOCK_H = 64, no split
+        assert mla_triton.launch_config(128, 512, 576, torch.bfloat16, Target("cuda", cap))["DV_SPLIT"] == 1
