@@ -145,9 +145,8 @@ def call(op_package: str, fn_name: str, *args, **kwargs):
     if backend != "triton" or os.environ.get(ENV_VAR, "").strip():
         return getattr(impl, fn_name)(*args, **kwargs)
     key = (op_package, fn_name, x.dtype, tuple(x.shape[1:]), str(x.device))
-    fallback = importlib.import_module(f"dsa_rag.kernels.{op_package}.torch_impl")
     if key in _failed:
-        return getattr(fallback, fn_name)(*args, **kwargs)
+        return getattr(load(op_package, "torch"), fn_name)(*args, **kwargs)
     try:
         return getattr(impl, fn_name)(*args, **kwargs)
     except triton_errors() as exc:
@@ -158,4 +157,4 @@ def call(op_package: str, fn_name: str, *args, **kwargs):
             warnings.warn(f"kernels.{op_package}.{fn_name}: Triton kernel failed for {x.dtype} {list(x.shape)} on "
                           f"{x.device} ({reason}); using the torch backend for it from now on", RuntimeWarning,
                           stacklevel=3)
-        return getattr(fallback, fn_name)(*args, **kwargs)
+        return getattr(load(op_package, "torch"), fn_name)(*args, **kwargs)

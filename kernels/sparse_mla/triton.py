@@ -40,6 +40,15 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _qk(q, kv, IEEE: tl.constexpr):
+    """q [BLOCK_H, d] . kv [BLOCK_K, d]^T -> [BLOCK_H, BLOCK_K] fp32 (ieee: the exact-fp32 CPU path)."""
+    if IEEE:
+        return tl.dot(q, tl.trans(kv), input_precision="ieee")
+    else:
+        return tl.dot(q, tl.trans(kv))
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
     H, K, DV, DR, S, sm_scale_log2,
@@ -83,26 +92,17 @@ def _fwd_kernel(
         kv_lat = tl.load(rows + offs_v[None, :], mask=ok[:, None] & v_ok[None, :], other=0.0)
         if F32_DOT:
             kv_lat = kv_lat.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q_lat, tl.trans(kv_lat), input_precision="ieee")
-        else:
-            s = tl.dot(q_lat, tl.trans(kv_lat))  # [BLOCK_H, BLOCK_K] fp32
+        s = _qk(q_lat, kv_lat, IEEE)  # [BLOCK_H, BLOCK_K] fp32
         if DV_SPLIT == 2:
             kv_lat1 = tl.load(rows + offs_v1[None, :], mask=ok[:, None] & v1_ok[None, :], other=0.0)
             if F32_DOT:
                 kv_lat1 = kv_lat1.to(tl.float32)
-            if IEEE:
-                s += tl.dot(q_lat1, tl.trans(kv_lat1), input_precision="ieee")
-            else:
-                s += tl.dot(q_lat1, tl.trans(kv_lat1))
+            s += _qk(q_lat1, kv_lat1, IEEE)
         if HAS_ROPE:
             kv_rope = tl.load(rows + DV + offs_r[None, :], mask=ok[:, None] & r_ok[None, :], other=0.0)
             if F32_DOT:
                 kv_rope = kv_rope.to(tl.float32)
-            if IEEE:
-                s += tl.dot(q_rope, tl.trans(kv_rope), input_precision="ieee")
-            else:
-                s += tl.dot(q_rope, tl.trans(kv_rope))
+            s += _qk(q_rope, kv_rope, IEEE)
         s = tl.where(ok[None, :], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep p = 0
