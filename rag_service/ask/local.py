@@ -9,7 +9,7 @@ process; blocking work runs in threads (the engine in its own), never on the eve
     backend = LocalBackend(ServeSettings(data_dir="/tmp/rag"))     # loads pipeline + model in start()
     out = ask_sync(backend, AskParams.of("What was the revenue?", max_tokens=32))
     # or, with objects you already have (their settings are the pipeline's):
-    backend = LocalBackend(rag=rag, worker=PackWorker(rag, load_engine("dsa-tiny", tokenizer=rag.tok)))
+    backend = LocalBackend(rag=rag, worker=PackWorker.from_settings(rag, settings))
 
 The serving app over it: `create_app(LocalBackend(settings))` (rag_service/serve/app.py).
 Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ask_path.py tests/service/test_api.py`.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 
-from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.ask.worker import PackWorker
 from dsa_rag.rag_service.pipeline import RagPipeline
@@ -48,14 +47,8 @@ class LocalBackend:
             if self.rag is None:
                 self.rag = await asyncio.to_thread(RagPipeline, self.settings)
             if self.worker is None:
-                await asyncio.to_thread(self._load_worker)
+                self.worker = await asyncio.to_thread(PackWorker.from_settings, self.rag, self.settings)
 
-    def _load_worker(self) -> None:
-        s = self.settings
-        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads,
-                             dtype=s.dtype, fp8_numerics=s.fp8_numerics)
-        self.worker = PackWorker(self.rag, engine, replica_id="local", warm_packs=s.warm_packs_per_replica,
-                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 
     async def close(self) -> None:
         if self._own_worker and self.worker is not None:

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from dataclasses import replace
 from typing import AsyncIterator
 
+from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.errors import EngineError
@@ -72,6 +73,17 @@ class PackWorker:
         self._pins: dict[int, int] = {}  # id(handle) -> pins
         self._retired: dict[int, PrefixHandleProtocol] = {}  # id(handle) -> evicted while pinned
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
+
+    @classmethod
+    def from_settings(cls, rag, settings, *, replica_id: str = "local") -> "PackWorker":
+        """The worker a replica runs: the engine `settings` name (model, dtype, fp8_numerics,
+        torch_threads), decoding with the pipeline's tokenizer, within the settings' limits
+        (warm_packs_per_replica, citations_per_pack, max_new_tokens). `settings`: a ServeSettings."""
+        s = settings
+        engine = load_engine(s.model, tokenizer=rag.tok, threads=s.torch_threads, dtype=s.dtype,
+                             fp8_numerics=s.fp8_numerics)
+        return cls(rag, engine, replica_id=replica_id, warm_packs=s.warm_packs_per_replica,
+                   citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 
     @property
     def fingerprint(self) -> str:

@@ -33,7 +33,6 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.ask.worker import PackWorker
 from dsa_rag.rag_service.errors import RagError
@@ -96,10 +95,7 @@ class ModelReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rag = RagPipeline(s)
-        engine = load_engine(s.model, tokenizer=self.rag.tok, threads=s.torch_threads,
-                             dtype=s.dtype, fp8_numerics=s.fp8_numerics)
-        self.worker = PackWorker(self.rag, engine, replica_id=self.replica_id, warm_packs=s.warm_packs_per_replica,
-                                 citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
+        self.worker = PackWorker.from_settings(self.rag, s, replica_id=self.replica_id)
 
     async def stream(self, pack_id: str, params: AskParams):
         """Streamed per-pack answer events (see ask.worker.PackWorker.stream). Call it with

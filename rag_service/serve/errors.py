@@ -63,7 +63,7 @@ def error_response(e: RagError) -> JSONResponse:
 def stream_error(e: BaseException) -> dict:
     """The error of an SSE stream that already answered 200 (sent in-band, then [DONE])."""
     if isinstance(e, RagError):
-        return {"message": str(e), "type": TYPES.get(e.status_code, "server_error"), "code": e.code}
+        return {k: v for k, v in error_detail(e).items() if k in ("message", "type", "code")}
     log.exception("error while streaming an answer", exc_info=e)
     return {"message": f"internal error ({type(e).__name__}: {e})", "type": "server_error", "code": "internal_error"}
 
