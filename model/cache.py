@@ -3,7 +3,8 @@
 Per layer a sequence keeps
   - the MLA latent cache  kv   [S, kv_lora_rank + qk_rope_head_dim]  ([c_kv | k_pe], FP8-simulated
     c_kv when the model runs fp8_numerics), and
-  - the indexer key cache index_k [S, index_head_dim] (float8_e4m3fn + index_scale [S] in FP8 mode).
+  - the indexer key cache index_k [S, index_head_dim] (float8_e4m3fn + index_scale [S] in FP8 mode);
+    None on the "shared" layers of an indexer plan, which run no indexer.
 
 Anything with `write / kv / index_k / index_scale / kv_pool / physical` works as a layer cache (the engine adds paged,
 shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling.
@@ -51,11 +52,12 @@ class ContiguousLayerCache:
         if self._kv is not None:
             cap = max(cap, 2 * self._kv.shape[0])
         new_kv = kv.new_empty(cap, kv.shape[-1])
-        new_ik = ik.new_empty(cap, ik.shape[-1])
+        new_ik = ik.new_empty(cap, ik.shape[-1]) if ik is not None else None
         new_is = is_.new_empty(cap) if is_ is not None else None
         if self._kv is not None and self.length:
             new_kv[: self.length] = self._kv[: self.length]
-            new_ik[: self.length] = self._ik[: self.length]
+            if new_ik is not None:
+                new_ik[: self.length] = self._ik[: self.length]
             if new_is is not None:
                 new_is[: self.length] = self._is[: self.length]
         self._kv, self._ik, self._is = new_kv, new_ik, new_is
@@ -66,7 +68,8 @@ class ContiguousLayerCache:
         end = start + kv.shape[0]
         self._grow(end, kv, index_k, index_scale)
         self._kv[start:end] = kv
-        self._ik[start:end] = index_k
+        if index_k is not None:
+            self._ik[start:end] = index_k
         if index_scale is not None:
             self._is[start:end] = index_scale
         self.length = max(self.length, end)
@@ -75,7 +78,7 @@ class ContiguousLayerCache:
         return self._kv[:end]
 
     def index_k(self, end):
-        return self._ik[:end]
+        return None if self._ik is None else self._ik[:end]
 
     def index_scale(self, end):
         return None if self._is is None else self._is[:end]

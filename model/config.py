@@ -1,7 +1,16 @@
-"""Model configuration: a dataclass that reads the official HF `config.json` of DeepSeek-V3.2
-(-Exp) and named presets (`deepseek-v3.2`, the 671B shape; `dsa-tiny`, the CPU default).
+"""Model configuration: a dataclass that reads the official HF `config.json` of the DSA family it
+runs (DeepSeek-V3.2(-Exp), `deepseek_v32`; GLM-5 / 5.1 / 5.2, `glm_moe_dsa`) and named presets
+(`deepseek-v3.2`, the 671B shape; `glm-5`, `glm-5.1`, `glm-5.2`, the 744B-class shapes; `dsa-tiny`,
+the CPU default).
+
+The two families differ in three things this engine models: the indexer's RoPE layout (V3.2
+rotates pairs (i, i + d/2), GLM-5 interleaved pairs (2i, 2i + 1): `index_rope_interleaved`), the
+per-layer indexer plan (`indexer_types`: "full" layers run the lightning indexer, "shared" layers
+reuse the previous full layer's top-k and ship no indexer weights; GLM-5.2 ships one, any model can
+be given one with `index_every`), and the config keys that spell them.
 
     .venv/bin/python -m dsa_rag.model.config dsa-tiny        # print a preset as config.json
+    .venv/bin/python -m dsa_rag.model.config glm-5.2
 """
 
 from __future__ import annotations
@@ -28,6 +37,18 @@ class RopeScaling:
 
 
 INDEX_SCORES = ("relu", "mixture", "softmax_mixture")
+INDEXER_TYPES = ("full", "shared")
+MODEL_TYPES = {"deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+
+
+def indexer_plan(n_layers: int, every: int = 1, offset: int = 1) -> list[str]:
+    """Per-layer "full"/"shared" plan of cross-layer index reuse, with the schedule of
+    transformers' GlmMoeDsaConfig (`index_topk_freq` = every, `index_skip_topk_offset` = offset):
+    layer i runs the indexer iff max(i - offset + 1, 0) % every == 0. offset 1 gives layers
+    0, every, 2*every, ...; GLM-5.2's "0, 1, 2, then every 4th" is every=4, offset=3."""
+    if every < 1 or offset < 1:
+        raise ValueError(f"indexer plan needs every >= 1 and offset >= 1, got every={every}, offset={offset}")
+    return ["full" if max(i - offset + 1, 0) % every == 0 else "shared" for i in range(n_layers)]
 
 
 @dataclass
@@ -53,6 +74,13 @@ class ModelConfig:
     # also divides each head by its softmax normalizer over the causal keys, so softmax(I) is a
     # mixture of per-head softmaxes, the form of the dense attention's own p_t (see Indexer).
     index_score: str = "relu"
+    # Indexer RoPE layout: False = V3.2's half-split pairs (i, i + d/2); True = GLM-5's interleaved
+    # pairs (2i, 2i+1) (transformers' GlmMoeDsaIndexer applies apply_rotary_pos_emb_interleave).
+    index_rope_interleaved: bool = False
+    # Per-layer indexer plan: None = every layer "full"; else one of INDEXER_TYPES per layer. A
+    # "shared" layer has no indexer: it attends to the keys the previous full layer selected, and
+    # the engine keeps no indexer keys for it (see indexer_plan, full_index_layers).
+    indexer_types: list[str] | None = None
     # MoE
     n_routed_experts: int = 256
     n_shared_experts: int = 1
@@ -82,6 +110,8 @@ class ModelConfig:
     quant_block: int = 128
     # dense_attention: ignore the indexer and attend to every causal token (the "indexer off" baseline).
     dense_attention: bool = False
+    # The HF family this config reads and writes (a key of MODEL_TYPES).
+    model_type: str = "deepseek_v32"
     # Preset name / tokenizer kind (informational).
     name: str = "custom"
     tokenizer: str = "hf"
@@ -90,6 +120,16 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def full_index_layers(self) -> list[int]:
+        """The layers that run the lightning indexer (and cache indexer keys)."""
+        if self.indexer_types is None:
+            return list(range(self.num_hidden_layers))
+        return [i for i, t in enumerate(self.indexer_types) if t == "full"]
+
+    def layer_has_indexer(self, layer: int) -> bool:
+        return self.indexer_types is None or self.indexer_types[layer] == "full"
 
     @property
     def softmax_scale(self) -> float:
@@ -113,6 +153,13 @@ class ModelConfig:
         need(self.topk_group <= self.n_group, "topk_group must be <= n_group")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be <= n_routed_experts")
         need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace must be <= num_hidden_layers")
+        need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        if self.indexer_types is not None:
+            t = self.indexer_types
+            need(len(t) == self.num_hidden_layers,
+                 f"indexer_types has {len(t)} entries for {self.num_hidden_layers} layers")
+            need(all(x in INDEXER_TYPES for x in t), f"indexer_types entries must be one of {INDEXER_TYPES}, got {sorted(set(t))}")
+            need(not t or t[0] == "full", "indexer_types[0] must be 'full': a shared layer reuses an earlier full layer's top-k")
         if self.fp8_numerics:
             need(self.index_score == "relu", "fp8_numerics supports index_score 'relu' only (V3.2's FP8 indexer)")
             d = self.index_head_dim
@@ -135,6 +182,33 @@ class ModelConfig:
                 kw[k] = d[a]
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
+        mt = d.get("model_type")
+        if mt is not None and mt not in MODEL_TYPES:
+            raise ValueError(f"config model_type {mt!r} is not a DSA family this engine runs "
+                             f"(one of {', '.join(MODEL_TYPES)}; DeepSeek-V4's compressed attention is not supported yet)")
+        if mt is not None:
+            kw["model_type"] = mt
+        if "index_rope_interleaved" not in kw:
+            # GLM-5 rotates its indexer interleaved (transformers' GlmMoeDsaIndexer); some exports
+            # spell it `indexer_rope_interleave`.
+            kw["index_rope_interleaved"] = bool(d.get("indexer_rope_interleave", mt == "glm_moe_dsa"))
+        if kw.get("indexer_types") is None:
+            n_layers = int(kw.get("num_hidden_layers", cls.num_hidden_layers))
+            pattern = d.get("index_topk_pattern")
+            if pattern:  # "FSSS..." or a list, as vLLM / SGLang / transformers read it
+                kw["indexer_types"] = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+            elif int(d.get("index_topk_freq", 1) or 1) > 1:
+                kw["indexer_types"] = indexer_plan(n_layers, int(d["index_topk_freq"]),
+                                                   int(d.get("index_skip_topk_offset", 2)))
+        plan = kw.get("indexer_types")
+        if plan is not None and len(plan) == int(kw.get("num_hidden_layers", cls.num_hidden_layers)) and all(t == "full" for t in plan):
+            kw["indexer_types"] = None  # the same model as no plan; one spelling keeps fingerprints equal
+        mlp_types = d.get("mlp_layer_types")
+        if mlp_types and "first_k_dense_replace" not in d:
+            n_dense = next((i for i, t in enumerate(mlp_types) if t != "dense"), len(mlp_types))
+            if any(t == "dense" for t in mlp_types[n_dense:]):
+                raise ValueError(f"mlp_layer_types {mlp_types}: dense layers after the first MoE layer are not supported")
+            kw["first_k_dense_replace"] = n_dense
         rs = d.get("rope_scaling") or d.get("rope_parameters")
         if rs and (rs.get("type") or rs.get("rope_type")) == "yarn":
             kw["rope_scaling"] = RopeScaling(
@@ -148,8 +222,10 @@ class ModelConfig:
             kw["rope_scaling"] = None
             if rs and "rope_theta" in rs and "rope_theta" not in d:
                 kw["rope_theta"] = float(rs["rope_theta"])
+        index_every = overrides.pop("index_every", None)
         kw.update(overrides)
-        return cls(**kw).validate()
+        cfg = cls(**kw)
+        return with_overrides(cfg, index_every=index_every) if index_every is not None else cfg.validate()
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> "ModelConfig":
@@ -159,9 +235,11 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if self.rope_scaling is not None:
             d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
-        d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+        d.update(architectures=[MODEL_TYPES[self.model_type]], model_type=self.model_type,
                  num_key_value_heads=self.num_attention_heads, topk_method="noaux_tc", moe_layer_freq=1,
                  hidden_act="silu")
+        if self.indexer_types is None:
+            d.pop("indexer_types")
         return d
 
     def fingerprint_fields(self) -> dict:
@@ -198,14 +276,52 @@ def _deepseek_v32() -> ModelConfig:
     ).validate()
 
 
-PRESETS = {"dsa-tiny": _dsa_tiny, "deepseek-v3.2": _deepseek_v32}
+def _glm5(name: str, **over) -> ModelConfig:
+    # zai-org/GLM-5's config.json shape (glm_moe_dsa): MLA q_lora 2048 / kv_lora 512 / nope 192 /
+    # rope 64 / v 256, 64 heads, 78 layers, 256 routed experts (top-8, one group) + 1 shared, the
+    # first 3 layers dense, a 32 x 128 indexer keeping 2048 keys, plain RoPE (no YaRN).
+    base = dict(
+        name=name, model_type="glm_moe_dsa", vocab_size=154880, hidden_size=6144, intermediate_size=12288,
+        moe_intermediate_size=2048, num_hidden_layers=78, num_attention_heads=64, q_lora_rank=2048,
+        kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+        index_n_heads=32, index_head_dim=128, index_topk=2048, index_rope_interleaved=True,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
+        routed_scaling_factor=2.5, first_k_dense_replace=3, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        rope_scaling=None, max_position_embeddings=202752, eos_token_id=154820, bos_token_id=0,
+        num_nextn_predict_layers=1,
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128]},
+    )
+    base.update(over)
+    return ModelConfig(**base).validate()
+
+
+PRESETS = {
+    "dsa-tiny": _dsa_tiny,
+    "deepseek-v3.2": _deepseek_v32,
+    "glm-5": lambda: _glm5("glm-5"),
+    "glm-5.1": lambda: _glm5("glm-5.1"),
+    # GLM-5.2: IndexShare, 21 of 78 layers run the indexer (0, 1, 2, then every 4th), 1M context.
+    "glm-5.2": lambda: _glm5("glm-5.2", indexer_types=indexer_plan(78, every=4, offset=3), rope_theta=8000000.0,
+                             max_position_embeddings=1048576),
+}
 
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
-    return dataclasses.replace(cfg, **overrides).validate() if overrides else cfg
+    return with_overrides(cfg, **overrides) if overrides else cfg
+
+
+def with_overrides(cfg: ModelConfig, index_every: int | None = None, **overrides) -> ModelConfig:
+    """cfg with ModelConfig fields replaced; `index_every=N` (N >= 1) sets the indexer plan to
+    "run the indexer on layers 0, N, 2N, ..., reuse its top-k in between" (1 = every layer)."""
+    if index_every is not None:
+        n = overrides.get("num_hidden_layers", cfg.num_hidden_layers)
+        plan = indexer_plan(n, every=int(index_every))
+        overrides["indexer_types"] = None if all(t == "full" for t in plan) else plan
+    return dataclasses.replace(cfg, **overrides).validate()
 
 
 if __name__ == "__main__":

@@ -256,6 +256,15 @@ def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torc
         shown = ", ".join(f"{official_to_hf(k)} {tuple(expected[k].shape)}" for k in missing[:8])
         raise ValueError(f"checkpoint {d} lacks {len(missing)} tensors, e.g. {shown}")
     unexpected = [k for k in sd if k not in expected]
+    unused_index = [k for k in unexpected if re.match(r"^layers\.(\d+)\.attn\.indexer\.", k)
+                    and not cfg.layer_has_indexer(int(k.split(".")[1]))]
+    if unused_index:
+        # A checkpoint with an indexer on every layer, run with an indexer plan (index_every):
+        # the shared layers' indexers are not used.
+        log.info("indexer plan: %d indexer tensors of shared layers are not used", len(unused_index))
+        for k in unused_index:
+            del sd[k]
+        unexpected = [k for k in unexpected if k not in set(unused_index)]
     if unexpected:
         raise ValueError(f"checkpoint {d} has tensors this config does not use: {', '.join(unexpected[:8])}")
     for k, t in sd.items():

@@ -4,6 +4,10 @@ config -> RMSNorm -> YaRN RoPE -> lightning Indexer -> MLA (sparse) -> MoE -> Bl
 Follows the official fixed inference code (indexer RoPE half-split, not interleaved) and
 `transformers.DeepseekV32ForCausalLM`; module and parameter names are the official ones
 (`attn.wq_a`, `ffn.experts.3.w1`, ...), `model/load.py` maps HF checkpoint names onto them.
+The GLM-5 family (`transformers.GlmMoeDsaForCausalLM`) is the same network with an interleaved
+indexer RoPE (`cfg.index_rope_interleaved`) and a per-layer indexer plan (`cfg.indexer_types`):
+a "shared" layer has no indexer and attends to the keys its previous full layer selected
+(`Selection`, passed down the layers of one forward).
 
 Layout: [B, T, H, D] (batch, tokens, heads, dims). Attention runs per sequence over the cache
 (`model/cache.py`), so sequences of one batch may sit at different positions (batched decode).
@@ -99,6 +103,17 @@ def rope_interleaved(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)
 
 
+def rope_pairs_interleaved(x, cos, sin):
+    """Interleaved pairs (2i, 2i+1) rotated like rope_interleaved, the output in half-split order
+    (evens' results, then odds'), as transformers' apply_rotary_pos_emb_interleave returns it.
+    Only the order differs from rope_interleaved: q.k is the same when both sides use one function."""
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    xf, cos, sin = x.float(), cos.float(), sin.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
 def rope_half(x, cos, sin):
     """Indexer RoPE (the V3.2 fix): pairs (i, i + d/2), NeoX style; fp32 math, cast back."""
     if x.dim() == 4:
@@ -149,6 +164,8 @@ class Indexer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        # V3.2 rotates (i, i + d/2) pairs, GLM-5 interleaved ones (see ModelConfig.index_rope_interleaved).
+        self.rope = rope_pairs_interleaved if cfg.index_rope_interleaved else rope_half
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = LayerNorm(self.head_dim, eps=1e-6)
@@ -158,7 +175,7 @@ class Indexer(nn.Module):
     def keys(self, x, cos, sin):
         """x [B, T, dim] -> (k [B, T, D], k_scale [B, T] or None): what the indexer key cache holds."""
         k = self.k_norm(self.wk(x))
-        k = torch.cat([rope_half(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim:]], -1)
+        k = torch.cat([self.rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim:]], -1)
         if not self.cfg.fp8_numerics:
             return k, None
         k8, ks = fp8.act_quant(fp8.rotate(k), self.head_dim)
@@ -169,7 +186,7 @@ class Indexer(nn.Module):
         the mixtures q holds d^-1/2 and w is the heads' log-weights b (no FP8 path: validate() refuses it)."""
         B, T, _ = x.shape
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
-        q = torch.cat([rope_half(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim:]], -1)
+        q = torch.cat([self.rope(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim:]], -1)
         if self.cfg.index_score != "relu":
             return q * self.head_dim**-0.5, self.weights_proj(x.float())
         w = self.weights_proj(x.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
@@ -193,7 +210,8 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.r)
         self.wkv_b = nn.Linear(self.r, self.n_heads * (self.dn + self.dv), bias=False)
         self.wo = nn.Linear(self.n_heads * self.dv, cfg.hidden_size, bias=False)
-        self.indexer = Indexer(cfg)
+        # A "shared" layer of the indexer plan has no indexer (and its checkpoint no indexer tensors).
+        self.indexer = Indexer(cfg) if cfg.layer_has_indexer(layer_id) else None
         self.scale = cfg.softmax_scale
 
     def _select(self, iq, iw, c, end: int, sp: int):
@@ -201,9 +219,20 @@ class MLA(nn.Module):
         return indexer_topk(iq, c.index_k(end), iw, self.cfg.index_topk, k_scale=c.index_scale(end), start_pos=sp,
                             score=self.cfg.index_score)
 
-    def forward(self, x, cos, sin, start_pos: list[int], caches=None, mode: str = "auto", trace=None):
+    def _reuse(self, selection, row: int):
+        """A shared layer's keys: the previous full layer's top-k of this row."""
+        idx = None if selection is None else selection[row]
+        if idx is None:
+            raise ValueError(f"layer {self.layer_id} is a shared-index layer: it needs the top-k of a full layer before "
+                             f"it in the same forward (call the whole Transformer, or pass `selection`)")
+        return idx
+
+    def forward(self, x, cos, sin, start_pos: list[int], caches=None, mode: str = "auto", trace=None,
+                selection: list | None = None):
         """x [B, T, dim]; row b holds positions start_pos[b] .. start_pos[b] + T - 1.
         caches: per row a LayerCache (or None for a fresh prefill at position 0).
+        selection: per row the top-k indices [T, k] (or None: all causal keys) that the last full
+        layer of this forward chose; a full layer writes it, a shared layer attends to it.
         mode: "mha" (expand keys per head), "absorb" (MQA over the latent), or "auto": MHA for dense
         prefill (compute-bound: 2*H*(dqk+dv) FLOPs per key), absorbed for decode and for sparse
         prefill, where gathering the shared 576-dim latent once per key beats gathering H expanded
@@ -223,24 +252,27 @@ class MLA(nn.Module):
         if self.cfg.fp8_numerics:  # V3.2 caches c_kv in FP8 (k_pe stays bf16)
             c_kv = fp8.fp8_roundtrip(c_kv, min(self.cfg.quant_block, self.r))
         kv = torch.cat([c_kv, rope_interleaved(kv[..., self.r:], cos, sin)], -1)  # [B, T, r + dr]
-        ik, iks = self.indexer.keys(x, cos, sin)
+        full = self.indexer is not None
+        ik, iks = self.indexer.keys(x, cos, sin) if full else (None, None)
         # Indexer queries only matter when some row has more causal keys than top-k keeps
         # (and never in dense mode); the keys are always computed, the cache needs them.
         sparse = not self.cfg.dense_attention and max(start_pos) + T > self.cfg.index_topk
-        iq, iw = self.indexer.queries(x, qr, cos, sin) if sparse else (None, None)
+        iq, iw = self.indexer.queries(x, qr, cos, sin) if sparse and full else (None, None)
         outs = []
         for b in range(B):
             sp, end = start_pos[b], start_pos[b] + T
             if caches is None or caches[b] is None:
                 if sp != 0:
                     raise ValueError("a forward at start_pos > 0 needs a cache holding the earlier tokens")
-                c = ContiguousLayerCache.over(kv[b], ik[b], None if iks is None else iks[b])
+                c = ContiguousLayerCache.over(kv[b], None if ik is None else ik[b], None if iks is None else iks[b])
             else:
                 c = caches[b]
-                c.write(sp, kv[b], ik[b], None if iks is None else iks[b])
+                c.write(sp, kv[b], None if ik is None else ik[b], None if iks is None else iks[b])
             idx = None
             if not self.cfg.dense_attention and end > self.cfg.index_topk:
-                idx = self._select(iq[b], iw[b], c, end, sp)
+                idx = self._select(iq[b], iw[b], c, end, sp) if full else self._reuse(selection, b)
+            if full and selection is not None:
+                selection[b] = idx
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.
             row_mode = mode if mode != "auto" else ("mha" if idx is None and T > 1 and mha_ok else "absorb")
             if row_mode == "mha":
@@ -393,8 +425,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size) if layer_id < cfg.first_k_dense_replace else MoE(cfg)
 
-    def forward(self, h, cos, sin, start_pos, caches=None, mode="auto", trace=None):
-        h = h + self.attn(self.attn_norm(h), cos, sin, start_pos, caches, mode, trace)
+    def forward(self, h, cos, sin, start_pos, caches=None, mode="auto", trace=None, selection=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, start_pos, caches, mode, trace, selection)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -421,9 +453,10 @@ class Transformer(nn.Module):
         pos = torch.tensor(sp, device=input_ids.device)[:, None] + torch.arange(T, device=input_ids.device)
         h = self.embed(input_ids)  # the activation dtype: the embedding's (build_model / load_model `dtype`)
         cos, sin = self.rotary(pos)
+        selection = [None] * B  # the last full layer's top-k per row, for the shared layers after it
         for i, layer in enumerate(self.layers):
             lc = None if caches is None else [None if c is None else c[i] for c in caches]
-            h = layer(h, cos, sin, sp, lc, mode, trace)
+            h = layer(h, cos, sin, sp, lc, mode, trace, selection)
         if last_only:
             h = h[:, -1:]
         return self.head(self.norm(h).float())

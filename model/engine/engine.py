@@ -207,7 +207,7 @@ class Engine:
         c = self.cfg
         p = model.embed.weight
         self.pool = BlockPool(c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim,
-                              block_size, n_blocks, max_blocks, p.device)
+                              block_size, n_blocks, max_blocks, p.device, index_layers=c.full_index_layers)
         self.dtype, ik_dtype = cache_dtypes(model)  # the serving dtype: the model's activations and its caches
         self.pool.ensure_storage(self.dtype, ik_dtype, c.fp8_numerics)
         self.device = p.device
@@ -444,6 +444,12 @@ class Engine:
             raise h
         return h
 
+    def prefix_progress(self, rid: int) -> tuple[int, int] | None:
+        """(tokens cached, tokens in total) of a queued add_prefix request; None once it is done.
+        Plain int reads, so another thread (the async wrapper's loop) may poll it between steps."""
+        r = self.running.get(rid)
+        return None if r is None else (r.seq.length, len(r.tokens))
+
     def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
         """Cache every token of `ids` (continuing `prefix` if given); returns a read-only handle
         to fork questions from. Steps the engine until done, so running requests keep decoding."""
@@ -469,7 +475,9 @@ class Engine:
         t = {"tokens": torch.tensor(tokens[:n], dtype=torch.int64)}
         for i in range(self.cfg.num_hidden_layers):
             kv, ik, isc = seq.read(i, n)
-            t[f"layer.{i}.kv"], t[f"layer.{i}.index_k"] = kv.cpu(), ik.cpu()
+            t[f"layer.{i}.kv"] = kv.cpu()
+            if ik is not None:  # shared-index layers keep no indexer keys
+                t[f"layer.{i}.index_k"] = ik.cpu()
             if isc is not None:
                 t[f"layer.{i}.index_scale"] = isc.cpu()
         meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "model": self.cfg.name,
@@ -511,7 +519,9 @@ class Engine:
         try:
             for i, layer in enumerate(seq.layers):
                 got = {}
-                for k, shape in want.items():
+                # Shared-index layers (ModelConfig.indexer_types) hold latent kv only.
+                layer_want = want if i in self.pool.index_layers else {"kv": want["kv"]}
+                for k, shape in layer_want.items():
                     name = f"layer.{i}.{k}"
                     if name not in tensors:
                         raise ValueError(f"snapshot lacks tensor {name!r} (expected shape {list(shape)})")
@@ -523,7 +533,7 @@ class Engine:
                                          f"{dtypes[k]}: a cache prefilled in one dtype is never restored into "
                                          f"another; prefill the prefix again")
                     got[k] = tensors[name].to(self.device)
-                layer.write(0, got["kv"], got["index_k"], got.get("index_scale"))
+                layer.write(0, got["kv"], got.get("index_k"), got.get("index_scale"))
         except Exception:
             seq.free()
             raise
@@ -622,10 +632,15 @@ class AsyncEngine:
             if rid in self.engine.running:
                 await self.call(self.engine.abort, rid)
 
-    async def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
-        """Prefill a pack without stalling open streams: chunks interleave with their decoding."""
+    async def prefill_prefix(self, ids, prefix: PrefixHandle | None = None, progress=None) -> PrefixHandle:
+        """Prefill a pack without stalling open streams: chunks interleave with their decoding.
+        `progress(done, total)` (optional) is called on this loop each time a chunk lands."""
         rid = await self.call(self.engine.add_prefix, ids, prefix)
+        seen = None
         while (h := await self.call(self.engine.take_prefix, rid)) is None:
+            if progress is not None and (now := self.engine.prefix_progress(rid)) not in (None, seen):
+                seen = now
+                progress(*now)
             d = self._driver
             if d is None or d.done() or d.get_loop().is_closed():  # nobody steps: step here
                 for ev in await self.call(self.engine.step):

@@ -11,7 +11,9 @@ into a shared block.
 
 Storage per layer (all sequences together): kv [N * 64, kv_lora_rank + rope] in the model's
 activation dtype, index_k [N * 64, index_head_dim] (float8_e4m3fn stored as uint8 bytes in FP8
-mode: CPU index_copy has no float8 kernel) and index_scale [N * 64] fp32 (FP8 mode only).
+mode: CPU index_copy has no float8 kernel) and index_scale [N * 64] fp32 (FP8 mode only); the
+"shared" layers of an indexer plan (ModelConfig.indexer_types) run no indexer, so `index_layers`
+leaves them without index storage (None).
 Block b holds rows b*64 .. b*64+63; a sequence's token at position p lives in row
 table[p // 64] * 64 + p % 64 of every layer (one block id covers all layers).
 
@@ -80,15 +82,18 @@ class BlockPool:
     write (dtypes are the model's) and doubles when the allocator runs out; `max_blocks` caps it."""
 
     def __init__(self, n_layers: int, kv_dim: int, index_dim: int, block_size: int = BLOCK_SIZE,
-                 n_blocks: int = 16, max_blocks: int | None = None, device="cpu"):
+                 n_blocks: int = 16, max_blocks: int | None = None, device="cpu",
+                 index_layers: list[int] | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.n_layers, self.kv_dim, self.index_dim = n_layers, kv_dim, index_dim
+        # Layers that cache indexer keys (default: all); the others hold None in ik / isc.
+        self.index_layers = set(range(n_layers) if index_layers is None else index_layers)
         self.block_size, self.max_blocks, self.device = block_size, max_blocks, torch.device(device)
         self.alloc = BlockAllocator(n_blocks)
         self.kv: list[torch.Tensor] = []  # per layer [N*bs, kv_dim]
-        self.ik: list[torch.Tensor] = []  # per layer [N*bs, index_dim] (uint8 bytes in FP8 mode)
-        self.isc: list[torch.Tensor] | None = None  # per layer [N*bs] fp32 (FP8 mode)
+        self.ik: list[torch.Tensor | None] = []  # per layer [N*bs, index_dim] (uint8 bytes in FP8 mode)
+        self.isc: list[torch.Tensor | None] | None = None  # per layer [N*bs] fp32 (FP8 mode)
         self.kv_dtype = self.ik_dtype = None
 
     # --- storage ---------------------------------------------------------------------------
@@ -107,8 +112,11 @@ class BlockPool:
         rows = self.alloc.n_blocks * self.block_size
         st = torch.uint8 if _is_fp8(ik_dtype) else ik_dtype
         self.kv = [torch.zeros(rows, self.kv_dim, dtype=kv_dtype, device=self.device) for _ in range(self.n_layers)]
-        self.ik = [torch.zeros(rows, self.index_dim, dtype=st, device=self.device) for _ in range(self.n_layers)]
-        self.isc = [torch.zeros(rows, dtype=torch.float32, device=self.device) for _ in range(self.n_layers)] if has_scale else None
+        has = self.index_layers
+        self.ik = [torch.zeros(rows, self.index_dim, dtype=st, device=self.device) if i in has else None
+                   for i in range(self.n_layers)]
+        self.isc = [torch.zeros(rows, dtype=torch.float32, device=self.device) if i in has else None
+                    for i in range(self.n_layers)] if has_scale else None
 
     def _grow(self) -> None:
         old = self.alloc.n_blocks
@@ -123,7 +131,7 @@ class BlockPool:
             extra = (new - old) * self.block_size
 
             def cat(ts):
-                return [torch.cat([t, t.new_zeros((extra,) + tuple(t.shape[1:]))]) for t in ts]
+                return [None if t is None else torch.cat([t, t.new_zeros((extra,) + tuple(t.shape[1:]))]) for t in ts]
 
             # Growth usually happens inside Engine.step (inference mode), where new tensors would
             # be inference tensors that no later write outside inference mode (restore(), a
@@ -147,10 +155,12 @@ class BlockPool:
         s, d = slice(src * bs, (src + 1) * bs), slice(dst * bs, (dst + 1) * bs)
         for ts in (self.kv, self.ik, self.isc or []):
             for t in ts:
-                t[d] = t[s]
+                if t is not None:
+                    t[d] = t[s]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (self.kv, self.ik, self.isc or []) for t in ts)
+        return sum(t.numel() * t.element_size() for ts in (self.kv, self.ik, self.isc or []) for t in ts
+                   if t is not None)
 
     def used_blocks(self) -> int:
         return self.alloc.n_blocks - self.alloc.n_free
@@ -240,10 +250,12 @@ class PagedSequence:
         self._changed()
 
     # --- bulk read / write (snapshots) -----------------------------------------------------
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Contiguous copies of (kv, index_k, index_scale) for positions 0 .. end-1."""
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Contiguous copies of (kv, index_k, index_scale) for positions 0 .. end-1 (index_k and
+        index_scale None on a layer without indexer keys)."""
         c = self.layers[layer]
-        return c.kv(end).clone(), c.index_k(end).clone(), None if c.index_scale(end) is None else c.index_scale(end).clone()
+        ik, isc = c.index_k(end), c.index_scale(end)
+        return c.kv(end).clone(), None if ik is None else ik.clone(), None if isc is None else isc.clone()
 
     def __len__(self) -> int:
         return self.length
@@ -258,13 +270,23 @@ class PagedLayerCache:
     def write(self, start, kv, index_k, index_scale):
         seq, pool = self.seq, self.seq.pool
         end = start + kv.shape[0]
-        pool.ensure_storage(kv.dtype, index_k.dtype, index_scale is not None)
+        i = self.layer
+        if (index_k is not None) != (i in pool.index_layers):
+            raise ValueError(f"layer {i}: the pool {'keeps' if i in pool.index_layers else 'has no'} indexer keys "
+                             f"for it, the write {'has none' if index_k is None else 'brings some'} "
+                             f"(engine and model disagree on the indexer plan)")
+        if not pool.allocated:
+            if index_k is None:
+                raise ValueError("the pool's first write must come from a layer with indexer keys (storage dtypes)")
+            pool.ensure_storage(kv.dtype, index_k.dtype, index_scale is not None)
+        elif index_k is not None:
+            pool.ensure_storage(kv.dtype, index_k.dtype, index_scale is not None)
         seq.reserve(start, end)
         rows = seq.rows(start, end)
-        i = self.layer
         pool.kv[i].index_copy_(0, rows, kv.detach())
-        ik = index_k.detach()
-        pool.ik[i].index_copy_(0, rows, ik.view(torch.uint8) if _is_fp8(ik.dtype) else ik)
+        if index_k is not None:
+            ik = index_k.detach()
+            pool.ik[i].index_copy_(0, rows, ik.view(torch.uint8) if _is_fp8(ik.dtype) else ik)
         if index_scale is not None:
             pool.isc[i].index_copy_(0, rows, index_scale.detach().float())
         seq.length = max(seq.length, end)
@@ -281,12 +303,14 @@ class PagedLayerCache:
 
     def index_k(self, end):
         pool = self.seq.pool
+        if pool.ik[self.layer] is None:
+            return None
         ik = self._read(pool.ik[self.layer], end)
         return ik.view(pool.ik_dtype) if _is_fp8(pool.ik_dtype) else ik
 
     def index_scale(self, end):
         pool = self.seq.pool
-        return None if pool.isc is None else self._read(pool.isc[self.layer], end)
+        return None if pool.isc is None or pool.isc[self.layer] is None else self._read(pool.isc[self.layer], end)
 
     def kv_pool(self):
         return self.seq.pool.kv[self.layer]

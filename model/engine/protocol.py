@@ -21,11 +21,13 @@ signatures). Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_engine
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence, runtime_checkable
 
 from dsa_rag.model.engine.sampling import SamplingParams
 
-__all__ = ["EngineProtocol", "PrefixHandleProtocol", "SnapshotProtocol", "TokenEventProtocol", "TraceProtocol"]
+__all__ = ["EngineProtocol", "PrefixHandleProtocol", "SnapshotProtocol", "TokenEventProtocol", "TraceProtocol",
+           "accepts_progress"]
 
 
 @runtime_checkable
@@ -99,7 +101,12 @@ class EngineProtocol(Protocol):
 
     async def prefill_prefix(self, ids: list[int], prefix: PrefixHandleProtocol | None = None
                              ) -> PrefixHandleProtocol:
-        """Prefill `ids` (after `prefix`, when given: an older prefix they extend) as a new prefix."""
+        """Prefill `ids` (after `prefix`, when given: an older prefix they extend) as a new prefix.
+
+        Optional extension: an engine may also take `progress=callable(done_tokens, total_tokens)`,
+        called on the caller's event loop as chunks land (AsyncEngine does). It is not part of
+        the required signature, so older engines still conform; callers check with
+        `accepts_progress(engine)` before passing it."""
         ...
 
     async def restore(self, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> PrefixHandleProtocol:
@@ -124,3 +131,12 @@ class EngineProtocol(Protocol):
     def close(self) -> None:
         """Stop the engine's worker (the owner calls it once, when the replica shuts down)."""
         ...
+
+
+def accepts_progress(engine) -> bool:
+    """Whether `engine.prefill_prefix` takes the optional `progress=` keyword (see above)."""
+    try:
+        params = inspect.signature(engine.prefill_prefix).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: assume the plain signature
+        return False
+    return "progress" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -41,10 +41,14 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.08):
 
 
 def hf_model_from(ours):
-    """transformers.DeepseekV32ForCausalLM holding exactly `ours`' (dequantized) weights."""
-    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    """transformers.DeepseekV32ForCausalLM (or GlmMoeDsaForCausalLM for a `glm_moe_dsa` config,
+    with its indexer plan) holding exactly `ours`' (dequantized) weights."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
     c = ours.cfg
+    glm = c.model_type == "glm_moe_dsa"
+    config_cls, model_cls = (GlmMoeDsaConfig, GlmMoeDsaForCausalLM) if glm else (DeepseekV32Config, DeepseekV32ForCausalLM)
+    extra = {"indexer_types": list(c.indexer_types or ["full"] * c.num_hidden_layers)} if glm else {}
     rs = c.rope_scaling
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     if rs is not None:
@@ -52,7 +56,7 @@ def hf_model_from(ours):
                 "original_max_position_embeddings": rs.original_max_position_embeddings,
                 "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
                 "mscale_all_dim": rs.mscale_all_dim}
-    hc = DeepseekV32Config(
+    hc = config_cls(**extra,
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
@@ -66,7 +70,7 @@ def hf_model_from(ours):
         first_k_dense_replace=c.first_k_dense_replace, tie_word_embeddings=False,
     )
     hc._attn_implementation = "eager"
-    hf = DeepseekV32ForCausalLM(hc).float().eval()
+    hf = model_cls(hc).float().eval()
     sd = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for name, t in ours.state_dict().items():
