@@ -1,8 +1,14 @@
-"""A tiny random DeepSeek-V3.2 checkpoint in the official layout, for the end-to-end service test
-(tests/service/test_real_checkpoint.py): what a GPU user downloads, at a size a CPU runs.
+"""A tiny random DeepSeek-V3.2 (or GLM-5) checkpoint in the official layout, for the end-to-end
+service tests (tests/service/test_real_checkpoint.py, test_real_checkpoint_glm5.py): what a GPU
+user downloads, at a size a CPU runs.
 
     from tests.service.real_checkpoint import write_checkpoint
     d = write_checkpoint(tmp_path / "ckpt")     # -> the directory; `dsa-rag serve --model d`
+    d = write_checkpoint(tmp_path / "glm", family="glm_moe_dsa")   # GLM-5.2-style: shared-index layers
+
+GLM-5 (`glm_moe_dsa`, official_glm5_config): the same tensor names, one expert group, plain RoPE
+(`rope_parameters`), an `eos_token_id` list, and `indexer_types` with a "shared" layer that ships
+no indexer tensors (as GLM-5.2's release).
 
 What is in the directory, as in the official HF repo (docs: ../shared/reference/dsa-spec.md §1-2):
   - config.json: `architectures` DeepseekV32ForCausalLM, `model_type` deepseek_v32, `torch_dtype`
@@ -226,15 +232,36 @@ def _shard_of(name: str, n_layers: int) -> int:
     return 2
 
 
-def write_checkpoint(path: str | Path, seed: int = 0) -> Path:
+def official_glm5_config(vocab_size: int) -> dict:
+    """A tiny GLM-5.2-style config.json (glm_moe_dsa): three layers (one dense, two MoE), the middle
+    one a "shared" indexer layer, 16 indexer heads, one expert group, plain RoPE."""
+    cfg = official_config(vocab_size)
+    for k in ("auto_map", "rope_scaling", "rope_theta", "ep_size", "transformers_version"):
+        cfg.pop(k)
+    cfg.update({
+        "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa", "num_hidden_layers": 3,
+        "indexer_types": ["full", "shared", "full"], "index_n_heads": 16, "n_group": 1, "topk_group": 1,
+        "eos_token_id": [1, 2], "rms_norm_eps": 1e-05, "head_dim": 8,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+        "mlp_layer_types": ["dense", "sparse", "sparse"], "transformers_version": "5.25.0", "dtype": "bfloat16",
+    })
+    cfg.pop("torch_dtype")
+    cfg["quantization_config"].pop("scale_fmt")
+    return dict(sorted(cfg.items()))
+
+
+CONFIGS = {"deepseek_v32": official_config, "glm_moe_dsa": official_glm5_config}
+
+
+def write_checkpoint(path: str | Path, seed: int = 0, family: str = "deepseek_v32") -> Path:
     """Write the checkpoint directory (config.json, 3 safetensors shards + index, tokenizer.json,
-    tokenizer_config.json, generation_config.json) -> its path."""
+    tokenizer_config.json, generation_config.json) -> its path. family: a key of CONFIGS."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False))
-    cfg = official_config(tok.get_vocab_size())
+    cfg = CONFIGS[family](tok.get_vocab_size())
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     (d / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
