@@ -1,7 +1,8 @@
 """Indexer ops (kernels.indexer_logits / indexer_topk): every backend against naive.py.
 
 Awkward sizes (T=63, S off the block grid, topk=37), start_pos > 0, decode (T=1), S < topk
-(padding), fp32 / bf16 / FP8 e4m3 with k_scale, NaN-poisoned allocations (conftest).
+(padding), the released shapes (32 or 64 heads of 128 dims), fp32 / bf16 / FP8 e4m3 with
+k_scale, NaN-poisoned allocations (conftest).
 Run: .venv/bin/python -m pytest -q tests/kernels/test_indexer.py
 """
 
@@ -23,6 +24,9 @@ CASES = [
     pytest.param((1, 130, 129, 4, 32, 37), id="decode-S130"),
     pytest.param((20, 25, 5, 2, 64, 48), id="S25-lt-topk48-padding"),
     pytest.param((7, 150, 0, 5, 24, 200), id="topk-gt-S-D24"),
+    # the released indexer shapes: GLM-5's 32 heads x 128, V3.2's 64 x 128 (decode over a cache)
+    pytest.param((9, 140, 131, 32, 128, 40), id="glm5-H32-D128"),
+    pytest.param((1, 160, 159, 64, 128, 48), id="v32-H64-D128-decode"),
 ]
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16, FP8)]
 
