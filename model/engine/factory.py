@@ -40,17 +40,20 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", model: str = "dsa-tiny", de
 
 def load_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=None, *,
                 threads: int | None = None, dtype: str | torch.dtype = "auto",
-                fp8_numerics: bool | None = None) -> EngineProtocol:
+                fp8_numerics: bool | None = None, index_every: int | None = None) -> EngineProtocol:
     """Load `model` (a preset name or a checkpoint dir) into the DSA engine, wrapped for async use.
     device: None = cuda when available, else cpu. tokenizer: what decodes the generated text (the
     pipeline's; None = the engine's byte tokenizer). threads: torch intra-op threads for this
     process (None or 0 = torch's default). dtype: "auto" | "float32" | "bfloat16" | "float16" (or
     a torch dtype), see `resolve_dtype`; the model, its caches and snapshots all run in it.
     fp8_numerics: None = the model config's own setting; True / False override it (V3.2's
-    simulated FP8 indexer keys and latent cache)."""
+    simulated FP8 indexer keys and latent cache). index_every: None = the checkpoint's indexer plan;
+    N = run the indexer on layers 0, N, 2N, ... and reuse its top-k in between (ModelConfig.indexer_types)."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
     overrides = {} if fp8_numerics is None else {"fp8_numerics": bool(fp8_numerics)}
+    if index_every is not None:
+        overrides["index_every"] = int(index_every)
     m = load_model(model, device=device, dtype=resolve_dtype(dtype, model, device), **overrides)
     return AsyncEngine(Engine(m, tokenizer))

@@ -11,6 +11,7 @@ ones. Prompts are prefilled in chunks through the model's own cache (the inferen
     .venv/bin/python -m dsa_rag.model.evals.eval --lengths 1024,4096,16384,32768,65536,131072 --samples 50 \\
         --long-samples 4 --dense-max-len 32768 --out benchmarks/results/eval_dsa-tiny.json
     .venv/bin/python -m dsa_rag.model.evals.eval --model tmp/run/s2 --lengths 1024 --samples 6   # any weights dir / run dir
+    .venv/bin/python -m dsa_rag.model.evals.eval --index-every 2 --lengths 4096 --tasks niah_single --modes dsa  # indexer reuse
 
 Each cell's per-sample outcomes are kept under "samples" (mode -> task -> length -> one record per
 example, with an id that names the example), so `dsa_rag.model.evals.eval_report` can pair DSA and dense on the
@@ -34,7 +35,7 @@ import torch
 from dsa_rag.model.cache import new_sequence_cache
 from dsa_rag.model.evals.example_sets import cell_examples
 from dsa_rag.model.evals.failure_kinds import failure_kind
-from dsa_rag.model.load import load_any
+from dsa_rag.model.load import load_any, load_model
 from dsa_rag.model.tokenizer import ByteTokenizer
 from dsa_rag.model.training import data
 from dsa_rag.model.training.train import forward_train
@@ -136,18 +137,22 @@ def main(argv=None):
                     help="run only examples A..B-1 of each cell (the same examples and ids as a full run: "
                          "a slow mode can cover part of a set that the other mode ran in full)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--index-every", type=int, default=None, metavar="N",
+                    help="indexer plan: run the indexer on layers 0, N, 2N, ... and reuse its top-k in between "
+                         "(a preset or weights dir; ModelConfig.indexer_types)")
     ap.add_argument("--out", default="benchmarks/results/eval_dsa-tiny.json")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_any(a.model, device)
+    model = load_any(a.model, device) if a.index_every is None else load_model(a.model, device, index_every=a.index_every)
     tok = ByteTokenizer()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lengths = [int(v) for v in a.lengths.split(",") if v]
     tasks = a.tasks.split(",")
     res = {"model": model.cfg.name, "source": a.model, "argv": sys.argv, "device": device,
+           "indexer_types": model.cfg.indexer_types,
            "index_topk": model.cfg.index_topk, "metric": "greedy exact match (teacher-forced argmax)",
            "chance": 0.0, "accuracy": {}, "speed": {}, "recall": [], "samples": {}}
 

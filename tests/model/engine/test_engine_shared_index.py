@@ -1,7 +1,7 @@
 """The engine under an indexer plan (ModelConfig.indexer_types: "full" layers select, "shared"
 layers reuse): cached greedy == full recomputation, snapshot -> restore -> continue ==
-uninterrupted, shared layers keep no indexer keys (pool storage and snapshots), FP8 numerics, and
-batched decode over rows at different positions.
+uninterrupted, shared layers keep no indexer keys (pool storage and snapshots), traces on shared
+layers, FP8 numerics, and batched decode over rows at different positions.
 
     .venv/bin/python -m pytest tests/model/engine/test_engine_shared_index.py -q
 """
@@ -49,6 +49,18 @@ def test_batched_rows_at_different_positions(model):
     outs = eng.run_batch([(p, SamplingParams(max_tokens=10, **GREEDY), None) for p in prompts])
     for p, o in zip(prompts, outs):
         assert o.token_ids == greedy_full(model, p, 10)
+
+
+def test_trace_reports_the_reused_keys_on_shared_layers(model):
+    """Citations read the traces: every layer reports what it attended to, a shared layer the keys
+    its full layer selected (with its own attention mass)."""
+    eng = engine(model)
+    c = eng.complete(ids_of(60, 50), SamplingParams(max_tokens=3, trace=True, trace_top=5, trace_layers=True, **GREEDY))
+    for tr in c.traces:
+        assert len(tr.layers) == 4 and len(tr.positions) == 5
+        (p0, m0), (p1, m1), (p2, _), (p3, _) = tr.layers
+        assert sorted(p1) == sorted(p0) and sorted(p3) == sorted(p2)
+        assert sum(m1) == pytest.approx(1.0, abs=1e-4) and m1 != m0
 
 
 def test_shared_layers_keep_no_indexer_keys(model, tmp_path):
