@@ -168,19 +168,36 @@ def doc_cost(tok, name: str, text_tokens: int) -> int:
     return len(tok.doc_head(name)) + text_tokens + len(tok.doc_tail())
 
 
+def _bos_without_config(d: Path, tok: HFTokenizer) -> int:
+    """The prompt's first token when config.json names no bos_token_id (GLM-5's does not):
+    tokenizer_config.json's bos_token, else GLM's "[gMASK]" (the token its prompts open with), else 0."""
+    spec = d / "tokenizer_config.json"
+    names = []
+    if spec.exists():
+        b = json.loads(spec.read_text()).get("bos_token")
+        names.append(b.get("content") if isinstance(b, dict) else b)
+    for name in [*names, "[gMASK]"]:
+        i = tok._tok.token_to_id(name) if isinstance(name, str) else None
+        if i is not None:
+            return i
+    return 0
+
+
 def load_tokenizer(model_dir: str | Path | None = None):
     """tokenizer.json -> HFTokenizer; tokenizer_config.json with {"type": "byte"} or no dir -> ByteTokenizer."""
     if model_dir is None:
         return ByteTokenizer()
     d = Path(model_dir)
     if (d / "tokenizer.json").exists():
-        bos, eos = 0, 1
+        bos, eos = None, 1
         cfg = d / "config.json"
         if cfg.exists():
             c = json.loads(cfg.read_text())
-            bos, eos = c.get("bos_token_id", 0), c.get("eos_token_id", 1)
+            bos, eos = c.get("bos_token_id"), c.get("eos_token_id", 1)
             eos = eos[0] if isinstance(eos, list) else eos
-        return HFTokenizer(d / "tokenizer.json", bos, eos)
+        tok = HFTokenizer(d / "tokenizer.json", 0, eos)
+        tok.bos_id = bos if bos is not None else _bos_without_config(d, tok)
+        return tok
     spec = d / "tokenizer_config.json"
     if spec.exists():
         s = json.loads(spec.read_text())

@@ -46,3 +46,24 @@ def test_load_tokenizer_byte_spec(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(ByteTokenizer().to_json()))
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
     assert isinstance(load_tokenizer(None), ByteTokenizer)
+
+
+def test_glm_tokenizer_without_bos_in_config(tmp_path):
+    """GLM-5's config.json names no bos_token_id and an eos_token_id list: the prompt opens with
+    tokenizer_config's bos_token if any, else GLM's [gMASK]; eos is the list's first id."""
+    import json
+
+    from dsa_rag.model.tokenizer import load_tokenizer
+    from tests.service.real_checkpoint import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens(["[gMASK]", "<sop>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm_moe_dsa", "eos_token_id": [1, 2]}))
+    t = load_tokenizer(tmp_path)
+    assert t.bos_id == tok.token_to_id("[gMASK]") and t.eos_id == 1
+    assert t.prompt_ids([("a.txt", "x")], "q")[0] == t.bos_id
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<sop>"}}))
+    assert load_tokenizer(tmp_path).bos_id == tok.token_to_id("<sop>")
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    assert load_tokenizer(tmp_path).bos_id == 0  # the config's own wins
