@@ -258,7 +258,22 @@ def stage_kernels_vs_naive(st: Stage):
         return {"ok": topk_err < 1e-2 and e_o < 1e-2 and e_l < 1e-3, "indexer_topk_fp8_rms": topk_err,
                 "sparse_mla_out_rms": e_o, "sparse_mla_lse_rms": e_l}
 
-    for name, fn in (("indexer_logits_bf16", bf16_indexer), (f"large_S_{big['S']}", large_s)):
+    def glm5_shapes():
+        # GLM-5: a 32 x 128 FP8 indexer keeping 2048 keys, 64 MLA heads over the same 576-dim latent
+        T, S, K = (8, 160, 32) if st.dry else (64, 8192, 2048)
+        q, k, w, ks = kg.fp8_inputs(T, S, 32, 128, dev)
+        ref = idx_naive.indexer_logits(q, k, w, k_scale=ks, start_pos=S - T)
+        idx = indexer_topk(q, k, w, K, k_scale=ks, start_pos=S - T)
+        topk_err = kg.rms_ratio(ref.gather(1, idx.long()), ref.topk(K, dim=1).values)
+        qm = torch.randn(T, 64, 576, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(S, 576, device=dev, dtype=torch.bfloat16)
+        o_ref, l_ref = mla_naive.sparse_mla(qm, kv, idx, v_dim=512, scale=0.135)
+        o, lse = sparse_mla(qm, kv, idx, v_dim=512, scale=0.135)
+        e_o, e_l = kg.rms_ratio(o.float(), o_ref.float()), kg.rms_ratio(lse, l_ref)
+        return {"ok": topk_err < 1e-2 and e_o < 1e-2 and e_l < 1e-3, "indexer_topk_fp8_rms": topk_err,
+                "sparse_mla_out_rms": e_o, "sparse_mla_lse_rms": e_l, "shape": {"T": T, "S": S, "topk": K}}
+
+    for name, fn in (("indexer_logits_bf16", bf16_indexer), (f"large_S_{big['S']}", large_s), ("glm5_shapes", glm5_shapes)):
         if st.left() < 5:
             st.part(name, "fail", error="stage budget spent before this part")
             continue
