@@ -37,6 +37,8 @@ from dsa_rag.kernels.dispatch import lowp_math_dtype
 S_BLOCK = 4096  # keys per block
 PAIR_BUDGET = 1 << 21  # Tc * H * S_BLOCK elements per block intermediate (4 MiB in bf16)
 ROW_BUDGET = 1 << 23  # Tc * S fp32 scores of one chunk of queries for indexer_topk (32 MiB)
+# softmax_mixture's keys-with-ones copy (k1) only when T * H >= 2 * (D + 1) query-head rows share it
+K1_MIN_ROWS_PER_DIM = 2
 TOPK_GROUP_RATIO, MAX_TOPK_GROUP = 4, 32  # _row_topk: groups of G keys, G <= 32 and n / G >= 4 * k
 
 
@@ -221,8 +223,12 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
     scratch = _Scratch(min(tc, T), H, s_block, dt, q.device)
     rows = torch.empty(min(tc, T) * S, dtype=torch.float32, device=q.device)
     exps = torch.empty(min(tc, T) * H * S if smix else 0, dtype=torch.float32, device=q.device)
-    # softmax_mixture: the keys with a column of ones, so the GEMM also subtracts each query's reference
-    k1 = torch.cat([k.to(dt), torch.ones(S, 1, dtype=dt, device=k.device)], 1) if smix and k_scale is None else None
+    # softmax_mixture: the keys with a column of ones, so the GEMM also subtracts each query's reference.
+    # The copy saves a max and a subtraction pass over T * H * S dots and costs a pass over S * (D + 1)
+    # keys: worth it in prefill, not in decode (T = 1), where it was ~1/6 of a 128k decode step.
+    k1 = None
+    if smix and k_scale is None and T * H >= K1_MIN_ROWS_PER_DIM * (D + 1):
+        k1 = torch.cat([k.to(dt), torch.ones(S, 1, dtype=dt, device=k.device)], 1)
     block_scores = scratch.mixture_scores if score == "mixture" else scratch.scores
     with torch.no_grad():
         for t0 in range(0, T, tc):
