@@ -185,7 +185,8 @@ class ModelConfig:
         mt = d.get("model_type")
         if mt is not None and mt not in MODEL_TYPES:
             raise ValueError(f"config model_type {mt!r} is not a DSA family this engine runs "
-                             f"(one of {', '.join(MODEL_TYPES)}; DeepSeek-V4's compressed attention is not supported yet)")
+                             f"(one of {', '.join(MODEL_TYPES)}; a DeepSeek-V4 checkpoint loads with "
+                             f"dsa_rag.model.v4.load.load_v4_model, and load_engine / `dsa-rag serve` route it there)")
         if mt is not None:
             kw["model_type"] = mt
         if "index_rope_interleaved" not in kw:

@@ -5,7 +5,8 @@
     dsa-rag serve --config deploy/serve.yaml   # a Ray Serve config (applications, autoscaling, ...)
     dsa-rag serve --model /ckpt/DeepSeek-V3.2 --dtype bfloat16 --fp8-numerics   # a real checkpoint
     dsa-rag ingest report.pdf notes/       # upload files (directories: *.pdf *.txt *.md), progress bar
-    dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations
+    dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations (a progress
+                                           # bar on stderr while a cold pack is prefilled)
     dsa-rag status                         # readiness, replicas, documents, prefix-cache counters
 
 Also `python -m dsa_rag.rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from dsa_rag.rag_service.cli_progress import PrefillBars
 from dsa_rag.rag_service.client import DSARagAPIError, DSARagClient
 from dsa_rag.rag_service.serve.settings import ServeSettings
 
@@ -40,7 +42,8 @@ def _settings(a):
     over = {k: v for k, v in {
         "host": a.host, "port": a.port, "model": a.model, "model_replicas": a.replicas,
         "data_dir": a.data_dir, "ray_address": a.address, "ray_num_cpus": a.num_cpus,
-        "dtype": a.dtype, "fp8_numerics": a.fp8_numerics,
+        "dtype": a.dtype, "fp8_numerics": a.fp8_numerics, "index_every": a.index_every,
+        "tensor_parallel_size": a.tensor_parallel_size, "expert_parallel_size": a.expert_parallel_size,
     }.items() if v is not None}
     s = ServeSettings(**over)
     updates = {"data_dir": Path(s.data_dir).expanduser().resolve()}  # Ray workers have another cwd
@@ -82,7 +85,8 @@ def cmd_serve(a) -> int:
         server.startup = startup
         server.run()
         return 0
-    explicit = {k for k in ("host", "port", "model", "dtype", "fp8_numerics")
+    explicit = {k for k in ("host", "port", "model", "dtype", "fp8_numerics", "index_every",
+                            "tensor_parallel_size", "expert_parallel_size")
                 if getattr(a, k) is not None or f"DSA_RAG_{k.upper()}" in os.environ}
     return _serve_ray(s, a.config, explicit)
 
@@ -156,7 +160,8 @@ def _deploy_config(s, path: str, explicit: set[str]):
     for app in cfg.get("applications", []):
         if app.get("import_path", "").startswith("dsa_rag.rag_service."):
             # the config's own args win, except what was given explicitly on the command line / env
-            given = {k: getattr(s, k) for k in ("model", "dtype", "fp8_numerics") if k in explicit}
+            given = {k: getattr(s, k) for k in ("model", "dtype", "fp8_numerics", "index_every", "tensor_parallel_size",
+                                                "expert_parallel_size") if k in explicit}
             app["args"] = {"redis_url": s.redis_url, "data_dir": str(s.data_dir), "app_name": app.get("name"),
                            **(app.get("args") or {}), **given}
     schema = ServeDeploySchema.model_validate(cfg)
@@ -235,9 +240,10 @@ def cmd_ask(a) -> int:
                 return _fail(e)
             print(final["answer"])
         else:
-            final = None
+            final, bars = None, PrefillBars()  # a progress bar while a cold pack is read (stderr)
             try:
                 for ev in c.ask_stream(a.question, **opts):
+                    bars.update(ev)
                     if ev["type"] == "token":
                         print(ev["text"], end="", flush=True)
                     elif ev["type"] == "citations":
@@ -247,6 +253,8 @@ def cmd_ask(a) -> int:
                     return _fail(e)
                 print(f"\nerror: {e.message}", file=sys.stderr)  # an error event, or the stream broke
                 return 1
+            finally:
+                bars.close()
             print()
     if final:
         for i, ct in enumerate(final["citations"], 1):
@@ -293,7 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--fp8-numerics", action=argparse.BooleanOptionalAction, default=None,
                     help="V3.2's simulated FP8 indexer keys and latent cache (default: the model config's; "
                          "DSA_RAG_FP8_NUMERICS)")
+    sv.add_argument("--index-every", type=int, metavar="N",
+                    help="run the lightning indexer on every Nth layer and reuse its top-k in between "
+                         "(default: the checkpoint's own plan; DSA_RAG_INDEX_EVERY)")
     sv.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    sv.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                    help="devices one replica's heads / dense MLP / vocabulary split over (default 1; needs Ray; "
+                         "DSA_RAG_TENSOR_PARALLEL_SIZE)")
+    sv.add_argument("--expert-parallel-size", type=int, metavar="N",
+                    help="devices one replica's routed experts split over: 1 or the replica's size (default 1; "
+                         "DSA_RAG_EXPERT_PARALLEL_SIZE)")
     sv.add_argument("--data-dir", help="blobs, KV cache, embedded Redis (default ./data)")
     sv.add_argument("--config", help="a Ray Serve config YAML (e.g. deploy/serve.yaml)")
     sv.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
@@ -323,7 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="readiness, replicas, documents, cache counters")
     client_args(st)
     st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", help="does a model fit a replica of N GPUs? weights per rank, cache per token, "
+                                     "128k packs per replica (dsa_rag.model.plan)")
+    pl.add_argument("--model", required=True, help="a preset (deepseek-v3.2, glm-5, ...) or a checkpoint dir")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs of one replica (default 8)")
+    pl.add_argument("--gpu-mem", type=float, default=141.0, help="GB per GPU (H200 141, H100 80)")
+    pl.add_argument("--tp", type=int, help="tensor parallel size (default: --gpus)")
+    pl.add_argument("--ep", type=int, help="expert parallel size (default: --gpus for MoE models)")
+    pl.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                    help="bf16: as this engine loads them (FP8 dequantized); fp8: FP8-resident weights")
+    pl.add_argument("--dtype", help="serving dtype (default: the checkpoint's)")
+    pl.add_argument("--fp8-numerics", action="store_true", help="FP8 indexer-key cache (V3.2's kernels)")
+    pl.add_argument("--reserve-frac", type=float, default=0.1, help="GPU share kept for activations")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
     return p
+
+
+def cmd_plan(a) -> int:
+    # Imported here, not at the top: it pulls in torch and the model, which no other command needs.
+    from dsa_rag.model.plan import run
+
+    return run(a)
 
 
 def main(argv: list[str] | None = None) -> int:

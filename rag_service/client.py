@@ -6,7 +6,7 @@ LangChain classes and the tests. Needs httpx only (no torch, FastAPI, Ray or Lan
         ids = c.upload([("report.pdf", open("report.pdf", "rb").read())])["ids"]
         c.list_documents(); c.get_document(ids[0]); c.delete_document(ids[0])
         answer = c.ask("Who signed?", document_ids=ids, max_tokens=64)     # the JSON body
-        for ev in c.ask_stream("Who signed?"):                            # {"type": "token" | "citations"}
+        for ev in c.ask_stream("Who signed?"):              # {"type": "progress" | "token" | "citations"}
             ...
         c.chat_completions({"model": "dsa-tiny", "messages": [...]})      # also chat_completions_stream,
         c.health(); c.ready(); c.models(); c.metrics()                    #   completions(_stream)

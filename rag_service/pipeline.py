@@ -152,6 +152,7 @@ class RagPipeline:
             "chars": len(parsed.text), "tokens": doc_cost(self.tok, name, tt.total),
             "pages": len(parsed.pages), "chunks": len(chunks), "created": repr(now),
             "page_spans": json.dumps([[p.page, p.char_start, p.char_end] for p in parsed.pages]),
+            "ocr_pages": json.dumps([p.page for p in parsed.pages if p.ocr]),
         }
         doc_key = self.keys.doc(doc_id)
 
@@ -245,10 +246,11 @@ class RagPipeline:
         return self.blobs.get(info.text_sha256).decode("utf-8")
 
     def document_pages(self, doc_id: str) -> list[PageSpan]:
-        raw = self.r.hget(self.keys.doc(doc_id), "page_spans")
+        raw, ocr = self.r.hmget(self.keys.doc(doc_id), ["page_spans", "ocr_pages"])
         if raw is None:
             raise NotFound(f"document {doc_id} not found")
-        return [PageSpan(page=p, char_start=a, char_end=b) for p, a, b in json.loads(raw)]
+        ocr = set(json.loads(ocr or "[]"))
+        return [PageSpan(page=p, char_start=a, char_end=b, ocr=p in ocr) for p, a, b in json.loads(raw)]
 
     def document_chunks(self, doc_id: str) -> list[Chunk]:
         raw = self.r.get(self.keys.doc_chunks(doc_id))
@@ -417,4 +419,5 @@ def _doc_from_hash(h: dict) -> DocumentInfo:
         text_sha256=h["text_sha256"], size_bytes=int(h["size_bytes"]), chars=int(h["chars"]),
         tokens=int(h["tokens"]), pages=int(h["pages"]), chunks=int(h["chunks"]),
         created=float(h["created"]), packs=json.loads(h.get("packs") or "[]"),
+        ocr_pages=json.loads(h.get("ocr_pages") or "[]"),
     )

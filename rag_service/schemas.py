@@ -27,6 +27,7 @@ class PageSpan(BaseModel):
     page: int = Field(..., ge=1)
     char_start: int = Field(..., ge=0)
     char_end: int = Field(..., ge=0)
+    ocr: bool = Field(False, description="the page had no text layer; its text was recognized by OCR")
 
 
 class DocumentInfo(BaseModel):
@@ -43,6 +44,7 @@ class DocumentInfo(BaseModel):
     chunks: int = Field(..., ge=0)
     created: float = Field(..., description="unix time of the first upload")
     packs: list[str] = Field(default_factory=list, description="pack ids, in window order")
+    ocr_pages: list[int] = Field(default_factory=list, description="1-based pages whose text was recognized by OCR")
 
 
 class PackMember(BaseModel):
@@ -76,6 +78,9 @@ class Citation(BaseModel):
     char_start: int = Field(..., ge=0)
     char_end: int = Field(..., ge=0)
     snippet: str = Field("", max_length=2000)
+    share: float | None = Field(
+        None, ge=0, le=1, description="share of the answer's attention mass on document text that this span "
+        "drew (attention sinks discounted); citations come in descending share")
 
 
 class ScoredChunk(BaseModel):

@@ -54,6 +54,12 @@ class RagSettings(BaseSettings):
     pdf_max_decompressed_bytes: int = Field(
         75_000_000, ge=1 * MiB, description="pypdf decompression-bomb limit per stream"
     )
+    # OCR of PDF pages without a text layer (scans), inside the parse sandbox (parsing/ocr.py).
+    # "tesseract" needs the binary (Debian `tesseract-ocr`); absent, such pages stay empty and a
+    # fully scanned PDF is refused with NoTextLayer naming the fix.
+    ocr_engine: Literal["tesseract", "off"] = "tesseract"
+    ocr_timeout_s: float = Field(300.0, gt=0, description="OCR time budget per document, on top of parse_timeout_s")
+    ocr_max_pages: int = Field(500, ge=0, description="pages OCR'd per document; a longer scan is refused")
 
     # --- chunking (BM25 + citations) -----------------------------------------------------------
     chunk_tokens: int = Field(256, ge=8, le=65536)
@@ -74,6 +80,14 @@ class RagSettings(BaseSettings):
     select_top_chunks: int = Field(5, ge=1, le=100, description="best chunks returned per pack")
     bm25_k1: float = Field(1.2, ge=0)
     bm25_b: float = Field(0.75, ge=0, le=1)
+
+    # --- grounding (ask/evidence.py, ask/support.py) -------------------------------------------
+    citation_ranking: Literal["evidence", "raw"] = Field(
+        "evidence", description="evidence: whole sentences ranked by attention mass, sinks discounted; "
+        "raw: the most-attended positions grouped as they are (the pre-evidence behaviour)")
+    abstain_threshold: float = Field(
+        0.75, ge=0, le=1, description="answers whose support score is below this are replaced by "
+        "'Not in the documents.' (calibrated by benchmarks/grounding_bench.py); 0 = never abstain")
 
     # --- prefix-KV cache -----------------------------------------------------------------------
     kv_cache_max_bytes: int = Field(32 * GiB, ge=1, description="byte budget of the on-disk KV cache (LRU)")

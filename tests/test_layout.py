@@ -36,6 +36,8 @@ RAG_SERVICE_MAY_IMPORT_FROM_MODEL = frozenset({
     "dsa_rag.model.engine.factory",
     "dsa_rag.model.engine.sampling",
     "dsa_rag.model.tokenizer",
+    # `dsa-rag plan` (rag_service/cli.py): the replica memory planner, a pure function of a config.
+    "dsa_rag.model.plan",
 })
 
 BIN = Path(sys.executable).parent  # the venv running the tests (.venv, or `make lock`'s)
@@ -192,6 +194,8 @@ def test_wheel_installs_and_serves(tmp_path):
     for f in ("model.safetensors", "config.json", "tokenizer_config.json"):
         assert f"dsa_rag/model/weights/dsa-tiny/{f}" in names, f
     assert "dsa_rag/rag_service/cli.py" in names and "dsa_rag/kernels/dispatch.py" in names
+    for f in ("index.html", "app.js", "style.css"):  # the web UI ships as package data
+        assert f"dsa_rag/rag_service/web/{f}" in names, f
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"dsa_rag"}, top  # no top-level model/, kernels/ (that would shadow HF's kernels)
     r = _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
@@ -234,6 +238,9 @@ def test_wheel_installs_and_serves(tmp_path):
                 break
             time.sleep(1)
         assert ready is not None and ready.json().get("status") == "ok", ready.text if ready else "no answer"
+        page = httpx.get(f"{url}/", timeout=10)  # the web UI, from the wheel's files
+        assert page.status_code == 200 and '<script src="/ui/app.js"' in page.text
+        assert httpx.get(f"{url}/ui/app.js", timeout=10).status_code == 200
     finally:
         proc.terminate()
         try:

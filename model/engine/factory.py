@@ -5,6 +5,9 @@ serving dtype, and loads weights. The service calls only this and the `EnginePro
     from dsa_rag.model.engine.factory import load_engine
     engine = load_engine("dsa-tiny", device="cpu", tokenizer=rag.tok, threads=1)   # an EngineProtocol
     engine = load_engine("/ckpt/DeepSeek-V3.2", dtype="bfloat16", fp8_numerics=True)
+    engine = load_engine("/ckpt/tiny-v4")   # config.json model_type deepseek_v4 -> model/v4/engine.py
+    engine = load_parallel_engine(ckpt, rank=r, world=8, tensor_parallel_size=8, expert_parallel_size=8,
+                                  init_method="tcp://10.0.0.5:29500")  # every rank; None on ranks > 0
     ...
     engine.close()
 
@@ -18,6 +21,10 @@ import torch
 from dsa_rag.model.engine.engine import AsyncEngine, Engine
 from dsa_rag.model.engine.protocol import EngineProtocol
 from dsa_rag.model.load import as_dtype, checkpoint_dtype, load_model
+from dsa_rag.model.v4.engine import V4Engine
+from dsa_rag.model.v4.load import is_v4_checkpoint, load_v4_model
+from dsa_rag.model.parallel.engine import AsyncLeaderEngine
+from dsa_rag.model.parallel.launch import start_rank
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -52,8 +59,34 @@ def load_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=No
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
+    if is_v4_checkpoint(model):  # DeepSeek-V4: its own network, per-sequence caches and engine (model/v4/)
+        if fp8_numerics or index_every is not None:
+            raise ValueError("fp8_numerics and index_every are DeepSeek-V3.2 / GLM-5 options; "
+                             f"{model} is a DeepSeek-V4 checkpoint")
+        return AsyncEngine(V4Engine(load_v4_model(model, device, resolve_dtype(dtype, model, device)), tokenizer))
     overrides = {} if fp8_numerics is None else {"fp8_numerics": bool(fp8_numerics)}
     if index_every is not None:
         overrides["index_every"] = int(index_every)
     m = load_model(model, device=device, dtype=resolve_dtype(dtype, model, device), **overrides)
     return AsyncEngine(Engine(m, tokenizer))
+
+
+def load_parallel_engine(model: str, *, rank: int, world: int, tensor_parallel_size: int, expert_parallel_size: int = 1,
+                         init_method: str, device: str | None = None, tokenizer=None, threads: int | None = None,
+                         dtype: str | torch.dtype = "auto", fp8_numerics: bool | None = None,
+                         index_every: int | None = None) -> EngineProtocol | None:
+    """One rank of a replica that spans `world` devices (tensor / expert parallel, see
+    dsa_rag.model.parallel). Every rank calls it with the same arguments but its own `rank`;
+    `init_method` (e.g. "tcp://<rank 0's address>:<port>") is where they meet. Rank 0 -> the
+    leader's engine, wrapped for async use like load_engine's (its close() releases the others).
+    Other ranks -> follow the leader's commands and return None once it closes (or raise when a
+    peer dies). `device`: None = this rank's GPU when CUDA is there, else cpu."""
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {} if fp8_numerics is None else {"fp8_numerics": bool(fp8_numerics)}
+    if index_every is not None:
+        overrides["index_every"] = int(index_every)
+    dt = resolve_dtype(dtype, model, resolve_device(device))
+    eng = start_rank(rank, world, model, tp=tensor_parallel_size, ep=expert_parallel_size, init_method=init_method,
+                     device=device, dtype=dt, tokenizer=tokenizer, **overrides)
+    return None if eng is None else AsyncLeaderEngine(eng)

@@ -91,6 +91,20 @@ class ParallelContext:
             dist.all_reduce(t, group=self.group)
         return t
 
+    def all_reduce_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a CPU tensor over the replica, in place (the gloo group: NCCL takes only CUDA tensors)."""
+        if self.world > 1:
+            dist.all_reduce(t, group=self.cpu_group)
+        return t
+
+    def all_gather_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's CPU tensor t, stacked [world, ...] (over the gloo group)."""
+        if self.world == 1:
+            return t[None]
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.cpu_group)
+        return torch.stack(parts)
+
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's t along dim (same shape on every rank)."""
         if self.world == 1:

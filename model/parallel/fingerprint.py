@@ -35,7 +35,7 @@ def _local_sample(p: torch.Tensor, piece, shape, pos: torch.Tensor) -> torch.Ten
     out = torch.zeros(pos.shape[0], dtype=torch.float32)
     flat = p.detach().reshape(-1)
     if piece.dim is None:
-        return flat[pos].float().cpu()
+        return flat[pos.to(flat.device)].float().cpu()
     cols = shape[1] if len(shape) > 1 else 1
     rows, cs = pos // cols, pos % cols
     coord = rows if piece.dim == 0 else cs
@@ -44,7 +44,7 @@ def _local_sample(p: torch.Tensor, piece, shape, pos: torch.Tensor) -> torch.Ten
         local = (rows - piece.start) * cols + cs
     else:
         local = rows * (piece.stop - piece.start) + (cs - piece.start)
-    out[mine] = flat[local[mine]].float().cpu()
+    out[mine] = flat[local[mine].to(flat.device)].float().cpu()
     return out
 
 
@@ -63,7 +63,7 @@ def sharded_fingerprint(model, plan: ShardPlan) -> str:
             samples.append(torch.zeros(pos.shape[0], dtype=torch.float32))
         else:
             samples.append(_local_sample(p, piece, shape, pos))
-    values = ctx.all_reduce(torch.cat(samples)) if samples else torch.zeros(0)
+    values = ctx.all_reduce_cpu(torch.cat(samples)) if samples else torch.zeros(0)
     off = 0
     for name, (shape, dtype) in plan.full.items():
         # the dtype the rank holds (cast_model may have changed it after the plan was made)

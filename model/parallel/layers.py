@@ -20,17 +20,23 @@ per MoE layer (what DeepSeek's reference does). An all-to-all dispatch pays off 
 *different* tokens (data-parallel attention), which this replica layout does not have.
 
 Index scores over ranks (the indexer's heads are split like the attention's): the score combines
-heads by a sum ("relu", V3.2) or a logsumexp ("mixture", "softmax_mixture"), so the combined score
-needs every head before top-k. Two exact ways, chosen per call by size:
-  * reduce scores: each rank scores its heads over all keys ([T, S] fp32); relu partials are summed
-    (all-reduce), mixture partials (each rank's logsumexp over its heads, softmax_mixture after
-    subtracting each head's own normalizer, which is per head and so local) are all-gathered and
-    logsumexp'd. Splits the O(T*S) indexer work over ranks; sends T*S*4 bytes: used for decode.
-  * gather queries: all-gather the [T, H/tp, D] queries and [T, H/tp] weights, then every rank runs
-    the streaming indexer_topk over all heads (never holds [T, S]): used for prefill chunks, where
-    T*S*4 bytes (1 GiB for a 2048-token chunk at 128k) would cost more than repeating the scoring.
+heads by a sum ("relu", V3.2) or a logsumexp ("mixture", "softmax_mixture"), so top-k needs every
+head's contribution first. Two ways, both here:
+  * gather queries (the default): all-gather the [T, H/tp, D] queries and [T, H/tp] weights, then
+    every rank runs the same streaming indexer_topk over all heads: the same kernel on the same
+    queries as one rank (equal up to matmul rounding), so even exact ties at the top-k boundary
+    (zeros are common under ReLU) break the same way, for every score type and backend. Costs T*H*D bytes of traffic and
+    repeats the O(T*S) scoring on every rank (DeepSeek's reference replicates the indexer too).
+  * reduce scores (`reduce_index_scores`, used when T*S*4 <= INDEX_REDUCE_MAX_BYTES, 0 by
+    default): each rank scores its own heads over all keys, [T, S] fp32; relu partials are
+    summed (all-reduce), mixture partials (each rank's logsumexp over its heads; softmax_mixture
+    first subtracts each head's own normalizer, which is per head and so local) are gathered and
+    logsumexp'd; then top-k of the full row. Splits the indexer's work over ranks and suits decode
+    (T = 1: 4*S bytes), but torch.topk breaks boundary ties its own way, so a selection can differ
+    from one rank's where scores tie exactly (tests/model/parallel: scores equal to 1e-5; the
+    default path is the one held to token-identical generation).
 
-    .venv/bin/python -m pytest -q tests/model/parallel/test_layers.py -p no:cacheprovider
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/model/parallel -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -103,8 +109,8 @@ class ParallelIndexer(Indexer):
 
 
 # Index scores up to this many bytes per call are reduced across ranks, larger ones gather the
-# queries instead (see the module docstring). Tests set it to 0 or inf to run either path.
-INDEX_REDUCE_MAX_BYTES = 16 << 20
+# queries instead (see the module docstring). 0: always gather (exact ties); tests also run inf.
+INDEX_REDUCE_MAX_BYTES = 0
 
 
 def topk_from_scores(scores: torch.Tensor, topk: int) -> torch.Tensor:
@@ -124,6 +130,19 @@ def _gather_heads(ctx: ParallelContext, t: torch.Tensor) -> torch.Tensor:
     return ctx.all_gather(t, 1)
 
 
+def reduce_index_scores(ctx: ParallelContext, iq, k, iw, k_scale, start_pos: int, score: str) -> torch.Tensor:
+    """The full index score [T, S] fp32 (causal -inf) from this rank's heads iq [T, H/tp, D],
+    iw [T, H/tp]: a sum of the ranks' partial sums ("relu") or a logsumexp of their partial
+    logsumexps ("mixture", "softmax_mixture"). A collective."""
+    if score == "relu":
+        return ctx.all_reduce(indexer_logits(iq, k, iw, k_scale=k_scale, start_pos=start_pos, score="relu"))
+    w = iw.float()
+    if score == "softmax_mixture":  # each head's normalizer is its own: local
+        w = w - indexer_head_lse(iq, k, k_scale=k_scale, start_pos=start_pos)
+    part = indexer_logits(iq, k, w, k_scale=k_scale, start_pos=start_pos, score="mixture")
+    return ctx.all_gather(part[None], 0).logsumexp(0)
+
+
 class ParallelMLA(MLA):
     """MLA over this rank's `n_heads` heads: wq_b and wkv_b rows of those heads (column parallel),
     wo their columns (row parallel). wq_a, wkv_a, the norms, the latent KV cache and the indexer
@@ -139,14 +158,7 @@ class ParallelMLA(MLA):
         if iq.shape[0] * end * 4 > INDEX_REDUCE_MAX_BYTES:  # gather queries, stream as one rank would
             return indexer_topk(_gather_heads(ctx, iq), k, ctx.all_gather(iw.contiguous(), 1), cfg.index_topk,
                                 k_scale=ks, start_pos=sp, score=cfg.index_score)
-        if cfg.index_score == "relu":  # sum over heads: sum the ranks' partial sums
-            s = ctx.all_reduce(indexer_logits(iq, k, iw, k_scale=ks, start_pos=sp, score="relu"))
-        else:  # logsumexp over heads: logsumexp of the ranks' partial logsumexps
-            w = iw.float()
-            if cfg.index_score == "softmax_mixture":  # each head's normalizer is its own: local
-                w = w - indexer_head_lse(iq, k, k_scale=ks, start_pos=sp)
-            part = indexer_logits(iq, k, w, k_scale=ks, start_pos=sp, score="mixture")
-            s = ctx.all_gather(part[None], 0).logsumexp(0)
+        s = reduce_index_scores(ctx, iq, k, iw, ks, sp, cfg.index_score)
         return topk_from_scores(s, cfg.index_topk)
 
     def _attend_absorbed(self, q_nope, q_pe, cache, end, idx, sp, trace=None, row=0):

@@ -12,7 +12,7 @@ Reads HF names (`model.layers.3.self_attn.q_b_proj.weight`) and the official con
 (`layers.3.attn.wq_b.weight` + `.scale`), as `dsa_rag.model.load.load_model` does; skips the MTP
 layer (never asked for).
 
-    .venv/bin/python -m pytest -q tests/model/parallel/test_load.py -p no:cacheprovider
+    .venv/bin/python -m pytest -q tests/model/parallel -p no:cacheprovider   (test_shard: pieces; test_parity: loading)
 """
 
 from __future__ import annotations

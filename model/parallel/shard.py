@@ -87,6 +87,8 @@ def _shard_attention(plan, prefix, attn, ctx) -> None:
     _narrow(plan, prefix + "wo", attn.wo, 1, h0 * attn.dv, h1 * attn.dv, RowParallelLinear, ctx)
     attn.n_heads = h1 - h0
     ix = attn.indexer
+    if ix is None:  # a "shared" layer of the indexer plan (GLM-5): reuses a full layer's top-k
+        return
     g0, g1 = even_range(ix.n_heads, tp, r, "index_n_heads")
     _narrow(plan, prefix + "indexer.wq_b", ix.wq_b, 0, g0 * ix.head_dim, g1 * ix.head_dim, ColumnParallelLinear)
     _narrow(plan, prefix + "indexer.weights_proj", ix.weights_proj, 0, g0, g1, ColumnParallelLinear)
@@ -101,14 +103,14 @@ def _shard_moe(plan, prefix, moe: MoE, cfg, ctx) -> None:
     if ctx.ep > 1:
         e0, e1 = even_range(E, ctx.ep, ctx.ep_rank, "n_routed_experts")
         for e in range(E):
+            names = [f"{prefix}experts.{e}.{n}" for n, _ in moe.experts[e].named_parameters()]
             if not e0 <= e < e1:
                 moe.experts[e] = Absent()
-                for n in list(plan.pieces):
-                    if n.startswith(f"{prefix}experts.{e}."):
-                        del plan.pieces[n]
+                for n in names:
+                    del plan.pieces[n]
             else:
-                for n in ("w1", "w2", "w3"):
-                    plan.pieces[f"{prefix}experts.{e}.{n}.weight"] = Piece(None, 0, 0, False)
+                for n in names:
+                    plan.pieces[n] = Piece(None, 0, 0, False)
         moe.local, moe.shared_sliced = range(e0, e1), False
     elif ctx.tp > 1:
         for e in range(E):

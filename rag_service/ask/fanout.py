@@ -4,14 +4,16 @@ notebooks all answer through `ask_events` / `ask` / `ask_sync`.
 
     params = AskParams.of("What was the revenue?", max_tokens=64)        # ask/params.py
     async for ev in ask_events(backend, metrics, params, retries=1):
-        ev["event"]   # "selected" | "token" | "done"
+        ev["event"]   # "selected" | "progress" | "token" | "done"
     out = await ask(backend, metrics, params)                          # the "done" event
     out = ask_sync(LocalBackend(settings), params)                    # scripts (no running loop)
 
 Every selected pack is answered concurrently (`backend.stream_pack(pack_id, params)`, which in
 Ray mode is a call routed to the replica holding the pack's prefix cache). Tokens of the
 *primary* pack (the best by lexical selection) stream to the client live, so the first token
-does not wait for the slowest pack; the final "done" event carries the merged result
+does not wait for the slowest pack (with `params.abstain`, the default, they are held until that
+pack's answer is scored, then released, or replaced by one "Not in the documents." token when
+the evidence does not support it); the final "done" event carries the merged result
 (`dsa_rag.rag_service.ask.merge.merge`: best answer by model score, all citations, summed usage;
 with `params.document_ids`, only citations of those documents), which non-streaming routes
 return as is. Metrics (TTFT, tokens/s, prefix-cache hits/queries) are observed here, per pack,
@@ -36,13 +38,16 @@ from typing import AsyncIterator
 from dsa_rag.rag_service.ask.backend import Backend
 from dsa_rag.rag_service.ask.merge import PackResult, merge
 from dsa_rag.rag_service.ask.params import AskParams
+from dsa_rag.rag_service.ask.support import ABSTAIN_TEXT
 from dsa_rag.rag_service.errors import NoDocuments, RagError
 
 log = logging.getLogger(__name__)
 
 
 async def ask_events(backend: Backend, metrics, params: AskParams, *, retries: int = 0) -> AsyncIterator[dict]:
-    """Events: selected {packs}; token {pack_id, text, token_id, logprob} of the primary pack;
+    """Events: selected {packs}; progress {pack_id, done_tokens, total_tokens, percent, eta_s, ...}
+    of any pack whose cold prefix is being prefilled (ask/progress.py); token {pack_id, text,
+    token_id, logprob} of the primary pack;
     done {answer, pack_id, score, finish_reason, citations, packs, usage, primary_pack_id,
     timings}. NoDocuments when no pack matches."""
     document_ids = params.document_ids
@@ -95,6 +100,9 @@ async def ask_events(backend: Backend, metrics, params: AskParams, *, retries: i
     tasks = [asyncio.create_task(run(s.pack_id)) for s in selections]
     results: list[PackResult] = []
     first_token = None
+    held: list[dict] = []  # the primary pack's tokens, while params.abstain waits for its support score
+    # only when an answer can be abstained: a threshold of 0 streams live as before
+    hold = params.abstain and getattr(getattr(backend, "settings", None), "abstain_threshold", 0.0) > 0
     try:
         pending = len(tasks)
         while pending:
@@ -105,11 +113,22 @@ async def ask_events(backend: Backend, metrics, params: AskParams, *, retries: i
             if isinstance(item, BaseException):
                 raise item
             if item["event"] == "token" and item["pack_id"] == primary:
+                if hold:  # held until the answer is scored: an unsupported value never streams
+                    held.append(item)
+                    continue
                 if first_token is None:
                     first_token = time.perf_counter()
                 yield item
+            elif item["event"] == "progress":  # any pack's prefill: the client sees why it waits
+                yield item
             elif item["event"] == "end":
                 results.append(PackResult.from_end_event(item))
+                if item["pack_id"] == primary and held:
+                    first_token = first_token or time.perf_counter()
+                    for tok in ([{**held[0], "text": ABSTAIN_TEXT, "logprob": None}] if item.get("abstained")
+                                else held):
+                        yield tok
+                    held = []
     finally:
         for t in tasks:
             if not t.done():

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 
+from dsa_rag.rag_service.ask.cachestate import pack_states
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.ask.worker import PackWorker
+from dsa_rag.rag_service.docview import text_window
 from dsa_rag.rag_service.pipeline import RagPipeline
 from dsa_rag.rag_service.settings import RagSettings
 
@@ -80,6 +82,13 @@ class LocalBackend:
     async def prefetch(self, pack_ids):
         for pid in pack_ids:
             await self.worker.warm(pid)
+
+    async def pack_states(self, tenant):
+        live = self.worker.cache_states()  # read on the loop: the worker's state lives here
+        return await asyncio.to_thread(pack_states, self.rag, tenant, live)
+
+    async def document_text(self, doc_id, tenant, start, end):
+        return await asyncio.to_thread(text_window, self.rag, doc_id, tenant, start, end)
 
     async def health(self):
         return {"process": "ok"}

@@ -25,12 +25,16 @@ MIN_TEMPERATURE = 1e-3
 class AskParams:
     """question: the user's question. document_ids: restrict packs and citations to these
     documents (None = the tenant's whole library). tenant: whose documents. sampling: what to
-    generate per pack (max_tokens, temperature, top_p, seed, stop)."""
+    generate per pack (max_tokens, temperature, top_p, seed, stop). abstain: replace an unsupported
+    answer by "Not in the documents." (False: the model's answer as it is, its support reported)."""
 
     question: str
     document_ids: tuple[str, ...] | None = None
     tenant: str = "default"
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Say "Not in the documents." instead of an answer the cited evidence does not support
+    # (ask/support.py). Streams then hold the primary pack's tokens until its answer is scored.
+    abstain: bool = True
 
     def __post_init__(self):
         if not isinstance(self.question, str) or not self.question.strip():
@@ -41,7 +45,8 @@ class AskParams:
             object.__setattr__(self, "sampling", replace(self.sampling, temperature=0.0))
 
     @classmethod
-    def of(cls, question: str, document_ids=None, tenant: str = "default", **sampling) -> "AskParams":
+    def of(cls, question: str, document_ids=None, tenant: str = "default", *, abstain: bool = True,
+           **sampling) -> "AskParams":
         """Flat keywords for scripts and benchmarks: `sampling` are `SamplingParams` fields
         (max_tokens, temperature, top_p, seed, stop)."""
-        return cls(question, document_ids, tenant, SamplingParams(**sampling))
+        return cls(question, document_ids, tenant, SamplingParams(**sampling), abstain)

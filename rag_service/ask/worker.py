@@ -21,9 +21,11 @@ replica decode together, continuous batching). Per pack (`PackWorker.stream`):
   3. the question forks the handle (shared blocks, no copy) and decodes with the question's
      `SamplingParams` (max_tokens capped at `max_new_tokens`, attention trace on);
   4. score = mean model log-prob of the generated tokens (untempered; <eos> included);
-     citations = prompt positions with the most attention mass (the engine's per-token trace,
-     summed over the answer's tokens), mapped through the pack layout to (document, name, page,
-     char span, snippet).
+     citations = the document sentences that drew the answer's attention mass (the engine's
+     per-token trace summed over the answer's tokens, attention sinks discounted), through the
+     pack layout to (document, name, page, char span, snippet, share), and the answer's support
+     score (ask/grounding.py); "abstained" when the question asked for abstention and the
+     support is below `abstain_threshold`.
 A question's packs are fanned out and merged by `dsa_rag.rag_service.ask.fanout.ask_events`.
 
 Imports neither FastAPI nor Ray. Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_ask_path.py
@@ -36,19 +38,24 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from contextlib import aclosing
 from dataclasses import replace
 from typing import AsyncIterator
 
 from dsa_rag.model.engine.factory import load_engine
-from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol
+from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol, accepts_progress
+from dsa_rag.rag_service.ask.cachestate import PUBLISH_EVERY_S, clear_progress, publish_progress
+from dsa_rag.rag_service.ask.grounding import ground
 from dsa_rag.rag_service.ask.params import AskParams
+from dsa_rag.rag_service.ask.progress import PrefillProgress
 from dsa_rag.rag_service.errors import EngineError
 from dsa_rag.rag_service.packing.layout import PackLayout
 
 log = logging.getLogger(__name__)
 
 TRACE_TOP = 32  # positions per generated token in the engine's attention trace
-CITE_POSITIONS = 64  # most-attended prompt positions turned into citations
+PROGRESS_POLL_S = 0.5  # how often a question waiting on a prefill looks at its progress
+PROGRESS_HEARTBEAT_S = 5.0  # a progress event at least this often (a fresh ETA) even between chunks
 
 
 class PackWorker:
@@ -73,15 +80,22 @@ class PackWorker:
         self._pins: dict[int, int] = {}  # id(handle) -> pins
         self._retired: dict[int, PrefixHandleProtocol] = {}  # id(handle) -> evicted while pinned
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
+        self.prefilling: dict[str, PrefillProgress] = {}  # pack id -> the prefill running for it now
+        self._progress_ok = accepts_progress(engine)  # the progress= hook is optional in the protocol
 
     @classmethod
-    def from_settings(cls, rag, settings, *, replica_id: str = "local") -> "PackWorker":
+    def from_settings(cls, rag, settings, *, replica_id: str = "local", engine=None) -> "PackWorker":
         """The worker a replica runs: the engine `settings` name (model, dtype, fp8_numerics,
-        torch_threads), decoding with the pipeline's tokenizer, within the settings' limits
-        (warm_packs_per_replica, citations_per_pack, max_new_tokens). `settings`: a ServeSettings."""
+        index_every, torch_threads), decoding with the pipeline's tokenizer, within the settings' limits
+        (warm_packs_per_replica, citations_per_pack, max_new_tokens). `settings`: a ServeSettings.
+        `engine`: one already built (a multi-device replica's leader, serve/ranks.py) instead."""
         s = settings
-        engine = load_engine(s.model, tokenizer=rag.tok, threads=s.torch_threads, dtype=s.dtype,
-                             fp8_numerics=s.fp8_numerics)
+        if engine is None and getattr(s, "replica_ranks", 1) > 1:
+            raise ValueError(f"tensor_parallel_size / expert_parallel_size > 1 ({s.replica_ranks} ranks per replica) "
+                             f"runs on Ray, one placement group per replica: serve with Ray (not --no-ray)")
+        if engine is None:
+            engine = load_engine(s.model, tokenizer=rag.tok, threads=s.torch_threads, dtype=s.dtype,
+                                 fp8_numerics=s.fp8_numerics, index_every=s.index_every)
         return cls(rag, engine, replica_id=replica_id, warm_packs=s.warm_packs_per_replica,
                    citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 
@@ -195,18 +209,42 @@ class PackWorker:
         rest, reused = (ids[len(base.tokens):], len(base.tokens)) if base is not None else (ids, 0)
         if base is not None:
             self._pin(base)  # it must outlive the prefill that extends it
+        prog = self.prefilling[pack_id] = PrefillProgress(pack_id, total=len(ids), done=reused)
+        hook = {"progress": prog.update} if self._progress_ok else {}
+        stop = asyncio.Event()
+        publisher = asyncio.ensure_future(self._publish(prog, stop))  # for processes without this worker
         try:
-            handle = await self.engine.prefill_prefix(rest, base)  # chunks interleave with others' decoding
-        finally:
-            if base is not None:
-                await self.unpin(base)
-        snap = await self.engine.snapshot(handle)
-        try:
-            await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
-                                    model=self.fingerprint, tokens=len(ids))
-        except Exception:  # the answer does not depend on the store; the next replica re-prefills
-            log.exception("storing the prefix cache of pack %s failed", pack_id)
+            try:
+                handle = await self.engine.prefill_prefix(rest, base, **hook)  # chunks interleave with others' decoding
+            finally:
+                if self.prefilling.get(pack_id) is prog:
+                    del self.prefilling[pack_id]
+                if base is not None:
+                    await self.unpin(base)
+            snap = await self.engine.snapshot(handle)
+            try:
+                await asyncio.to_thread(self.rag.kv.put, key, snap.tensors, snap.metadata, pack_id=pack_id,
+                                        model=self.fingerprint, tokens=len(ids))
+            except Exception:  # the answer does not depend on the store; the next replica re-prefills
+                log.exception("storing the prefix cache of pack %s failed", pack_id)
+        finally:  # published until it is stored: an observer never sees "cold" in between
+            stop.set()
+            await publisher
         return handle, "prefill", reused
+
+    async def _publish(self, prog: PrefillProgress, stop: asyncio.Event) -> None:
+        """Write `prog` to Redis every PUBLISH_EVERY_S until `stop`, then remove it (ask/cachestate.py).
+        One task owns the key, so no late write can outlive the removal."""
+        try:
+            while not stop.is_set():
+                await asyncio.to_thread(publish_progress, self.rag, prog, self.replica_id)
+                try:
+                    await asyncio.wait_for(stop.wait(), PUBLISH_EVERY_S)
+                except TimeoutError:
+                    pass
+            await asyncio.to_thread(clear_progress, self.rag, prog.pack_id)
+        except Exception as e:  # noqa: BLE001 - Redis trouble must not fail a prefill; /v1/packs shows less
+            log.warning("publishing the prefill progress of pack %s failed: %s", prog.pack_id, e)
 
     async def warm(self, pack_id: str) -> str:
         """Make the pack's prefix warm in this replica (background prefill). -> cache source."""
@@ -218,19 +256,52 @@ class PackWorker:
         keys = set(self._warm)
         return [p for p, (_, _, k, _) in self._prompts.items() if k in keys]
 
+    def cache_states(self) -> dict[str, dict]:
+        """Pack id -> {"state": "memory"} or {"state": "prefilling", done_tokens, total_tokens,
+        percent, eta_s, ...} for the packs this replica holds or is prefilling now."""
+        out = {p: {"state": "memory", "replica": self.replica_id} for p in self.warm_pack_ids()}
+        out.update({p: prog.state(self.replica_id) for p, prog in self.prefilling.items()})
+        return out
+
+    async def _prefix_events(self, pack_id: str) -> AsyncIterator:
+        """`prefix(pack_id)`, yielding progress events while the pack prefills (when a chunk
+        landed, else every PROGRESS_HEARTBEAT_S), then the prefix tuple as the last item.
+        Giving up early cancels the lookup and gives back a handle it had pinned."""
+        task = asyncio.ensure_future(self.prefix(pack_id))
+        last_done, last_t = None, 0.0
+        try:
+            while not (await asyncio.wait({task}, timeout=PROGRESS_POLL_S))[0]:
+                prog = self.prefilling.get(pack_id)
+                if prog is not None and (prog.done != last_done or time.monotonic() - last_t >= PROGRESS_HEARTBEAT_S):
+                    last_done, last_t = prog.done, time.monotonic()
+                    yield prog.event(self.replica_id)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                await self.unpin(task.result()[0])
+            raise
+        yield task.result()
+
     def stats(self) -> dict:
         return {"replica": self.replica_id, "warm_packs": len(self._warm), **self.counters}
 
     # --- one pack, streamed ---------------------------------------------------------------------
     async def stream(self, pack_id: str, params: AskParams) -> AsyncIterator[dict]:
-        """Answer `params.question` over one pack. Events: start {pack_id, cache, prompt_tokens,
-        cached_tokens, replica}; token {text, token_id, logprob} per generated token; end {text,
+        """Answer `params.question` over one pack. Events: progress {pack_id, done_tokens,
+        total_tokens, percent, elapsed_s, eta_s, replica} while a cold prefix is prefilled (see
+        ask/progress.py); start {pack_id, cache, prompt_tokens, cached_tokens, replica}; token {text, token_id, logprob} per generated token; end {text,
         score, citations, usage, timings}."""
         t0 = time.perf_counter()
         self.counters["requests"] += 1
         sampling = replace(params.sampling, max_tokens=min(params.sampling.max_tokens, self.max_new_tokens),
                            logprobs=True, trace=True, trace_top=TRACE_TOP)  # the score and citations need them
-        handle, ids, layout, source, cached = await self.prefix(pack_id)
+        async with aclosing(self._prefix_events(pack_id)) as lookup:  # closed with us, not by the GC
+            async for item in lookup:
+                if isinstance(item, dict):
+                    yield item  # {"event": "progress", ...} while the pack's prefix is prefilled
+                else:
+                    handle, ids, layout, source, cached = item
         try:
             n = len(ids)
             t_prefix = time.perf_counter()
@@ -263,14 +334,17 @@ class PackWorker:
         finally:
             await self.unpin(handle)  # forked by now (or failed): it may be released
         t_end = time.perf_counter()
-        top = sorted(mass, key=mass.get, reverse=True)[:CITE_POSITIONS]
-        citations = layout.cite(top, max_citations=self.citations) if self.citations and top else []
+        s = self.rag.settings  # citations ranked and the answer's support scored: ask/grounding.py
+        g = ground(layout, mass, params.question, "".join(text), max_citations=self.citations,
+                   ranking=getattr(s, "citation_ranking", "evidence"), threshold=getattr(s, "abstain_threshold", 0.0))
+        citations = g.citations
         decode_s = t_end - (t_first or t_end)
         yield {
             "event": "end", "pack_id": pack_id, "text": "".join(text),
             "score": sum(logps) / len(logps) if logps else float("-inf"), "cache": source,
             "replica": self.replica_id, "finish_reason": finish,
             "citations": [c.model_dump() for c in citations],
+            "support": g.support, "abstained": params.abstain and not g.supported,
             "usage": {"prompt_tokens": n + len(q_ids), "cached_tokens": cached, "completion_tokens": n_out},
             "timings": {
                 "prefix_s": t_prefix - t0, "first_token_s": (t_first or t_end) - t0, "total_s": t_end - t0,

@@ -8,7 +8,8 @@
     msg.usage_metadata                       # {"input_tokens", "output_tokens", "total_tokens",
                                              #  "input_token_details": {"cache_read": ...}}
     msg.response_metadata["model_name"]      # "dsa-tiny"
-    msg.response_metadata["citations"]       # [{"document_id", "name", "page", "char_start", "char_end", "snippet"}]
+    msg.response_metadata["citations"]       # [{"document_id", "name", "page", "char_start", "char_end", "snippet", "share"}]
+    msg.response_metadata["abstained"]       # True: the documents do not hold the answer ("Not in the documents.")
     for chunk in llm.stream("..."): ...      # tokens as they decode; the last chunk carries usage + citations
 
 The stored corpus is the context and the **last user message is the question**: the service reads
@@ -84,6 +85,7 @@ class StreamState:
         self.finish = self.model = self.id = None
         self.citations: list = []
         self.usage: dict | None = None
+        self.abstained, self.support = False, None
 
     def token(self, ev: dict) -> str | None:
         self.model = ev.get("model") or self.model
@@ -92,6 +94,8 @@ class StreamState:
             self.usage = ev["usage"]
         if "citations" in ev:
             self.citations = ev["citations"]
+        if "abstained" in ev:  # the final chunk: is the answer "Not in the documents."?
+            self.abstained, self.support = bool(ev["abstained"]), ev.get("support")
         for choice in ev.get("choices") or []:
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
@@ -136,15 +140,15 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
         return body
 
     def _metadata(self, body: dict, resp_model: str | None, finish: str | None, citations: list,
-                  response_id: str | None) -> dict:
+                  response_id: str | None, abstained: bool = False, support: float | None = None) -> dict:
         return {"model_name": resp_model or body["model"], "model_provider": PROVIDER, "finish_reason": finish,
-                "citations": citations, "id": response_id}
+                "citations": citations, "id": response_id, "abstained": abstained, "support": support}
 
     def _result(self, body: dict, data: dict) -> ChatResult:
         choice = data["choices"][0]
         usage = usage_metadata(data.get("usage"))
         meta = self._metadata(body, data.get("model"), choice.get("finish_reason"), data.get("citations", []),
-                              data.get("id"))
+                              data.get("id"), bool(data.get("abstained", False)), data.get("support"))
         msg = AIMessage(content=choice["message"].get("content") or "", usage_metadata=usage,
                         response_metadata=meta, id=data.get("id"))
         gen = ChatGeneration(message=msg, generation_info={"finish_reason": choice.get("finish_reason")})
@@ -164,7 +168,7 @@ class DSARagChatModel(BaseChatModel, DSARagGenerationParams):
 
     # ---------------------------------------------------------------- streaming
     def _last_chunk(self, body: dict, acc: StreamState) -> ChatGenerationChunk:
-        meta = self._metadata(body, acc.model, acc.finish, acc.citations, acc.id)
+        meta = self._metadata(body, acc.model, acc.finish, acc.citations, acc.id, acc.abstained, acc.support)
         msg = AIMessageChunk(content="", usage_metadata=usage_metadata(acc.usage), response_metadata=meta,
                              chunk_position="last")
         return ChatGenerationChunk(message=msg, generation_info={"finish_reason": acc.finish})

@@ -5,7 +5,8 @@ is the question over the stored documents).
     llm = DSARagLLM(base_url="http://127.0.0.1:8000", max_tokens=64)
     llm.invoke("When was the treaty signed?")                  # -> str
     res = llm.generate(["When was the treaty signed?"])
-    res.generations[0][0].generation_info                      # {"finish_reason", "citations", "usage_metadata", "model_name"}
+    res.generations[0][0].generation_info                      # {"finish_reason", "citations", "usage_metadata", "model_name",
+                                                               #  "abstained", "support"}
     res.llm_output                                             # {"model_name", "token_usage"} (summed over prompts)
     for piece in llm.stream("..."): ...                        # text pieces as they decode
 
@@ -61,9 +62,10 @@ class DSARagLLM(LLM, DSARagGenerationParams):
         return body
 
     @staticmethod
-    def _info(model: str, finish: str | None, citations: list, usage: dict | None) -> dict:
+    def _info(model: str, finish: str | None, citations: list, usage: dict | None, abstained: bool = False,
+              support: float | None = None) -> dict:
         return {"finish_reason": finish, "citations": citations, "usage_metadata": usage_metadata(usage),
-                "token_usage": usage, "model_name": model}
+                "token_usage": usage, "model_name": model, "abstained": abstained, "support": support}
 
     @staticmethod
     def _llm_output(model: str, usages: list[dict | None]) -> dict:
@@ -79,7 +81,7 @@ class DSARagLLM(LLM, DSARagGenerationParams):
         choice = data["choices"][0]
         return Generation(text=choice.get("text") or "", generation_info=self._info(
             data.get("model") or body["model"], choice.get("finish_reason"), data.get("citations", []),
-            data.get("usage")))
+            data.get("usage"), bool(data.get("abstained", False)), data.get("support")))
 
     # ---------------------------------------------------------------- whole answers
     def _call(self, prompt: str, stop: list[str] | None = None,
@@ -128,6 +130,8 @@ class DSARagLLM(LLM, DSARagGenerationParams):
             state["usage"] = ev["usage"]
         if "citations" in ev:
             state["citations"] = ev["citations"]
+        if "abstained" in ev:
+            state["abstained"], state["support"] = bool(ev["abstained"]), ev.get("support")
         for choice in ev.get("choices") or []:
             if choice.get("finish_reason"):
                 state["finish"] = choice["finish_reason"]
@@ -137,7 +141,8 @@ class DSARagLLM(LLM, DSARagGenerationParams):
 
     def _last(self, body: dict, state: dict) -> GenerationChunk:
         return GenerationChunk(text="", generation_info=self._info(
-            state.get("model") or body["model"], state.get("finish"), state.get("citations", []), state.get("usage")))
+            state.get("model") or body["model"], state.get("finish"), state.get("citations", []), state.get("usage"),
+            state.get("abstained", False), state.get("support")))
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:

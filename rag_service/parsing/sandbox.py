@@ -12,8 +12,12 @@ RLIMIT_AS = `parse_memory_bytes`: a decompression bomb that slips past pypdf's o
 MemoryError -> DocumentTooLarge, not in the service being OOM-killed. A worker that dies
 (segfault, kill) gives CorruptDocument; the next document gets a new worker.
 
+OCR of scanned pages (ocr.py) runs in the same worker after the text pass, with its own budget
+`ocr_timeout_s`: the worker sends a {"phase": "ocr"} frame when it starts OCR, and the caller then
+waits that long again (the text pass alone still gets only `parse_timeout_s`).
+
 Protocol over the worker's stdin/stdout: length-prefixed frames, a JSON header then the raw
-PDF bytes; the reply is JSON (text + page spans, or an error class name + message, re-raised
+PDF bytes; the reply (after that optional phase frame) is JSON (text + page spans, or an error class name + message, re-raised
 as the same `dsa_rag.rag_service.errors` class here). Nothing is pickled in either direction.
 
 Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_hostile.py`.
@@ -22,6 +26,7 @@ Tests: `.venv/bin/python -m pytest -q tests/rag_service/test_hostile.py`.
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import logging
 import os
@@ -47,6 +52,9 @@ class _Limits:  # what parse_pdf reads from the settings
     parse_timeout_s: float
     max_pages: int
     pdf_max_decompressed_bytes: int
+    ocr_engine: str = "off"
+    ocr_timeout_s: float = 0.0
+    ocr_max_pages: int = 0
 
 
 # ------------------------------------------------------------------ framing (no pickle either way)
@@ -90,8 +98,9 @@ def _serve(mem_bytes: int) -> None:
             return
         name = head["name"]
         try:
-            text, pages = parse_pdf(name, data, _Limits(*head["limits"]))
-            reply = {"ok": True, "text": text, "pages": [(p.page, p.char_start, p.char_end) for p in pages]}
+            text, pages = parse_pdf(name, data, _Limits(*head["limits"]),
+                                    on_ocr=lambda: _write_frame(out, b'{"phase": "ocr"}'))
+            reply = {"ok": True, "text": text, "pages": [(p.page, p.char_start, p.char_end, p.ocr) for p in pages]}
         except errors.RagError as e:
             reply = {"ok": False, "error": type(e).__name__, "message": e.message, "filename": e.filename}
         except MemoryError:
@@ -115,10 +124,13 @@ class _Sandbox:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsa_rag.rag_service.parsing.sandbox", str(self.mem_bytes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        # Frames are read unbuffered: a buffered reader could pull the reply in together with the
+        # OCR phase frame, and select() would then wait for bytes already read.
+        self.rx = io.FileIO(self.proc.stdout.fileno(), "rb", closefd=False)
         if not self._wait(START_TIMEOUT_S):
             self.kill()
             raise errors.StorageError("the PDF parser process did not start; see the server log")
-        _read_frame(self.proc.stdout)
+        _read_frame(self.rx)
 
     def _wait(self, timeout: float) -> bool:
         r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
@@ -144,7 +156,8 @@ class _Sandbox:
             self._start()
         try:
             head = {"name": name, "limits": [limits.parse_timeout_s, limits.max_pages,
-                                             limits.pdf_max_decompressed_bytes]}
+                                             limits.pdf_max_decompressed_bytes, limits.ocr_engine,
+                                             limits.ocr_timeout_s, limits.ocr_max_pages]}
             _write_frame(self.proc.stdin, json.dumps(head).encode("utf-8", "surrogatepass"))
             _write_frame(self.proc.stdin, data)
             if not self._wait(limits.parse_timeout_s):
@@ -153,7 +166,15 @@ class _Sandbox:
                     f"text extraction did not finish within the {limits.parse_timeout_s:g} s budget "
                     "(DSA_RAG_PARSE_TIMEOUT_S): a page is too slow to extract or the PDF is very large; "
                     "split the PDF or raise the budget", filename=name)
-            return json.loads(_read_frame(self.proc.stdout))
+            msg = json.loads(_read_frame(self.rx))
+            if msg.get("phase") == "ocr":  # text pass done, scanned pages next: their own budget
+                if not self._wait(limits.ocr_timeout_s):
+                    self.kill()
+                    raise errors.ParseTimeout(
+                        f"OCR of the scanned pages did not finish within its {limits.ocr_timeout_s:g} s budget "
+                        "(DSA_RAG_OCR_TIMEOUT_S); split the PDF or raise the budget", filename=name)
+                msg = json.loads(_read_frame(self.rx))
+            return msg
         except (EOFError, OSError, ValueError):
             code = self.proc.poll() if self.proc is not None else None
             self.kill()
@@ -204,10 +225,12 @@ def shutdown() -> None:
 
 def parse_pdf_isolated(name: str, data: bytes, settings) -> tuple[str, list[PageSpan]]:
     """pdf.parse_pdf in a sandbox process (see the module docstring)."""
-    limits = _Limits(float(settings.parse_timeout_s), int(settings.max_pages), int(settings.pdf_max_decompressed_bytes))
+    limits = _Limits(float(settings.parse_timeout_s), int(settings.max_pages), int(settings.pdf_max_decompressed_bytes),
+                     str(getattr(settings, "ocr_engine", "off")), float(getattr(settings, "ocr_timeout_s", 0.0)),
+                     int(getattr(settings, "ocr_max_pages", 0)))
     msg = _pool(settings.parse_workers, settings.parse_memory_bytes).run(name, data, limits)
     if msg["ok"]:
-        return msg["text"], [PageSpan(page=p, char_start=a, char_end=b) for p, a, b in msg["pages"]]
+        return msg["text"], [PageSpan(page=p, char_start=a, char_end=b, ocr=bool(o)) for p, a, b, o in msg["pages"]]
     message, filename = msg["message"], msg.get("filename")
     cls = getattr(errors, msg["error"], None)
     if not (isinstance(cls, type) and issubclass(cls, errors.DocumentError)):

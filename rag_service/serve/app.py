@@ -11,6 +11,8 @@ handlers and middleware around a backend; it holds no route and no logic of its 
     routes/ask.py         POST /v1/ask {question, document_ids?, max_tokens, temperature, seed, stream}
     routes/openai.py      POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{model_id}]
     routes/ops.py         GET /healthz /readyz /metrics
+    routes/packs.py       GET /v1/packs: each pack's prefix-cache state (cold, prefilling N%, memory, store)
+    routes/ui.py          GET / and /ui/<file>: the web interface (rag_service/web/, open routes)
     deps.py               dependencies: backend, settings, metrics, tenant (API key), one AskParams per
                           question within the settings' limits, the uploaded files within theirs
     errors.py             every error is a RagError (rag_service/errors.py), answered with the OpenAI-style

@@ -33,11 +33,14 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from dsa_rag.rag_service.ask.cachestate import pack_states
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.ask.worker import PackWorker
+from dsa_rag.rag_service.docview import text_window
 from dsa_rag.rag_service.errors import RagError
 from dsa_rag.rag_service.pipeline import RagPipeline
 from dsa_rag.rag_service.serve.app import create_app
+from dsa_rag.rag_service.serve.ranks import ReplicaRanks
 from dsa_rag.rag_service.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
@@ -70,6 +73,13 @@ class Ingestion:
     async def delete_document(self, doc_id: str, tenant: str):
         return await asyncio.to_thread(self.rag.delete_document, doc_id, tenant)
 
+    async def pack_states(self, tenant: str):
+        # memory / prefilling live in the model replicas; this process sees cold and store only
+        return await asyncio.to_thread(pack_states, self.rag, tenant, {})
+
+    async def document_text(self, doc_id: str, tenant: str, start: int, end: int | None):
+        return await asyncio.to_thread(text_window, self.rag, doc_id, tenant, start, end)
+
     async def select_packs(self, question: str, document_ids, tenant: str):
         return await asyncio.to_thread(self.rag.select_packs, question, document_ids, tenant)
 
@@ -95,7 +105,10 @@ class ModelReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.rag = RagPipeline(s)
-        self.worker = PackWorker.from_settings(self.rag, s, replica_id=self.replica_id)
+        # A replica of several devices: this actor is rank 0 of its placement group (serve/ranks.py).
+        self.ranks = ReplicaRanks.start(s, self.rag.tok) if s.replica_ranks > 1 else None
+        self.worker = PackWorker.from_settings(self.rag, s, replica_id=self.replica_id,
+                                               engine=self.ranks.engine if self.ranks else None)
 
     async def stream(self, pack_id: str, params: AskParams):
         """Streamed per-pack answer events (see ask.worker.PackWorker.stream). Call it with
@@ -108,8 +121,11 @@ class ModelReplica:
         return await self.worker.warm(pack_id)
 
     async def check_health(self) -> None:
-        """Ray Serve's replica health check: Redis reachable (the engine lives in this process)."""
+        """Ray Serve's replica health check: Redis reachable (the engine lives in this process),
+        and every follower rank alive when the replica spans several devices."""
         await asyncio.wait_for(asyncio.to_thread(self.rag.r.ping), 10)
+        if self.ranks is not None:
+            await asyncio.to_thread(self.ranks.check)
 
     def record_routing_stats(self) -> dict:
         """Polled by the controller; the router reads it as `replica.routing_stats`."""
@@ -169,6 +185,12 @@ class RayBackend:
 
     async def delete_document(self, doc_id, tenant):
         return await self._call("delete_document", doc_id, tenant)
+
+    async def pack_states(self, tenant):
+        return await self._call("pack_states", tenant)
+
+    async def document_text(self, doc_id, tenant, start, end):
+        return await self._call("document_text", doc_id, tenant, start, end)
 
     async def select(self, params: AskParams):
         return await self._call("select_packs", params.question, params.document_ids, params.tenant)
@@ -233,6 +255,10 @@ def build_app(args: dict | None = None):
         "max_ongoing_requests": settings.model_max_ongoing_requests,
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if _cluster_has_gpus() else 0},
     }
+    if settings.replica_ranks > 1:  # one placement group per replica, all its ranks on one node
+        model_opts["placement_group_bundles"] = [
+            {"CPU": 1, **({"GPU": 1} if _cluster_has_gpus() else {})} for _ in range(settings.replica_ranks)]
+        model_opts["placement_group_strategy"] = "STRICT_PACK"
     if autoscaling:
         model_opts["autoscaling_config"] = autoscaling
     else:

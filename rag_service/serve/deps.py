@@ -101,7 +101,7 @@ KnownModel = Annotated[str, Depends(known_model)]
 # ------------------------------------------------------------------ one question's parameters
 def ask_params(settings: ServeSettings, tenant: str, question: str, *, document_ids: list[str] | None,
                max_tokens: int | None, temperature: float | None, top_p: float | None = None,
-               seed: int | None = None, stop: tuple[str, ...] = ()) -> AskParams:
+               seed: int | None = None, stop: tuple[str, ...] = (), abstain: bool = True) -> AskParams:
     """One question as `AskParams`, within the limits of `settings` (the one place they are checked)."""
     if len(question) > settings.max_question_chars:
         raise LimitExceeded(f"the question has {len(question)} characters; the limit is "
@@ -114,7 +114,7 @@ def ask_params(settings: ServeSettings, tenant: str, question: str, *, document_
     try:
         sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature or 0.0, top_p=top_p or 1.0,
                                   seed=seed, stop=stop)
-        return AskParams(question, document_ids=document_ids, tenant=tenant, sampling=sampling)
+        return AskParams(question, document_ids=document_ids, tenant=tenant, sampling=sampling, abstain=abstain)
     except ValueError as e:  # what the request models let through and the parameters refuse: still a 4xx
         raise BadRequest(str(e)) from e
 
@@ -130,7 +130,8 @@ class Question:
 
 def _ask(req: AskRequest, tenant: TenantDep, settings: SettingsDep) -> Question:
     return Question(req, ask_params(settings, tenant, req.question, document_ids=req.document_ids,
-                                    max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed))
+                                    max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
+                                    abstain=req.abstain))
 
 
 def _openai(req: ChatCompletionRequest | CompletionRequest, tenant: str, settings: ServeSettings) -> Question:
@@ -138,7 +139,7 @@ def _openai(req: ChatCompletionRequest | CompletionRequest, tenant: str, setting
     check_model(settings, req.model)
     return Question(req, ask_params(settings, tenant, question, document_ids=req.document_ids,
                                     max_tokens=req.requested_max_tokens(), temperature=req.temperature,
-                                    top_p=req.top_p, seed=req.seed, stop=req.stop_strings()))
+                                    top_p=req.top_p, seed=req.seed, stop=req.stop_strings(), abstain=req.abstain))
 
 
 def _chat(req: ChatCompletionRequest, tenant: TenantDep, settings: SettingsDep) -> Question:

@@ -42,6 +42,7 @@ from dsa_rag.rag_service.serve.settings import TENANT_PATTERN, ServeSettings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
+OPEN_PREFIXES = ("/ui/",)  # the web UI's page and static files (no data; its API calls carry the key)
 UPLOAD_PATHS = frozenset({"/v1/documents"})
 UPLOAD_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -169,7 +170,7 @@ class Guard:
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         path = scope["path"]
         state = scope.setdefault("state", {})
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path == "/" or path.startswith(OPEN_PREFIXES):
             state["tenant"], state["principal"] = self.s.default_tenant, "-"
             return None
         # 1. who is it

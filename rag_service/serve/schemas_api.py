@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dsa_rag.rag_service.errors import BadRequest
-from dsa_rag.rag_service.schemas import Citation, DocumentInfo, IngestResult
+from dsa_rag.rag_service.schemas import Citation, DocumentInfo, IngestResult, PageSpan
 
 QUESTION_MAX_CHARS = 8192
 MAX_DOCUMENT_IDS = 256
@@ -64,6 +64,40 @@ class DeleteResponse(BaseModel):
     rebuilt_packs: list[str] = Field(default_factory=list)
 
 
+class DocumentText(BaseModel):
+    """A window of a document's extracted text (what citations' character offsets index)."""
+
+    id: str
+    start: int = Field(..., ge=0)
+    end: int = Field(..., ge=0)
+    chars: int = Field(..., ge=0, description="length of the whole extracted text")
+    text: str
+    pages: list[PageSpan] = Field(default_factory=list, description="pages that overlap the window")
+
+
+# ------------------------------------------------------------------ packs
+class PackStatus(BaseModel):
+    """A pack and where its prefix KV cache is: `cold` (nowhere: the next question prefills it),
+    `prefilling` (now, with progress), `memory` (warm in a model replica), `store` (in the KV
+    store: a replica restores it in seconds)."""
+
+    id: str
+    state: Literal["cold", "prefilling", "memory", "store"]
+    tokens: int = Field(..., ge=0, description="prompt prefix length")
+    capacity: int = Field(..., ge=1)
+    stored: bool = Field(False, description="a KV-store entry exists for the pack")
+    documents: list[str] = Field(default_factory=list, description="document ids in the pack")
+    done_tokens: int | None = Field(None, ge=0, description="prefilling: tokens cached so far")
+    percent: float | None = Field(None, ge=0, le=100, description="prefilling: done_tokens / tokens")
+    eta_s: float | None = Field(None, description="prefilling: seconds left at the rate so far")
+    replica: str | None = None
+
+
+class PackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PackStatus]
+
+
 # ------------------------------------------------------------------ ask
 class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -76,6 +110,8 @@ class AskRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     stream: bool = False
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    abstain: bool = Field(True, description="say 'Not in the documents.' when the cited evidence does not "
+                          "support the answer (a stream then holds the tokens until the answer is scored)")
 
     @field_validator("question")
     @classmethod
@@ -102,6 +138,8 @@ class PackAnswer(BaseModel):
     node: str = Field("", description="the Ray node it runs on (empty without Ray)")
     finish_reason: Literal["stop", "length"] = "stop"
     citations: list[Citation] = Field(default_factory=list)
+    support: float | None = Field(None, ge=0, le=1, description="how well the cited evidence supports the answer")
+    abstained: bool = False
 
 
 class AskResponse(BaseModel):
@@ -110,6 +148,10 @@ class AskResponse(BaseModel):
     score: float | None = None
     finish_reason: Literal["stop", "length"] = "stop"
     citations: list[Citation] = Field(default_factory=list, description="best pack's first, then the others'")
+    abstained: bool = Field(False, description="the documents do not support an answer: `answer` is "
+                            "'Not in the documents.' and no citation is given")
+    support: float | None = Field(None, ge=0, le=1, description="support score of the chosen pack's answer "
+                                  "(question and answer terms found in its cited sentences)")
     packs: list[PackAnswer] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     timings: dict[str, float] = Field(default_factory=dict, description="seconds: select, first_token, total")
@@ -142,6 +184,7 @@ class _OpenAIBase(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     document_ids: list[str] | None = Field(None, max_length=MAX_DOCUMENT_IDS, description="extension: restrict the context")
+    abstain: bool = Field(True, description="extension: 'Not in the documents.' for an unsupported answer")
 
     @field_validator("stop")
     @classmethod
@@ -218,6 +261,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: OpenAIUsage
     citations: list[Citation] = Field(default_factory=list, description="extension: where the answer came from")
+    abstained: bool = Field(False, description="extension: the documents do not hold the answer")
+    support: float | None = Field(None, ge=0, le=1, description="extension: the answer's support score")
 
 
 class CompletionChoice(BaseModel):
@@ -235,6 +280,8 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: OpenAIUsage
     citations: list[Citation] = Field(default_factory=list)
+    abstained: bool = Field(False, description="extension: the documents do not hold the answer")
+    support: float | None = Field(None, ge=0, le=1, description="extension: the answer's support score")
 
 
 class ModelCard(BaseModel):

@@ -56,6 +56,9 @@ class ServeSettings(RagSettings):
     max_new_tokens: int = Field(512, ge=1, le=32768, description="upper bound of max_tokens per request")
     default_max_tokens: int = Field(64, ge=1, le=32768)
     warm_packs_per_replica: int = Field(8, ge=0, description="prefix caches kept in a replica's memory (LRU)")
+    warm_on_upload: bool = Field(
+        False, description="prefill the packs of every upload in the background (as `?prefill=true` does), so the "
+        "first question finds them warm; progress shows in GET /v1/packs")
     citations_per_pack: int = Field(5, ge=0, le=50)
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica; 0 = torch default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -69,6 +72,12 @@ class ServeSettings(RagSettings):
         description="V3.2's simulated FP8 indexer keys and latent cache (env DSA_RAG_FP8_NUMERICS=true/false); "
         "unset = the model config's own default",
     )
+    index_every: int | None = Field(
+        None, ge=1, le=1024,
+        description="cross-layer index reuse (env DSA_RAG_INDEX_EVERY): run the lightning indexer on layers 0, N, "
+        "2N, ... and let the layers between reuse its top-k (fewer indexer keys cached, cheaper selection); unset = "
+        "the checkpoint's own plan (GLM-5.2's indexer_types, else every layer)",
+    )
 
     # --- Ray -----------------------------------------------------------------------------------
     model_replicas: int = Field(1, ge=1, le=1024, description="model replicas when not autoscaling")
@@ -80,6 +89,26 @@ class ServeSettings(RagSettings):
     )
     ray_address: str | None = Field(None, description="join this Ray cluster; None = start a local one")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance")
+    # A replica larger than one device (serve/ranks.py): one Ray placement group of
+    # max(tp, ep) bundles (STRICT_PACK: one node), rank 0 runs the engine, the others follow.
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="ranks one replica's attention heads, dense MLP and vocabulary split over")
+    expert_parallel_size: int = Field(
+        1, ge=1, le=64, description="ranks one replica's routed experts split over (1 or the replica's rank count)")
+
+    @property
+    def replica_ranks(self) -> int:
+        """Processes (devices) per model replica."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
+
+    @model_validator(mode="after")
+    def _parallel_sizes(self):
+        n = self.replica_ranks
+        for name in ("tensor_parallel_size", "expert_parallel_size"):
+            if getattr(self, name) not in (1, n):
+                raise ValueError(f"{name} = {getattr(self, name)}: must be 1 or the replica's rank count {n} "
+                                 f"(tensor and expert parallelism share one node's ranks)")
+        return self
 
     @field_validator("fp8_numerics", mode="before")
     @classmethod

@@ -245,3 +245,7 @@ class Keys:
 
     def kv_stats(self) -> str:
         return f"{self.p}:kv:stats"  # hash hits/misses/stores/evictions/...
+
+    # prefills in progress (ask/cachestate.py): JSON progress, with a TTL so a dead replica's expires
+    def prefill(self, pack_id: str) -> str:
+        return f"{self.p}:prefill:{pack_id}"

@@ -113,6 +113,9 @@ class FakeEngine:
 
 
 def _backend(rag, engine, **kw) -> LocalBackend:
+    # The fake engine answers whatever is asked ("q0?" -> "Rome"): abstention off here; it is
+    # tested in test_support.py and test_grounded_answers.py.
+    rag.settings.abstain_threshold = 0.0
     return LocalBackend(rag=rag, worker=PackWorker(rag, engine, **kw))
 
 

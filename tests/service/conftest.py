@@ -24,7 +24,10 @@ from dsa_rag.rag_service.stores.redis_store import embedded_server_config
 
 SMALL = dict(max_context=1024, pack_reserve_tokens=0, pack_overlap=64, chunk_tokens=64, chunk_overlap=8,
              pack_seal_free_tokens=16, parse_timeout_s=20, default_max_tokens=4, max_new_tokens=16,
-             torch_threads=1)
+             torch_threads=1, abstain_threshold=0.0)
+# abstain_threshold 0: these tests check the service's plumbing with prose dsa-tiny cannot answer,
+# so abstention is off here; tests/service/test_grounding_api.py and
+# tests/rag_service/test_grounded_answers.py test it with documents the model reads.
 
 
 @pytest.fixture(scope="session")

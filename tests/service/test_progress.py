@@ -8,12 +8,21 @@ the engine's prefill chunk is made small so a ~900-token pack prefills in many s
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
+from fastapi.testclient import TestClient
+
+from dsa_rag.model.engine.protocol import accepts_progress
 from dsa_rag.rag_service.ask import worker as worker_mod
+from dsa_rag.rag_service.ask.cachestate import clear_progress, pack_states, publish_progress
+from dsa_rag.rag_service.ask.local import LocalBackend
 from dsa_rag.rag_service.ask.progress import PrefillProgress
+from dsa_rag.rag_service.ask.worker import PackWorker
+from dsa_rag.rag_service.pipeline import RagPipeline
+from dsa_rag.rag_service.serve.app import create_app
 from dsa_rag.rag_service.client import parse_sse
 
 TEXT = ("The harbour of Valdor ships grain and copper every spring. " * 14).encode()
@@ -41,6 +50,18 @@ def test_progress_arithmetic():
     assert p.fraction == 0.6 and p.eta() == pytest.approx(2.0, rel=0.05)  # 400 left at 200 tokens/s
     ev = p.event("r0")
     assert ev["event"] == "progress" and ev["done_tokens"] == 600 and ev["percent"] == 60.0
+
+
+def test_engine_reports_each_chunk_and_the_hook_stays_optional(chunked):
+    seen = []
+    handle = asyncio.run(chunked.prefill_prefix([i % 200 + 1 for i in range(300)], progress=lambda d, t: seen.append((d, t))))
+    assert seen == [(n, 300) for n in range(0, 300, 64)] and len(handle.tokens) == 300
+    asyncio.run(chunked.release(handle))
+
+    class OldEngine:  # an engine written before the hook: still an EngineProtocol, called without it
+        async def prefill_prefix(self, ids, prefix=None): ...
+
+    assert accepts_progress(chunked) and not accepts_progress(OldEngine())
 
 
 def test_cold_pack_streams_progress_then_tokens(client, chunked):
@@ -81,13 +102,6 @@ def test_openai_stream_sends_progress_as_comments(client, chunked):
 
 
 def test_warm_on_upload_setting_prefills_in_the_background(make_settings, engine):
-    from fastapi.testclient import TestClient
-
-    from dsa_rag.rag_service.ask.local import LocalBackend
-    from dsa_rag.rag_service.ask.worker import PackWorker
-    from dsa_rag.rag_service.pipeline import RagPipeline
-    from dsa_rag.rag_service.serve.app import create_app
-
     s = make_settings(warm_on_upload=True)
     rag = RagPipeline(s)
     backend = LocalBackend(s, rag=rag, worker=PackWorker(rag, engine))
@@ -104,3 +118,21 @@ def test_warm_on_upload_setting_prefills_in_the_background(make_settings, engine
     finally:
         backend.worker.close()
         rag.close()
+
+
+def test_progress_is_published_for_processes_without_the_worker(client, backend, chunked):
+    """The Ray ingress has no worker: it reads the progress a replica wrote to Redis."""
+    rag = backend.rag
+    doc = _upload(client)
+    pack = doc["packs"][0]
+    prog = PrefillProgress(pack, total=900, done=300)
+    publish_progress(rag, prog, "replica-7")
+    (state,) = pack_states(rag, "default", {})  # no worker states: what the ingress sees
+    assert state["state"] == "prefilling" and state["done_tokens"] == 300 and state["replica"] == "replica-7"
+    assert 0 < rag.r.ttl(rag.keys.prefill(pack)) <= 30  # a dead replica's entry expires
+    clear_progress(rag, pack)
+    assert pack_states(rag, "default", {})[0]["state"] == "cold"
+    # a real prefill removes its entry once the cache is stored: the ingress then sees "store"
+    client.post("/v1/ask", json={"question": "What does Valdor ship?", "max_tokens": 2})
+    assert not rag.r.exists(rag.keys.prefill(pack))
+    assert pack_states(rag, "default", {})[0]["state"] == "store"

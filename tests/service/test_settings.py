@@ -67,3 +67,24 @@ def test_cli_serve_dtype_flags(monkeypatch, tmp_path):
     assert s.dtype == "auto" and s.fp8_numerics is False
     s = _settings(p.parse_args(["serve", "--data-dir", str(tmp_path)]))
     assert s.fp8_numerics is None
+
+
+def test_index_every_setting(monkeypatch):
+    """DSA_RAG_INDEX_EVERY / --index-every: unset = the checkpoint's plan; N >= 1 reaches the engine."""
+    import pytest
+    from pydantic import ValidationError
+
+    from dsa_rag.model.engine.factory import load_engine
+
+    monkeypatch.delenv("DSA_RAG_INDEX_EVERY", raising=False)
+    assert ServeSettings().index_every is None
+    monkeypatch.setenv("DSA_RAG_INDEX_EVERY", "2")
+    s = ServeSettings()
+    assert s.index_every == 2
+    with pytest.raises(ValidationError, match="index_every"):
+        ServeSettings(index_every=0)
+    eng = load_engine("dsa-tiny", device="cpu", index_every=s.index_every)
+    try:
+        assert eng.engine.model.cfg.indexer_types == ["full", "shared", "full", "shared"]
+    finally:
+        eng.close()

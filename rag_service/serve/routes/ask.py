@@ -1,6 +1,8 @@
 """POST /v1/ask: a question over the tenant's documents (or `document_ids`), answered from every
 selected pack in parallel; JSON, or server-sent events with `stream=true`:
 
+    data: {"type": "progress", "pack_id": "...", "done_tokens": ..., "total_tokens": ..., "eta_s": ...}
+                                                    (while a cold pack prefills; see ../sse.py)
     data: {"type": "token", "text": "...", "pack_id": "...", "logprob": -1.2}     (one per token)
     data: {"type": "citations", "answer": ..., "citations": [...], "usage": {...}, "timings": {...}}
     data: [DONE]
@@ -61,6 +63,8 @@ async def _ask_sse(events: AsyncIterator[dict], slot: StreamSlot):
                 if ev["text"]:
                     yield S.sse({"type": "token", "text": ev["text"], "pack_id": ev["pack_id"],
                                  "logprob": ev["logprob"]})
+            elif ev["event"] == "progress":
+                yield S.sse({"type": "progress", **{k: v for k, v in ev.items() if k != "event"}})
             elif ev["event"] == "done":
                 done = AskResponse(**ev).model_dump(mode="json")
                 yield S.sse({"type": "citations", **done})

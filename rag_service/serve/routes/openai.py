@@ -1,8 +1,11 @@
 """The OpenAI-compatible API: the stored corpus is the context, the question is the prompt
 (/v1/completions) or the last user message (/v1/chat/completions); `document_ids` (extension)
-restricts the context and `citations` (extension) says where the answer came from. The openai
+restricts the context, `citations` (extension) says where the answer came from and `abstained` /
+`support` (extensions) whether the documents hold the answer ("Not in the documents." when not). The openai
 client and LangChain's ChatOpenAI work unchanged, streaming (SSE chunks, then [DONE];
-`stream_options.include_usage` adds a last chunk with usage and no choices) included.
+`stream_options.include_usage` adds a last chunk with usage and no choices) included. While a
+cold pack is prefilled the stream carries `: progress {...}` SSE comments (../sse.py), which
+standard clients skip.
 
     POST /v1/chat/completions     POST /v1/completions     GET /v1/models     GET /v1/models/{model_id}
 
@@ -46,6 +49,7 @@ async def chat_completions(q: ChatQuestion, backend: BackendDep, metrics: Metric
         return await _stream(q, backend, metrics, settings, streams, principal, chat=True)
     r = await ask(backend, metrics, q.params, retries=settings.stream_retries)
     return ChatCompletionResponse(model=q.req.model, usage=_usage(r["usage"]), citations=r["citations"],
+                                  abstained=r["abstained"], support=r["support"],
                                   choices=[ChatChoice(message=ChatChoiceMessage(content=r["answer"]),
                                                       finish_reason=r["finish_reason"])])
 
@@ -58,6 +62,7 @@ async def completions(q: CompletionQuestion, backend: BackendDep, metrics: Metri
         return await _stream(q, backend, metrics, settings, streams, principal, chat=False)
     r = await ask(backend, metrics, q.params, retries=settings.stream_retries)
     return CompletionResponse(model=q.req.model, usage=_usage(r["usage"]), citations=r["citations"],
+                              abstained=r["abstained"], support=r["support"],
                               choices=[CompletionChoice(text=r["answer"], finish_reason=r["finish_reason"])])
 
 
@@ -117,9 +122,12 @@ async def _openai_sse(events: AsyncIterator[dict], slot: StreamSlot, chunks: _Ch
         async for ev in events:
             if ev["event"] == "token" and ev["text"]:
                 yield chunks.text(ev["text"])
+            elif ev["event"] == "progress":  # an SSE comment: standard clients skip it (see ../sse.py)
+                yield S.comment("progress", {k: v for k, v in ev.items() if k != "event"})
             elif ev["event"] == "done":
                 cites = [c.model_dump(mode="json") for c in ev["citations"]]
-                yield chunks.text(None, finish=ev["finish_reason"], citations=cites)
+                yield chunks.text(None, finish=ev["finish_reason"], citations=cites, abstained=ev["abstained"],
+                                  support=ev["support"])
                 if include_usage:
                     yield chunks.frame([], usage=_usage(ev["usage"]).model_dump())
     except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band

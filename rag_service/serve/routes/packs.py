@@ -1,0 +1,25 @@
+"""Packs and their prefix-cache state, for people waiting on a cold pack and for dashboards.
+
+    GET /v1/packs    -> {"object": "list", "data": [PackStatus, ...]}   (the tenant's packs)
+
+Each pack is `cold` (the next question prefills it), `prefilling` (now: done_tokens, percent,
+eta_s), `memory` (warm in a model replica) or `store` (a KV-store entry a replica restores in
+seconds). Without Ray the one in-process replica reports memory and prefilling; with Ray the
+ingress sees the shared store only (cold / store), since warm caches live in the replicas.
+
+Tests: `.venv/bin/python -m pytest -q tests/service/test_progress.py`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from dsa_rag.rag_service.serve.deps import BackendDep, TenantDep
+from dsa_rag.rag_service.serve.schemas_api import PackList, PackStatus
+
+router = APIRouter(tags=["packs"])
+
+
+@router.get("/v1/packs", response_model=PackList, summary="The tenant's packs and where their prefix KV caches are")
+async def list_packs(backend: BackendDep, tenant: TenantDep):
+    return PackList(data=[PackStatus(**p) for p in await backend.pack_states(tenant)])
