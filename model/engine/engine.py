@@ -34,6 +34,10 @@ pool when the sequence's blocks are consecutive (a prefix and its first fork) an
 (index_keys bytes per layer per step) otherwise, e.g. the 2nd..nth question on one pack. The
 pool grows by doubling (a copy) and never shrinks; size it with n_blocks / max_blocks.
 
+What is not about paged caches (request bookkeeping, stop strings and finish reasons, outboxes,
+the generate / prefill_prefix drivers, TokenEvent, Trace) is shared with the V4 engine
+(model/v4/engine.py) in model/engine/requests.py.
+
 Speed work stays here, the model stays plain PyTorch: inference_mode, no per-step context copies
 (the sparse kernel gathers rows through the block table), index keys read as a view when a
 sequence's blocks are consecutive. torch.compile of the decode step is not used: the model's
@@ -47,56 +51,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from dsa_rag.model.engine.paged import BLOCK_SIZE, BlockPool, PagedSequence
-from dsa_rag.model.engine.sampling import SamplingParams, StopMatcher, make_generator, sample
-from dsa_rag.model.tokenizer import ByteTokenizer, IncrementalDecoder
+from dsa_rag.model.engine.requests import (EngineBase, Request, TokenEvent, Trace, aggregate_trace, check_token_ids,
+                                           token_ids)
+from dsa_rag.model.engine.sampling import SamplingParams, sample
 
 __all__ = ["Engine", "AsyncEngine", "SamplingParams", "TokenEvent", "Completion", "Trace", "PrefixHandle",
-           "Snapshot", "cache_dtypes", "model_fingerprint", "SNAPSHOT_FORMAT"]
+           "Snapshot", "cache_dtypes", "model_fingerprint", "weights_digest", "open_snapshot", "snapshot_metadata",
+           "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = "dsa-engine-snapshot/1"
 
 
-# ---------------------------------------------------------------- results
-@dataclass
-class Trace:
-    """What the sparse attention read for one generated token. positions: context token positions
-    by descending mass; mass: attention probability averaged over heads and layers (over all
-    positions it sums to 1). layers (trace_layers=True): per layer (positions, mass / heads)."""
-
-    positions: list[int]
-    mass: list[float]
-    layers: list[tuple[list[int], list[float]]] | None = None
-
-
-@dataclass
-class TokenEvent:
-    """One generated token. text: the text this token releases (may be "" while a UTF-8
-    character or a possible stop string is incomplete); position: its index in the sequence.
-    finish_reason: "stop" (EOS / stop token / stop string), "length" (max_tokens or the model's
-    context), "abort", "error" (see `error`; e.g. the block pool is full)."""
-
-    request_id: int
-    token_id: int
-    text: str
-    logprob: float | None
-    position: int
-    trace: Trace | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None  # finish_reason "error": what went wrong (the engine keeps serving others)
-
-
+# ---------------------------------------------------------------- results (Trace, TokenEvent: requests.py)
 @dataclass
 class Completion:
     request_id: int
@@ -162,26 +138,56 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256(json.dumps(model.cfg.fingerprint_fields(), sort_keys=True, default=str).encode())
     kv_dtype, ik_dtype = cache_dtypes(model)
     h.update(f"cache:kv={kv_dtype}:index_k={ik_dtype}:fp8_numerics={bool(model.cfg.fp8_numerics)}".encode())
+    weights_digest(h, model)
+    return h.hexdigest()[:32]
+
+
+def weights_digest(h, model) -> None:
+    """Feed `h` (a hashlib object) every parameter's and buffer's name, shape and dtype and 64
+    strided values (as fp32): what the engines' fingerprints (V3.2 / GLM-5, V4) hash of the weights."""
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             if p.device.type != "meta" and p.numel():
                 flat = p.reshape(-1)
                 h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+
+
+def snapshot_metadata(engine, fmt: str, n_tokens: int, **extra: str) -> dict[str, str]:
+    """A snapshot's str metadata: its format, the engine's fingerprint and model name, the token
+    and layer counts, then `extra` (e.g. the cache dtypes)."""
+    return {"format": fmt, "fingerprint": engine.fingerprint, "model": engine.cfg.name,
+            "tokens": str(n_tokens), "layers": str(engine.cfg.num_hidden_layers), **extra}
+
+
+def open_snapshot(engine, snapshot: Snapshot | dict, metadata: dict | None, fmt: str,
+                  dtypes: tuple[tuple[str, torch.dtype], ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of `snapshot` (a Snapshot, or a tensor dict with `metadata` beside it), once
+    its metadata (when there is any) says format `fmt`, the cache dtypes `dtypes` ((metadata key,
+    this engine's dtype) pairs; a key it lacks is not checked) and this engine's fingerprint.
+    Raises ValueError naming what differs."""
+    tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else snapshot
+    metadata = snapshot.metadata if isinstance(snapshot, Snapshot) else metadata
+    if metadata:
+        if metadata.get("format") != fmt:
+            raise ValueError(f"snapshot format {metadata.get('format')!r}, expected {fmt!r}")
+        for key, mine in dtypes:
+            if key in metadata and metadata[key] != str(mine):
+                raise ValueError(f"snapshot cache dtype {metadata[key]} ({key}) differs from this engine's {mine}: "
+                                 f"a cache prefilled in one dtype is never restored into another; "
+                                 f"prefill the prefix again")
+        if metadata.get("fingerprint") != engine.fingerprint:
+            raise ValueError(f"snapshot was made by model {metadata.get('model')!r} with fingerprint "
+                             f"{metadata.get('fingerprint')}; this engine runs {engine.cfg.name!r} with "
+                             f"{engine.fingerprint}: prefill the prefix again")
+    return tensors
 
 
 # ---------------------------------------------------------------- requests
-class _Request:
+class _Request(Request):
     def __init__(self, rid, tokens, params, seq, cached, tokenizer, eos, prefix_only=False):
-        self.rid, self.tokens, self.params, self.seq = rid, tokens, params, seq
-        self.prefix_only = prefix_only  # cache every token, sample nothing, end as a PrefixHandle
-        self.n_prompt, self.cached = len(tokens), cached
-        self.out_ids: list[int] = []
-        self.generator = make_generator(params)
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stops = StopMatcher(params.stop)
-        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eos])
+        super().__init__(rid, tokens, params, cached, tokenizer, eos, prefix_only)
+        self.seq = seq
 
     @property
     def target(self) -> int:
@@ -189,21 +195,19 @@ class _Request:
         return len(self.tokens) if self.prefix_only else len(self.tokens) - 1
 
 
-class Engine:
+class Engine(EngineBase):
     """Continuous-batching generation over paged DSA caches (see the module docstring).
 
     model: a dsa_rag.model.model.Transformer (plain PyTorch, eval mode). tokenizer: default ByteTokenizer.
     block_size: tokens per cache block. prefill_chunk: prefill tokens per step (all requests).
     max_batch: decode rows per step. n_blocks / max_blocks: initial / largest pool size."""
 
+    running: dict[int, _Request]
+    _prefixes: dict[int, PrefixHandle | BaseException]  # finished add_prefix requests, until taken
+
     def __init__(self, model, tokenizer=None, *, block_size: int = BLOCK_SIZE, prefill_chunk: int = 2048,
                  max_batch: int = 32, n_blocks: int = 64, max_blocks: int | None = None):
-        if prefill_chunk < 1 or max_batch < 1:
-            raise ValueError(f"prefill_chunk and max_batch must be >= 1, got {prefill_chunk}, {max_batch}")
-        self.model, self.cfg = model.eval(), model.cfg
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        self.eos_id = getattr(self.tokenizer, "eos_id", self.cfg.eos_token_id)
-        self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
+        super().__init__(model, tokenizer, prefill_chunk, max_batch)
         c = self.cfg
         p = model.embed.weight
         self.pool = BlockPool(c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim,
@@ -211,31 +215,18 @@ class Engine:
         self.dtype, ik_dtype = cache_dtypes(model)  # the serving dtype: the model's activations and its caches
         self.pool.ensure_storage(self.dtype, ik_dtype, c.fp8_numerics)
         self.device = p.device
-        self.running: dict[int, _Request] = {}
-        self._ids = itertools.count()
-        self._outbox: dict[int, deque[TokenEvent]] = {}
-        self._prefixes: dict[int, PrefixHandle | BaseException] = {}  # finished add_prefix requests, until taken
-        self._fingerprint: str | None = None
 
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
+    def _compute_fingerprint(self) -> str:
+        return model_fingerprint(self.model)
 
     # --- requests --------------------------------------------------------------------------
-    def new_request_id(self) -> int:
-        return next(self._ids)
-
     def add_request(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None,
                     request_id: int | None = None) -> int:
         """Queue a request; returns its id. The prompt continues `prefix` when given (its cache
         is shared, not copied). Tokens come out of `step()`."""
         params = params or SamplingParams()
-        ids = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        ids = token_ids(prompt_ids)
+        check_token_ids(ids, self.cfg.vocab_size, "prompt token ids")
         if prefix is not None and prefix.seq.freed:
             raise ValueError("the prefix handle was released; restore or prefill it again")
         tokens = (list(prefix.tokens) if prefix is not None else []) + ids
@@ -255,15 +246,8 @@ class Engine:
         self.running[rid] = _Request(rid, tokens, params, seq, cached, self.tokenizer, self.eos_id)
         return rid
 
-    def abort(self, rid: int) -> None:
-        r = self.running.pop(rid, None)
-        if r is not None:
-            r.seq.free()
-            if rid in self._outbox:
-                self._outbox[rid].append(TokenEvent(rid, -1, "", None, len(r.tokens) - 1, None, True, "abort"))
-
-    def has_unfinished(self) -> bool:
-        return bool(self.running)
+    def _free(self, r: _Request) -> None:
+        r.seq.free()
 
     # --- one scheduling step ---------------------------------------------------------------
     @torch.inference_mode()
@@ -293,18 +277,7 @@ class Engine:
                 events += self._decode(ready)
             except (MemoryError, RuntimeError, ValueError) as e:
                 events += [self._fail(r, e) for r in ready if r.rid in self.running]
-        for ev in events:
-            if ev.request_id in self._outbox:
-                self._outbox[ev.request_id].append(ev)
-        return events
-
-    def _fail(self, r: _Request, e: BaseException) -> TokenEvent:
-        self.running.pop(r.rid, None)
-        r.seq.free()
-        msg = f"{type(e).__name__}: {e}"
-        if r.prefix_only:
-            self._prefixes[r.rid] = e  # take_prefix raises it
-        return TokenEvent(r.rid, -1, "", None, len(r.tokens) - 1, None, True, "error", msg)
+        return self._post(events)
 
     def _forward_chunk(self, seq, tokens, start, n, last_only=True):
         ids = torch.tensor([tokens[start: start + n]], device=self.device)
@@ -324,72 +297,11 @@ class Engine:
         events = []
         for b, r in enumerate(ready):
             tok, lp = sample(logits[b], r.params, r.generator)
-            tr = self._aggregate(rec[b], r.params) if b in rec else None
+            tr = aggregate_trace(rec[b], self.cfg.num_attention_heads, r.params) if b in rec else None
             events.append(self._emit(r, tok, lp, tr))
         return events
 
-    def _aggregate(self, recs, params: SamplingParams) -> Trace:
-        """Per-layer (positions [k], mass summed over heads [k]) -> top positions by mass
-        averaged over heads and layers."""
-        H, L = self.cfg.num_attention_heads, len(recs)
-        idx = torch.cat([i for _, i, _ in recs]).long()
-        mass = torch.cat([m for _, _, m in recs]).float() / (H * L)
-        keep = idx >= 0
-        idx, mass = idx[keep], mass[keep]
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        agg = torch.zeros(uniq.shape[0], dtype=torch.float32, device=mass.device).index_add_(0, inv, mass)
-        top = agg.topk(min(params.trace_top, agg.shape[0]))
-        layers = None
-        if params.trace_layers:
-            layers = [(i[i >= 0].tolist(), (m[i >= 0].float() / H).tolist()) for _, i, m in sorted(recs, key=lambda x: x[0])]
-        return Trace(uniq[top.indices].tolist(), top.values.tolist(), layers)
-
-    def _emit(self, r: _Request, tok: int, lp, tr) -> TokenEvent:
-        r.tokens.append(tok)
-        r.out_ids.append(tok)
-        finish = None
-        if tok in r.stop_ids:
-            text, hit, finish = "", False, "stop"
-        else:
-            text, hit = r.stops.push(r.decoder.push(tok))
-            if hit:
-                finish = "stop"
-            elif len(r.out_ids) >= r.params.max_tokens or len(r.tokens) >= self.cfg.max_position_embeddings:
-                finish = "length"
-        if finish and not hit:  # release what the decoder / stop matcher still hold
-            more, hit = r.stops.push(r.decoder.flush())
-            text += more if hit else more + r.stops.flush()
-        if finish:
-            self.running.pop(r.rid, None)
-            r.seq.free()
-        return TokenEvent(r.rid, tok, text, lp, len(r.tokens) - 1, tr, finish is not None, finish)
-
     # --- convenience drivers ---------------------------------------------------------------
-    def generate(self, prompt_ids, params: SamplingParams | None = None, prefix: PrefixHandle | None = None
-                 ) -> Iterator[TokenEvent]:
-        """Stream one request's tokens; other requests (other generators, add_request) advance in
-        the same steps. Closing the iterator early aborts the request."""
-        rid = self.new_request_id()
-        self._outbox[rid] = deque()
-        try:
-            self.add_request(prompt_ids, params, prefix, request_id=rid)
-            yield from self._drain(rid)
-        finally:
-            self._outbox.pop(rid, None)
-            self.abort(rid)
-
-    def _drain(self, rid: int) -> Iterator[TokenEvent]:
-        q = self._outbox[rid]
-        while True:
-            while q:
-                ev = q.popleft()
-                yield ev
-                if ev.finished:
-                    return
-            if rid not in self.running:
-                return
-            self.step()
-
     def run_batch(self, requests: Iterable[tuple]) -> list[Completion]:
         """[(prompt_ids, params[, prefix]), ...] -> completions, all decoded together."""
         info = {}
@@ -421,13 +333,11 @@ class Engine:
     def add_prefix(self, ids, prefix: PrefixHandle | None = None, request_id: int | None = None) -> int:
         """Queue the prefill of a prefix (continuing `prefix` if given) through step(), in chunks
         interleaved with other requests' decoding; take it with `take_prefix(rid)` when ready."""
-        ids = [int(t) for t in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        ids = token_ids(ids)
         tokens = (list(prefix.tokens) if prefix is not None else []) + ids
         if not tokens or len(tokens) > self.cfg.max_position_embeddings:
             raise ValueError(f"prefix of {len(tokens)} tokens: expected 1 .. {self.cfg.max_position_embeddings}")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prefix token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        check_token_ids(ids, self.cfg.vocab_size, "prefix token ids")
         if prefix is not None and prefix.seq.freed:
             raise ValueError("the prefix handle was released; restore or prefill it again")
         seq = prefix.seq.fork() if prefix is not None else PagedSequence(self.pool)
@@ -436,27 +346,11 @@ class Engine:
                                      prefix_only=True)
         return rid
 
-    def take_prefix(self, rid: int) -> PrefixHandle | None:
-        """The PrefixHandle of a finished add_prefix request (once), or None while it prefills.
-        Raises what made its prefill fail (e.g. MemoryError: the block pool is full)."""
-        h = self._prefixes.pop(rid, None)
-        if isinstance(h, BaseException):
-            raise h
-        return h
-
     def prefix_progress(self, rid: int) -> tuple[int, int] | None:
         """(tokens cached, tokens in total) of a queued add_prefix request; None once it is done.
         Plain int reads, so another thread (the async wrapper's loop) may poll it between steps."""
         r = self.running.get(rid)
         return None if r is None else (r.seq.length, len(r.tokens))
-
-    def prefill_prefix(self, ids, prefix: PrefixHandle | None = None) -> PrefixHandle:
-        """Cache every token of `ids` (continuing `prefix` if given); returns a read-only handle
-        to fork questions from. Steps the engine until done, so running requests keep decoding."""
-        rid = self.add_prefix(ids, prefix)
-        while (h := self.take_prefix(rid)) is None:
-            self.step()
-        return h
 
     def release(self, handle: PrefixHandle) -> None:
         handle.seq.free()
@@ -480,10 +374,8 @@ class Engine:
                 t[f"layer.{i}.index_k"] = ik.cpu()
             if isc is not None:
                 t[f"layer.{i}.index_scale"] = isc.cpu()
-        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "model": self.cfg.name,
-                "tokens": str(n), "layers": str(self.cfg.num_hidden_layers),
-                "kv_dtype": str(self.pool.kv_dtype), "index_dtype": str(self.pool.ik_dtype),
-                "fp8_numerics": str(bool(self.cfg.fp8_numerics))}
+        meta = snapshot_metadata(self, SNAPSHOT_FORMAT, n, kv_dtype=str(self.pool.kv_dtype),
+                                 index_dtype=str(self.pool.ik_dtype), fp8_numerics=str(bool(self.cfg.fp8_numerics)))
         return Snapshot(t, meta)
 
     def restore(self, snapshot: Snapshot | dict, metadata: dict | None = None) -> PrefixHandle:
@@ -491,20 +383,8 @@ class Engine:
         fingerprint). Raises ValueError naming the tensor when one is missing, misshapen or of
         another dtype than this engine's caches (a bf16 cache never restores into an fp32 engine,
         nor the reverse: no silent cast), and naming both dtypes when the metadata says so."""
-        tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else snapshot
-        metadata = snapshot.metadata if isinstance(snapshot, Snapshot) else metadata
-        if metadata:
-            if metadata.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"snapshot format {metadata.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
-            for key, mine in (("kv_dtype", self.pool.kv_dtype), ("index_dtype", self.pool.ik_dtype)):
-                if key in metadata and metadata[key] != str(mine):
-                    raise ValueError(f"snapshot cache dtype {metadata[key]} ({key}) differs from this engine's {mine}: "
-                                     f"a cache prefilled in one dtype is never restored into another; "
-                                     f"prefill the prefix again")
-            if metadata.get("fingerprint") != self.fingerprint:
-                raise ValueError(f"snapshot was made by model {metadata.get('model')!r} with fingerprint "
-                                 f"{metadata.get('fingerprint')}; this engine runs {self.cfg.name!r} with "
-                                 f"{self.fingerprint}: prefill the prefix again")
+        tensors = open_snapshot(self, snapshot, metadata, SNAPSHOT_FORMAT,
+                                (("kv_dtype", self.pool.kv_dtype), ("index_dtype", self.pool.ik_dtype)))
         if "tokens" not in tensors:
             raise ValueError("snapshot lacks tensor 'tokens' (int64 [n])")
         tokens = [int(x) for x in tensors["tokens"].tolist()]

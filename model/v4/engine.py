@@ -10,6 +10,9 @@ decode one after another inside a step (no cross-request batching yet). Snapshot
 tensors by name (`layer.{i}.window`, `layer.{i}.compressor.entries`, ...), plus `tokens` and
 `last_logits`; restore checks the format and the model fingerprint.
 
+Request bookkeeping, stop / finish handling, outboxes and the drivers are the V3.2 engine's
+(model/engine/requests.py); the fingerprint hashes the weights as it does (`weights_digest`).
+
 Traces: per generated token, the token positions the attention read (window tokens, and the
 windows of the compressed entries it attended, an entry's mass spread over its tokens), mass
 averaged over heads and layers, as the citations expect.
@@ -20,16 +23,15 @@ averaged over heads and layers, as the citations expect.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from dsa_rag.model.engine.engine import Snapshot, TokenEvent, Trace
-from dsa_rag.model.engine.sampling import SamplingParams, StopMatcher, make_generator, sample
-from dsa_rag.model.tokenizer import ByteTokenizer, IncrementalDecoder
+from dsa_rag.model.engine.engine import Snapshot, open_snapshot, snapshot_metadata, weights_digest
+from dsa_rag.model.engine.requests import (EngineBase, Request, TokenEvent, Trace, aggregate_trace, check_token_ids,
+                                           token_ids)
+from dsa_rag.model.engine.sampling import SamplingParams, sample
 from dsa_rag.model.v4.cache import V4Cache
 from dsa_rag.model.v4.model import Transformer
 
@@ -50,16 +52,10 @@ class V4PrefixHandle:
         return len(self.tokens)
 
 
-class _Request:
+class _Request(Request):
     def __init__(self, rid, tokens, params, cache, fed, logits, tokenizer, eos, prefix_only=False):
-        self.rid, self.tokens, self.params, self.cache = rid, tokens, params, cache
-        self.fed, self.logits, self.prefix_only = fed, logits, prefix_only  # tokens in the cache; their last logits
-        self.n_prompt, self.cached = len(tokens), fed
-        self.out_ids: list[int] = []
-        self.generator = make_generator(params)
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stops = StopMatcher(params.stop)
-        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [eos])
+        super().__init__(rid, tokens, params, fed, tokenizer, eos, prefix_only)
+        self.cache, self.fed, self.logits = cache, fed, logits  # tokens in the cache; their last logits
         self.pending_trace: Trace | None = None  # what the attention read for the next sampled token
 
 
@@ -67,47 +63,27 @@ def v4_fingerprint(model: Transformer) -> str:
     """Config, activation dtype, parameter names / shapes / dtypes and a strided value sample."""
     h = hashlib.sha256(json.dumps(model.cfg.to_hf_dict(), sort_keys=True, default=str).encode())
     h.update(f"v4:act={model.embed.weight.dtype}".encode())
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.device.type != "meta" and p.numel():
-                flat = p.reshape(-1)
-                h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    weights_digest(h, model)
     return h.hexdigest()[:32]
 
 
-class V4Engine:
+class V4Engine(EngineBase):
     """Step-driven generation over per-sequence V4 caches (see the module docstring)."""
 
-    def __init__(self, model: Transformer, tokenizer=None, *, prefill_chunk: int = 512, max_batch: int = 32):
-        if prefill_chunk < 1 or max_batch < 1:
-            raise ValueError(f"prefill_chunk and max_batch must be >= 1, got {prefill_chunk}, {max_batch}")
-        self.model, self.cfg = model.eval(), model.cfg
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        self.eos_id = getattr(self.tokenizer, "eos_id", self.cfg.eos_token_id)
-        self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
-        self.device = model.embed.weight.device
-        self.running: dict[int, _Request] = {}
-        self._ids = itertools.count()
-        self._outbox: dict[int, deque[TokenEvent]] = {}
-        self._prefixes: dict[int, V4PrefixHandle | BaseException] = {}
-        self._fingerprint: str | None = None
+    running: dict[int, _Request]
+    _prefixes: dict[int, V4PrefixHandle | BaseException]  # finished add_prefix requests, until taken
 
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = v4_fingerprint(self.model)
-        return self._fingerprint
+    def __init__(self, model: Transformer, tokenizer=None, *, prefill_chunk: int = 512, max_batch: int = 32):
+        super().__init__(model, tokenizer, prefill_chunk, max_batch)
+        self.device = model.embed.weight.device
+
+    def _compute_fingerprint(self) -> str:
+        return v4_fingerprint(self.model)
 
     # --- requests --------------------------------------------------------------------------
-    def new_request_id(self) -> int:
-        return next(self._ids)
-
     def _ids_checked(self, ids, prefix: V4PrefixHandle | None) -> list[int]:
-        ids = [int(t) for t in (ids.tolist() if torch.is_tensor(ids) else ids)]
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got e.g. {bad[0]}")
+        ids = token_ids(ids)
+        check_token_ids(ids, self.cfg.vocab_size)
         if prefix is not None and prefix.cache is None:
             raise ValueError("the prefix handle was released; restore or prefill it again")
         n = (prefix.length if prefix is not None else 0) + len(ids)
@@ -133,14 +109,6 @@ class V4Engine:
 
     def add_prefix(self, ids, prefix: V4PrefixHandle | None = None, request_id: int | None = None) -> int:
         return self._start(request_id, self._ids_checked(ids, prefix), SamplingParams(), prefix, True)
-
-    def abort(self, rid: int) -> None:
-        r = self.running.pop(rid, None)
-        if r is not None and rid in self._outbox:
-            self._outbox[rid].append(TokenEvent(rid, -1, "", None, len(r.tokens) - 1, None, True, "abort"))
-
-    def has_unfinished(self) -> bool:
-        return bool(self.running)
 
     # --- one scheduling step ---------------------------------------------------------------
     @torch.inference_mode()
@@ -174,21 +142,13 @@ class V4Engine:
                 events.append(self._decode(r))
             except (MemoryError, RuntimeError, ValueError) as e:
                 events.append(self._fail(r, e))
-        for ev in events:
-            if ev.request_id in self._outbox:
-                self._outbox[ev.request_id].append(ev)
-        return events
-
-    def _fail(self, r: _Request, e: BaseException) -> TokenEvent:
-        self.running.pop(r.rid, None)
-        if r.prefix_only:
-            self._prefixes[r.rid] = e
-        return TokenEvent(r.rid, -1, "", None, len(r.tokens) - 1, None, True, "error", f"{type(e).__name__}: {e}")
+        return self._post(events)
 
     def _decode(self, r: _Request) -> TokenEvent:
         """Sample from the logits of the last cached token, then feed the sampled token."""
         tok, lp = sample(r.logits, r.params, r.generator)
-        ev = self._emit(r, tok, lp)
+        tr, r.pending_trace = r.pending_trace, None
+        ev = self._emit(r, tok, lp, tr)
         if not ev.finished:
             rec = [] if r.params.trace else None
             ids = torch.tensor([[tok]], device=self.device)
@@ -200,75 +160,14 @@ class V4Engine:
         return ev
 
     def _aggregate(self, rec, params: SamplingParams) -> Trace:
-        H, L = self.cfg.num_attention_heads, len(rec)
-        pos = torch.cat([p[0, -1] for p, _ in rec]).long()
-        mass = torch.cat([m[0, -1] for _, m in rec]).float() / (H * L)
-        keep = pos >= 0
-        pos, mass = pos[keep], mass[keep]
-        uniq, inv = torch.unique(pos, return_inverse=True)
-        agg = torch.zeros(uniq.shape[0]).index_add_(0, inv.cpu(), mass.cpu())
-        top = agg.topk(min(params.trace_top, agg.shape[0]))
-        layers = None
-        if params.trace_layers:
-            layers = [(p[0, -1][p[0, -1] >= 0].tolist(), (m[0, -1][p[0, -1] >= 0] / H).tolist()) for p, m in rec]
-        return Trace(uniq[top.indices].tolist(), top.values.tolist(), layers)
-
-    def _emit(self, r: _Request, tok: int, lp) -> TokenEvent:
-        tr, r.pending_trace = r.pending_trace, None
-        r.tokens.append(tok)
-        r.out_ids.append(tok)
-        finish = None
-        if tok in r.stop_ids:
-            text, hit, finish = "", False, "stop"
-        else:
-            text, hit = r.stops.push(r.decoder.push(tok))
-            if hit:
-                finish = "stop"
-            elif len(r.out_ids) >= r.params.max_tokens or len(r.tokens) >= self.cfg.max_position_embeddings:
-                finish = "length"
-        if finish and not hit:
-            more, hit = r.stops.push(r.decoder.flush())
-            text += more if hit else more + r.stops.flush()
-        if finish:
-            self.running.pop(r.rid, None)
-        return TokenEvent(r.rid, tok, text, lp, len(r.tokens) - 1, tr, finish is not None, finish)
-
-    # --- drivers ---------------------------------------------------------------------------
-    def generate(self, prompt_ids, params: SamplingParams | None = None, prefix: V4PrefixHandle | None = None):
-        rid = self.new_request_id()
-        self._outbox[rid] = deque()
-        try:
-            self.add_request(prompt_ids, params, prefix, request_id=rid)
-            q = self._outbox[rid]
-            while True:
-                while q:
-                    ev = q.popleft()
-                    yield ev
-                    if ev.finished:
-                        return
-                if rid not in self.running:
-                    return
-                self.step()
-        finally:
-            self._outbox.pop(rid, None)
-            self.abort(rid)
+        """rec: per layer (positions [1, T, m], mass [1, T, m]) -> the last token's trace, summed on the CPU."""
+        last = [(i, p[0, -1].cpu(), m[0, -1].cpu()) for i, (p, m) in enumerate(rec)]
+        return aggregate_trace(last, self.cfg.num_attention_heads, params)
 
     # --- prefixes, snapshots ---------------------------------------------------------------
-    def take_prefix(self, rid: int) -> V4PrefixHandle | None:
-        h = self._prefixes.pop(rid, None)
-        if isinstance(h, BaseException):
-            raise h
-        return h
-
     def prefix_progress(self, rid: int) -> tuple[int, int] | None:
         r = self.running.get(rid)
         return None if r is None else (r.fed, len(r.tokens))
-
-    def prefill_prefix(self, ids, prefix: V4PrefixHandle | None = None) -> V4PrefixHandle:
-        rid = self.add_prefix(ids, prefix)
-        while (h := self.take_prefix(rid)) is None:
-            self.step()
-        return h
 
     def release(self, handle: V4PrefixHandle) -> None:
         handle.cache = None  # running forks hold their own copies
@@ -286,21 +185,11 @@ class V4Engine:
                     v = getattr(state, f)
                     if v is not None:
                         t[f"layer.{i}.{part}.{f}"] = v.cpu()
-        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "model": self.cfg.name,
-                "tokens": str(handle.length), "layers": str(self.cfg.num_hidden_layers),
-                "kv_dtype": str(self.model.embed.weight.dtype)}
+        meta = snapshot_metadata(self, SNAPSHOT_FORMAT, handle.length, kv_dtype=str(self.model.embed.weight.dtype))
         return Snapshot({k: v.contiguous() for k, v in t.items()}, meta)
 
     def restore(self, snapshot: Snapshot | dict, metadata: dict | None = None) -> V4PrefixHandle:
-        tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else snapshot
-        metadata = snapshot.metadata if isinstance(snapshot, Snapshot) else metadata
-        if metadata:
-            if metadata.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"snapshot format {metadata.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
-            if metadata.get("fingerprint") != self.fingerprint:
-                raise ValueError(f"snapshot was made by model {metadata.get('model')!r} with fingerprint "
-                                 f"{metadata.get('fingerprint')}; this engine runs {self.cfg.name!r} with "
-                                 f"{self.fingerprint}: prefill the prefix again")
+        tensors = open_snapshot(self, snapshot, metadata, SNAPSHOT_FORMAT)  # dtype: per window tensor, below
         for need in ("tokens", "last_logits"):
             if need not in tensors:
                 raise ValueError(f"snapshot lacks tensor {need!r}")
