@@ -8,6 +8,7 @@
     dsa-rag ask "What was the 2023 revenue?"   # streams the answer, then the citations (a progress
                                            # bar on stderr while a cold pack is prefilled)
     dsa-rag status                         # readiness, replicas, documents, prefix-cache counters
+    dsa-rag engine-server --model dsa-tiny --port 8100   # the engine alone, OpenAI /v1/completions
 
 Also `python -m dsa_rag.rag_service.cli ...`. Settings come from DSA_RAG_* env vars (ServeSettings);
 flags override them. Client commands talk to --url (default $DSA_RAG_URL or
@@ -355,7 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve-frac", type=float, default=0.1, help="GPU share kept for activations")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
+
+    es = sub.add_parser("engine-server", add_help=False,
+                        help="this project's engine alone behind an OpenAI-compatible /v1/completions (an "
+                             "upstream for `engine: openai`); flags: `dsa-rag engine-server --help`")
+    es.add_argument("args", nargs=argparse.REMAINDER)  # listed in --help; main() hands its flags to the server
     return p
+
+
+def cmd_engine_server(argv: list[str]) -> int:
+    # Imported here, not at the top: the server pulls in torch and the engine (like `plan`), and
+    # parses its own flags (model/engine/server.py).
+    from dsa_rag.model.engine.server import main as engine_server_main
+
+    return engine_server_main(argv)
 
 
 def cmd_plan(a) -> int:
@@ -366,6 +380,9 @@ def cmd_plan(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["engine-server"]:
+        return cmd_engine_server(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)

@@ -35,6 +35,10 @@ FastAPI.
     +- HTTPError (any)                 another HTTP error the web framework raised, its status as is
     +- InternalError (500)             a bug: an unexpected exception, logged with its traceback
     +- EngineError (503)               the engine could not run a request (cache block pool full): retry
+    |  +- UpstreamError (502)          engine `openai`: the upstream failed or cut its stream
+    |  |  +- UpstreamTimeout (504)       ... sent nothing for upstream_timeout_s
+    |  +- UpstreamUnavailable (503)    ... no upstream endpoint reachable
+    |  +- UpstreamBusy (429)           ... every endpoint pushed back (429 / 503); Retry-After
     +- StorageError (503)              blob store or Redis failed (Redis unreachable: retry later)
        +- DiskFull (507)                 no space left on the data disk; nothing was stored
 
@@ -168,6 +172,35 @@ class EngineError(RagError):
 
     status_code = 503
     code = "engine_error"
+
+
+# An `engine: openai` upstream (vLLM / SGLang / `dsa-rag engine-server`, model/engine/upstream.py)
+# failed; rag_service/ask/upstream_errors.py maps the engine's error event to one of these.
+class UpstreamError(EngineError):
+    """The upstream answered with an error status, or broke / cut its stream."""
+
+    status_code = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(EngineError):
+    """No upstream endpoint accepted a connection."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream sent nothing for `upstream_timeout_s`."""
+
+    status_code = 504
+    code = "upstream_timeout"
+
+
+class UpstreamBusy(EngineError):
+    """Every upstream endpoint pushed back (429 / 503): retry after `Retry-After` seconds."""
+
+    status_code = 429
+    code = "upstream_busy"
 
 
 # ------------------------------------------------------------------ errors of the HTTP layer

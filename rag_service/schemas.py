@@ -81,6 +81,10 @@ class Citation(BaseModel):
     share: float | None = Field(
         None, ge=0, le=1, description="share of the answer's attention mass on document text that this span "
         "drew (attention sinks discounted); citations come in descending share")
+    citation_method: Literal["attention", "lexical"] = Field(
+        "attention", description="how the span was found: the answer's attention trace, or lexical overlap of the "
+        "answer with the pack's sentences when the engine returns no trace (an OpenAI-compatible upstream; then "
+        "`share` is the span's share of the lexical score)")
 
 
 class ScoredChunk(BaseModel):

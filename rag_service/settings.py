@@ -86,7 +86,7 @@ class RagSettings(BaseSettings):
         "evidence", description="evidence: whole sentences ranked by attention mass, sinks discounted; "
         "raw: the most-attended positions grouped as they are (the pre-evidence behaviour)")
     abstain_threshold: float = Field(
-        0.75, ge=0, le=1, description="answers whose support score is below this are replaced by "
+        0.88, ge=0, le=1, description="answers whose support score is below this are replaced by "
         "'Not in the documents.' (calibrated by benchmarks/grounding_bench.py); 0 = never abstain")
 
     # --- prefix-KV cache -----------------------------------------------------------------------

@@ -38,6 +38,9 @@ RAG_SERVICE_MAY_IMPORT_FROM_MODEL = frozenset({
     "dsa_rag.model.tokenizer",
     # `dsa-rag plan` (rag_service/cli.py): the replica memory planner, a pure function of a config.
     "dsa_rag.model.plan",
+    # `dsa-rag engine-server` (rag_service/cli.py): the engine served alone as an OpenAI-compatible
+    # upstream (issue 28); the CLI only parses its flags and runs it, the service never calls it.
+    "dsa_rag.model.engine.server",
 })
 
 BIN = Path(sys.executable).parent  # the venv running the tests (.venv, or `make lock`'s)

@@ -1,6 +1,6 @@
 """Build the engine a model replica runs: the one place that picks a backend, a device and a
 serving dtype, and loads weights. The service calls only this and the `EngineProtocol`
-(model/engine/protocol.py); a second backend (e.g. an OpenAI-compatible upstream) would be chosen here.
+(model/engine/protocol.py); `backend="openai"` picks the OpenAI-compatible upstream one (model/engine/upstream.py).
 
     from dsa_rag.model.engine.factory import load_engine
     engine = load_engine("dsa-tiny", device="cpu", tokenizer=rag.tok, threads=1)   # an EngineProtocol
@@ -25,6 +25,7 @@ from dsa_rag.model.v4.engine import V4Engine
 from dsa_rag.model.v4.load import is_v4_checkpoint, load_v4_model
 from dsa_rag.model.parallel.engine import AsyncLeaderEngine
 from dsa_rag.model.parallel.launch import start_rank
+from dsa_rag.model.engine.upstream import OpenAIUpstreamEngine
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -47,7 +48,8 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", model: str = "dsa-tiny", de
 
 def load_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=None, *,
                 threads: int | None = None, dtype: str | torch.dtype = "auto",
-                fp8_numerics: bool | None = None, index_every: int | None = None) -> EngineProtocol:
+                fp8_numerics: bool | None = None, index_every: int | None = None,
+                backend: str = "dsa", upstream: dict | None = None) -> EngineProtocol:
     """Load `model` (a preset name or a checkpoint dir) into the DSA engine, wrapped for async use.
     device: None = cuda when available, else cpu. tokenizer: what decodes the generated text (the
     pipeline's; None = the engine's byte tokenizer). threads: torch intra-op threads for this
@@ -55,7 +57,14 @@ def load_engine(model: str = "dsa-tiny", device: str | None = None, tokenizer=No
     a torch dtype), see `resolve_dtype`; the model, its caches and snapshots all run in it.
     fp8_numerics: None = the model config's own setting; True / False override it (V3.2's
     simulated FP8 indexer keys and latent cache). index_every: None = the checkpoint's indexer plan;
-    N = run the indexer on layers 0, N, 2N, ... and reuse its top-k in between (ModelConfig.indexer_types)."""
+    N = run the indexer on layers 0, N, 2N, ... and reuse its top-k in between (ModelConfig.indexer_types).
+    backend: "dsa" (this engine, in process) | "openai" (OpenAI-compatible upstreams, e.g. vLLM /
+    SGLang: model/engine/upstream.py; no weights load here, `model` only names the tokenizer's
+    checkpoint). upstream: OpenAIUpstreamEngine's keywords (urls, model, timeout_s, ...)."""
+    if backend == "openai":
+        return OpenAIUpstreamEngine(tokenizer=tokenizer, **(upstream or {}))
+    if backend != "dsa":
+        raise ValueError(f"unknown engine backend {backend!r}: use 'dsa' (in process) or 'openai' (an upstream)")
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)

@@ -66,7 +66,12 @@ class TraceProtocol(Protocol):
 class TokenEventProtocol(Protocol):
     """One generated token. token_id < 0: the request ended without a token (finish_reason
     "abort", or "error" with `error` saying why). text may be "" (an incomplete UTF-8 character
-    or a possible stop string held back). finish_reason: "stop" | "length" | "abort" | "error"."""
+    or a possible stop string held back). finish_reason: "stop" | "length" | "abort" | "error".
+
+    Optional, read with getattr (an upstream backend, model/engine/upstream.py, sets them):
+    `usage` on the last event ({prompt_tokens, completion_tokens, cached_tokens}: the engine's own
+    count of what its prefix cache held), `error_code` / `retry_after` on an "error" event (which
+    kind of failure: rag_service/ask/upstream_errors.py maps it to an HTTP status)."""
 
     @property
     def token_id(self) -> int: ...

@@ -2,7 +2,7 @@
 (support.py) -> whether the service says "not in the documents" instead.
 
     from dsa_rag.rag_service.ask.grounding import ground
-    g = ground(layout, mass, question, answer, max_citations=5, ranking="evidence", threshold=0.75)
+    g = ground(layout, mass, question, answer, max_citations=5, ranking="evidence", threshold=0.88)
     g.citations, g.support, g.supported
 
 The worker (worker.py) calls it once per pack answer with the mass it summed over the answer's

@@ -46,9 +46,10 @@ from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol, accepts_progress
 from dsa_rag.rag_service.ask.cachestate import PUBLISH_EVERY_S, clear_progress, publish_progress
 from dsa_rag.rag_service.ask.grounding import ground
+from dsa_rag.rag_service.ask.lexical_citations import lexical_ground
 from dsa_rag.rag_service.ask.params import AskParams
 from dsa_rag.rag_service.ask.progress import PrefillProgress
-from dsa_rag.rag_service.errors import EngineError
+from dsa_rag.rag_service.ask.upstream_errors import engine_failure
 from dsa_rag.rag_service.packing.layout import PackLayout
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class PackWorker:
                              f"runs on Ray, one placement group per replica: serve with Ray (not --no-ray)")
         if engine is None:
             engine = load_engine(s.model, tokenizer=rag.tok, threads=s.torch_threads, dtype=s.dtype,
-                                 fp8_numerics=s.fp8_numerics, index_every=s.index_every)
+                                 fp8_numerics=s.fp8_numerics, index_every=s.index_every,
+                                 backend=s.engine, upstream=s.upstream_options())  # engine: dsa | openai
         return cls(rag, engine, replica_id=replica_id, warm_packs=s.warm_packs_per_replica,
                    citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
 
@@ -310,12 +312,14 @@ class PackWorker:
                    "cached_tokens": cached, "replica": self.replica_id}
             mass: dict[int, float] = {}
             logps, text, finish, n_out, t_first = [], [], "length", 0, None
+            traced, upstream_usage = False, None  # an upstream engine: no traces, its own usage (engine: openai)
             async for ev in self.engine.generate(q_ids, sampling, prefix=handle):
                 if ev.token_id < 0:  # the engine ended the request without a token: abort or error
                     if ev.finish_reason == "error":
-                        raise EngineError(f"pack {pack_id}: the engine failed this request: "
-                                          f"{getattr(ev, 'error', None) or 'unknown error'}")
+                        raise engine_failure(pack_id, ev)  # 503 engine_error; an upstream's 429 / 502 / 503 / 504
                     break
+                upstream_usage = getattr(ev, "usage", None) or upstream_usage
+                traced = traced or ev.trace is not None
                 n_out += 1
                 if ev.logprob is not None:
                     logps.append(ev.logprob)
@@ -335,8 +339,14 @@ class PackWorker:
             await self.unpin(handle)  # forked by now (or failed): it may be released
         t_end = time.perf_counter()
         s = self.rag.settings  # citations ranked and the answer's support scored: ask/grounding.py
-        g = ground(layout, mass, params.question, "".join(text), max_citations=self.citations,
-                   ranking=getattr(s, "citation_ranking", "evidence"), threshold=getattr(s, "abstain_threshold", 0.0))
+        if traced or not n_out:
+            g = ground(layout, mass, params.question, "".join(text), max_citations=self.citations,
+                       ranking=getattr(s, "citation_ranking", "evidence"), threshold=getattr(s, "abstain_threshold", 0.0))
+        else:  # no attention trace (an upstream engine): cite by lexical overlap, ask/lexical_citations.py
+            g = lexical_ground(layout, params.question, "".join(text), max_citations=self.citations,
+                               threshold=getattr(s, "abstain_threshold", 0.0))
+        if upstream_usage is not None:  # the upstream's own count of what its prefix cache held
+            cached = min(upstream_usage["cached_tokens"], n + len(q_ids))
         citations = g.citations
         decode_s = t_end - (t_first or t_end)
         yield {

@@ -79,6 +79,60 @@ class ServeSettings(RagSettings):
         "the checkpoint's own plan (GLM-5.2's indexer_types, else every layer)",
     )
 
+    # --- engine backend (model/engine/factory.py): this engine in process, or an OpenAI-compatible
+    # upstream (vLLM / SGLang / `dsa-rag engine-server`) that holds the model and its prefix KV cache.
+    engine: Literal["dsa", "openai"] = Field(
+        "dsa", description="dsa: run the model in each replica; openai: send each pack's prompt to "
+        "`upstream_urls` (/v1/completions); `model` then only names the checkpoint whose tokenizer.json "
+        "tokenizes packs locally (env DSA_RAG_ENGINE)")
+    upstream_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="engine openai: base URLs of the upstream endpoints, comma-separated in "
+        "env DSA_RAG_UPSTREAM_URLS=http://vllm-0:8000,http://vllm-1:8000; a pack always goes to the same one "
+        "(rendezvous hash) unless it is down")
+    upstream_model: str | None = Field(
+        None, description="the upstream's served model name; unset = the first id of its /v1/models")
+    upstream_api_key: str | None = Field(None, description="sent to the upstream as Authorization: Bearer")
+    upstream_timeout_s: float = Field(
+        600.0, gt=0, description="longest wait for the upstream's next byte (a cold pack's prefill included); "
+        "beyond it the answer fails with 504 upstream_timeout")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_down_s: float = Field(
+        30.0, ge=0, description="an endpoint that refused connections is skipped this long (its packs move to "
+        "their next endpoint)")
+    upstream_warm_prefill: bool = Field(
+        True, description="a pack's prefill (first question, ?prefill=true) sends its prompt upstream with "
+        "max_tokens 1, so its questions find it in the upstream's prefix cache")
+
+    def upstream_options(self) -> dict | None:
+        """Keyword arguments of the `openai` backend (model/engine/upstream.py), None for `dsa`."""
+        if self.engine != "openai":
+            return None
+        return {"urls": list(self.upstream_urls), "model": self.upstream_model, "api_key": self.upstream_api_key,
+                "timeout_s": self.upstream_timeout_s, "connect_timeout_s": self.upstream_connect_timeout_s,
+                "down_s": self.upstream_down_s, "warm_prefill": self.upstream_warm_prefill}
+
+    @field_validator("upstream_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v):
+        """`http://a:8000,http://b:8000` (env form) or a JSON list / list."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _upstream_needs_urls(self):
+        if self.engine == "openai" and not self.upstream_urls:
+            raise ValueError("engine openai needs upstream_urls (env DSA_RAG_UPSTREAM_URLS=http://host:8000[,...])")
+        if self.engine == "openai" and self.replica_ranks > 1:
+            raise ValueError("tensor_parallel_size / expert_parallel_size > 1 with engine openai: the upstream "
+                             "(vLLM / SGLang) does its own parallelism; set them there, and 1 here")
+        return self
+
     # --- Ray -----------------------------------------------------------------------------------
     model_replicas: int = Field(1, ge=1, le=1024, description="model replicas when not autoscaling")
     model_max_ongoing_requests: int = Field(4, ge=1, le=4096)

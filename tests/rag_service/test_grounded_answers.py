@@ -85,7 +85,7 @@ def test_readme_example_cites_the_sentence_and_abstains_on_the_lease(served):
 @pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract-ocr (.ci/run installs it)")
 def test_fact_only_on_a_scanned_page_is_answered_and_cited_there(served):
     rag, backend = served
-    # dsa-tiny misreads some values (exact match ~0.9: benchmarks/results/grounding_bench.json);
+    # dsa-tiny misreads some values (exact match 0.86: benchmarks/results/grounding_bench.json);
     # this document is one it reads, so a failure here is the OCR / citation path, not the model
     doc = make_planted(random.Random(2027), 3, image_pages=(2,), answer_page=2, value_kind="num")
     assert doc.answer not in "".join(doc.pages[i] for i in (0, 2))  # only page 2 holds it, as pixels
