@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="does a model fit a replica of N GPUs? weights per rank, cache per token, "
                                      "128k packs per replica (dsa_rag.model.plan)")
-    pl.add_argument("--model", required=True, help="a preset (deepseek-v3.2, glm-5, ...) or a checkpoint dir")
+    pl.add_argument("--model", required=True,
+                    help="a preset (deepseek-v3.2, glm-5, deepseek-v4-flash, ...) or a checkpoint dir")
     pl.add_argument("--gpus", type=int, default=8, help="GPUs of one replica (default 8)")
     pl.add_argument("--gpu-mem", type=float, default=141.0, help="GB per GPU (H200 141, H100 80)")
     pl.add_argument("--tp", type=int, help="tensor parallel size (default: --gpus)")

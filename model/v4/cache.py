@@ -112,16 +112,23 @@ def _tensors(layer: LayerCache):
                     yield t
 
 
+def pool_bytes_per_token(cfg: V4Config, elem_bytes: int = 2) -> tuple[float, float]:
+    """(compressed entries, indexer keys): cache bytes that grow with the sequence, per token, of
+    this layout, split by pool: head_dim per `ratio` tokens on CSA / HCA layers, index_head_dim
+    per `ratio` on CSA layers (the replica planner prints the two apart)."""
+    kv = ix = 0.0
+    for i, t in enumerate(cfg.layer_types):
+        if t != SLIDING:
+            kv += cfg.head_dim / cfg.ratio(i)
+        if t == CSA:
+            ix += cfg.index_head_dim / cfg.ratio(i)
+    return kv * elem_bytes, ix * elem_bytes
+
+
 def bytes_per_token(cfg: V4Config, elem_bytes: int = 2) -> float:
     """Cache bytes that grow with the sequence, per token, of this layout: the compressed
     entries (head_dim per `ratio` tokens) and the indexer keys (index_head_dim per `ratio`)."""
-    b = 0.0
-    for i, t in enumerate(cfg.layer_types):
-        if t != SLIDING:
-            b += cfg.head_dim / cfg.ratio(i)
-        if t == CSA:
-            b += cfg.index_head_dim / cfg.ratio(i)
-    return b * elem_bytes
+    return sum(pool_bytes_per_token(cfg, elem_bytes))
 
 
 def fixed_bytes(cfg: V4Config, elem_bytes: int = 2, state_bytes: int = 4) -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from contextlib import aclosing
@@ -44,7 +45,8 @@ from typing import AsyncIterator
 
 from dsa_rag.model.engine.factory import load_engine
 from dsa_rag.model.engine.protocol import EngineProtocol, PrefixHandleProtocol, accepts_progress
-from dsa_rag.rag_service.ask.cachestate import PUBLISH_EVERY_S, clear_progress, publish_progress
+from dsa_rag.rag_service.ask.cachestate import (PUBLISH_EVERY_S, WARM_REFRESH_S, clear_progress, clear_warm,
+                                                publish_progress, publish_warm)
 from dsa_rag.rag_service.ask.grounding import ground
 from dsa_rag.rag_service.ask.lexical_citations import lexical_ground
 from dsa_rag.rag_service.ask.params import AskParams
@@ -62,10 +64,11 @@ PROGRESS_HEARTBEAT_S = 5.0  # a progress event at least this often (a fresh ETA)
 class PackWorker:
     """The model side of one replica: the engine, warm prefix handles (memory LRU), the KV store.
     Async: call it from one event loop at a time (a Ray replica's, the app's). The worker owns
-    the engine it is given: `close()` closes it."""
+    the engine it is given: `close()` closes it. `publish_warm`: write the set of packs held warm
+    to Redis (ask/cachestate.py) for processes without this worker (a Ray replica's ingress)."""
 
     def __init__(self, rag, engine: EngineProtocol, *, replica_id: str = "local", warm_packs: int = 8,
-                 citations: int = 5, max_new_tokens: int = 512):
+                 citations: int = 5, max_new_tokens: int = 512, publish_warm: bool = False):
         self.rag = rag
         self.engine = engine
         self.replica_id = replica_id
@@ -83,9 +86,15 @@ class PackWorker:
         self.counters = {"memory": 0, "store": 0, "prefill": 0, "requests": 0}
         self.prefilling: dict[str, PrefillProgress] = {}  # pack id -> the prefill running for it now
         self._progress_ok = accepts_progress(engine)  # the progress= hook is optional in the protocol
+        self.publish_warm = publish_warm
+        self._warm_task: asyncio.Task | None = None  # rewrites the published warm set (_publish_warm)
+        self._warm_dirty: asyncio.Event | None = None  # set when the warm set changed
+        self._warm_lock = threading.Lock()  # a write and the removal on close never interleave
+        self._warm_closed = False
 
     @classmethod
-    def from_settings(cls, rag, settings, *, replica_id: str = "local", engine=None) -> "PackWorker":
+    def from_settings(cls, rag, settings, *, replica_id: str = "local", engine=None,
+                      publish_warm: bool = False) -> "PackWorker":
         """The worker a replica runs: the engine `settings` name (model, dtype, fp8_numerics,
         index_every, torch_threads), decoding with the pipeline's tokenizer, within the settings' limits
         (warm_packs_per_replica, citations_per_pack, max_new_tokens). `settings`: a ServeSettings.
@@ -99,13 +108,14 @@ class PackWorker:
                                  fp8_numerics=s.fp8_numerics, index_every=s.index_every,
                                  backend=s.engine, upstream=s.upstream_options())  # engine: dsa | openai
         return cls(rag, engine, replica_id=replica_id, warm_packs=s.warm_packs_per_replica,
-                   citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens)
+                   citations=s.citations_per_pack, max_new_tokens=s.max_new_tokens, publish_warm=publish_warm)
 
     @property
     def fingerprint(self) -> str:
         return self.engine.fingerprint
 
     def close(self) -> None:
+        self.unpublish_warm()
         self.engine.close()
 
     # --- prompts and prefix caches -----------------------------------------------------------------
@@ -193,6 +203,7 @@ class PackWorker:
         if self.warm_limit:
             self._warm[key] = handle
             await self._evict()
+            self._warm_changed()
         else:
             self._retired[id(handle)] = handle  # not kept warm: released when its question forked it
         return handle, ids, layout, source, cached
@@ -247,6 +258,52 @@ class PackWorker:
             await asyncio.to_thread(clear_progress, self.rag, prog.pack_id)
         except Exception as e:  # noqa: BLE001 - Redis trouble must not fail a prefill; /v1/packs shows less
             log.warning("publishing the prefill progress of pack %s failed: %s", prog.pack_id, e)
+
+    # --- the warm set, published for processes without this worker (ask/cachestate.py) ----------
+    def _warm_changed(self) -> None:
+        """The warm set changed: have `_publish_warm` write it now (started on the first change)."""
+        if not self.publish_warm or self._warm_closed:
+            return
+        if self._warm_task is None or self._warm_task.done():
+            self._warm_dirty = asyncio.Event()
+            self._warm_task = asyncio.ensure_future(self._publish_warm())
+        self._warm_dirty.set()
+
+    async def _publish_warm(self) -> None:
+        """Write the warm pack ids when they change and every WARM_REFRESH_S (the entry's TTL lets a
+        dead replica's expire), until `unpublish_warm`."""
+        while not self._warm_closed:
+            self._warm_dirty.clear()
+            try:
+                await asyncio.to_thread(self._write_warm, self.warm_pack_ids())
+            except Exception as e:  # noqa: BLE001 - Redis trouble must not fail questions; /v1/packs shows less
+                log.warning("publishing the warm packs of replica %s failed: %s", self.replica_id, e)
+            try:
+                await asyncio.wait_for(self._warm_dirty.wait(), WARM_REFRESH_S)
+            except TimeoutError:
+                pass
+
+    def _write_warm(self, pack_ids: list[str]) -> None:
+        with self._warm_lock:
+            if not self._warm_closed:
+                publish_warm(self.rag, self.replica_id, pack_ids)
+
+    def unpublish_warm(self) -> None:
+        """Stop publishing the warm set and remove it (blocking; from any thread: `close()`, a Ray
+        replica's shutdown). A write in flight lands before the removal or not at all."""
+        with self._warm_lock:
+            was_closed, self._warm_closed = self._warm_closed, True
+            if self.publish_warm and not was_closed:
+                try:
+                    clear_warm(self.rag, self.replica_id)
+                except Exception as e:  # noqa: BLE001 - the entry then expires after its TTL
+                    log.warning("removing the warm packs of replica %s failed: %s", self.replica_id, e)
+        task = self._warm_task
+        if task is not None and not task.done():
+            try:
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop is closed already
+                pass
 
     async def warm(self, pack_id: str) -> str:
         """Make the pack's prefix warm in this replica (background prefill). -> cache source."""

@@ -74,7 +74,7 @@ class Ingestion:
         return await asyncio.to_thread(self.rag.delete_document, doc_id, tenant)
 
     async def pack_states(self, tenant: str):
-        # memory / prefilling live in the model replicas; this process sees cold and store only
+        # memory / prefilling live in the model replicas: this process reads what they publish to Redis
         return await asyncio.to_thread(pack_states, self.rag, tenant, {})
 
     async def document_text(self, doc_id: str, tenant: str, start: int, end: int | None):
@@ -107,8 +107,16 @@ class ModelReplica:
         self.rag = RagPipeline(s)
         # A replica of several devices: this actor is rank 0 of its placement group (serve/ranks.py).
         self.ranks = ReplicaRanks.start(s, self.rag.tok) if s.replica_ranks > 1 else None
-        self.worker = PackWorker.from_settings(self.rag, s, replica_id=self.replica_id,
+        # publish_warm: the ingress reports the packs warm here ("memory") from Redis (ask/cachestate.py)
+        self.worker = PackWorker.from_settings(self.rag, s, replica_id=self.replica_id, publish_warm=True,
                                                engine=self.ranks.engine if self.ranks else None)
+
+    def __del__(self):
+        """Serve's graceful shutdown: this replica's packs stop showing as warm at once (a replica
+        that dies without it stops showing when its entry expires)."""
+        worker = getattr(self, "worker", None)  # absent when __init__ failed
+        if worker is not None:
+            worker.unpublish_warm()
 
     async def stream(self, pack_id: str, params: AskParams):
         """Streamed per-pack answer events (see ask.worker.PackWorker.stream). Call it with

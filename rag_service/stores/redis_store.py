@@ -249,3 +249,10 @@ class Keys:
     # prefills in progress (ask/cachestate.py): JSON progress, with a TTL so a dead replica's expires
     def prefill(self, pack_id: str) -> str:
         return f"{self.p}:prefill:{pack_id}"
+
+    # warm prefix caches per replica (ask/cachestate.py): JSON pack ids, with a TTL like prefill's
+    def warm(self, replica: str) -> str:
+        return f"{self.p}:warm:replica:{replica}"
+
+    def warm_replicas(self) -> str:
+        return f"{self.p}:warm:replicas"  # zset replica -> last write of its warm set (unix time)

@@ -26,14 +26,6 @@ pytest.importorskip("transformers.models.deepseek_v4")
 T = 72  # 18 CSA entries (top-k keeps 4), 9 HCA pools, window 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokens(batch=2, length=T, seed=1):
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -16,14 +16,6 @@ from dsa_rag.model.v4.load import cast_v4
 from tests.model.v4_helpers import hf_from, random_v4, tiny_v4_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return random_v4(tiny_v4_config(), seed=7)

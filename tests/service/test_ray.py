@@ -6,7 +6,9 @@ machine (ray.cluster_utils.Cluster: two raylets), started ONCE for the module:
 - routing follows the cache: the second question over a pack goes to the replica that prefilled it;
 - the load guard: with the holder busy, a question over the same pack spills to the replica on the
   other node, which restores the pack's prefix from the shared KV store (no prefill there);
-- the CLI client commands against the running service.
+- the CLI client commands against the running service;
+- GET /v1/packs: which replica holds a pack warm (published by the replicas to Redis), and that an
+  evicted pack no longer shows there (one warm pack per replica here).
 
     .venv/bin/python -m pytest -q tests/service/test_ray.py
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 
 import httpx
@@ -57,7 +60,8 @@ def service(tmp_path_factory, redis_url):
                     # a replica takes at most 2 at once: a burst that reaches the router before any
                     # queue length comes back (all routed to the holder on a stale 0) is still
                     # bounced by the holder and spills, as in production with a full replica
-                    model_max_ongoing_requests=2, default_max_tokens=12, max_new_tokens=24)
+                    model_max_ongoing_requests=2, default_max_tokens=12, max_new_tokens=24,
+                    warm_packs_per_replica=1)  # evictions without many packs (test_packs_show_...)
         app = build_app(args)
         # one model replica per node (the deployment's own options, as a serve config would set)
         model = app._bound_deployment._replica_config.init_args[3]
@@ -178,3 +182,34 @@ def test_cli_client_commands(service, capsys, tmp_path):
     assert main(["status", "--url", service]) == 0
     status = capsys.readouterr().out
     assert ": ok" in status and "dsa_rag_model_replicas 2.0" in status
+
+
+def test_packs_show_the_replica_holding_them_warm(service):
+    """The ingress has no warm caches: it reads the warm set each replica publishes to Redis. One
+    pack per tenant, three tenants, two replicas of one warm pack each: each replica's last pack
+    shows "memory" with that replica's id; the others were evicted (at least one, three packs in two
+    slots) and show "store". Each tenant lists its own pack only."""
+    url = service
+    served = []  # (tenant headers, pack id, replica) in the order asked
+    for i in range(3):
+        h = {"X-Tenant": f"shelf{i}"}
+        r = httpx.post(f"{url}/v1/documents", headers=h, timeout=60,
+                       files=[("files", (f"s{i}.txt", DOC.replace(b"Rome", f"Shelf{i}".encode()), "text/plain"))])
+        assert r.status_code == 200, r.text
+        p = _ask(url, "Where?", max_tokens=1, headers=h)["packs"][0]
+        assert p["cache"] == "prefill"
+        served.append((h, p["pack_id"], p["replica"]))
+    last = {rep: pid for _, pid, rep in served}  # a replica holds the last pack it served (and no other)
+    expected = {pid: ("memory", rep) if last[rep] == pid else ("store", None) for _, pid, rep in served}
+    assert ("store", None) in expected.values()
+    deadline = time.monotonic() + 30  # published from a task right after the change; allow a loaded box
+    while True:
+        seen = {}
+        for h, pid, _ in served:
+            data = httpx.get(f"{url}/v1/packs", headers=h, timeout=30).json()["data"]
+            assert [p["id"] for p in data] == [pid]  # the tenant's own pack, nobody else's
+            seen[pid] = (data[0]["state"], data[0]["replica"])
+        if seen == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert seen == expected

@@ -5,9 +5,12 @@
 Each pack is `cold` (the next question prefills it), `prefilling` (now: done_tokens, percent,
 eta_s), `memory` (warm in a model replica) or `store` (a KV-store entry a replica restores in
 seconds). Without Ray the one in-process replica reports memory and prefilling; with Ray the
-ingress sees the shared store only (cold / store), since warm caches live in the replicas.
+ingress reads what the model replicas publish to Redis (their prefills' progress, the packs each
+holds warm, with the replica id; ask/cachestate.py), and a replica that died stops showing once
+its entries expire (30 s). Only the tenant's own packs are listed (`backend.pack_states(tenant)`).
 
-Tests: `.venv/bin/python -m pytest -q tests/service/test_progress.py`.
+Tests: `.venv/bin/python -m pytest -q tests/service/test_progress.py tests/service/test_ui_api.py
+tests/service/test_ray.py`.
 """
 
 from __future__ import annotations

@@ -23,16 +23,6 @@ from tests.model.helpers import greedy_full, ids_of, random_model, small_engine 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])  # no EOS: fixed-length outputs to compare
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP workers make every small op 10-30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny_config(0), 0)

@@ -15,14 +15,6 @@ from dsa_rag.model.engine.paged import BlockAllocator, BlockPool, PagedSequence
 from tests.model.helpers import random_model, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pool(n_blocks=2, bs=4, layers=2, fp8=False, max_blocks=None):
     p = BlockPool(layers, 6, 3, block_size=bs, n_blocks=n_blocks, max_blocks=max_blocks)
     p.ensure_storage(torch.float32, torch.float8_e4m3fn if fp8 else torch.float32, fp8)

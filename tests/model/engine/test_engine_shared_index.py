@@ -19,14 +19,6 @@ GREEDY = dict(temperature=0.0, stop_token_ids=[])
 PLAN = ["full", "shared", "full", "shared"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["v32-form", "glm-form"])
 def model(request):
     glm = request.param == "glm-form"
