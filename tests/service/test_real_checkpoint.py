@@ -106,7 +106,10 @@ class Server:
         env.update(DSA_RAG_TORCH_THREADS="1", DSA_RAG_PARSE_WORKERS="1", DSA_RAG_MAX_CONTEXT="1024",
                    DSA_RAG_PACK_RESERVE_TOKENS="128", DSA_RAG_PACK_OVERLAP="64", DSA_RAG_CHUNK_TOKENS="64",
                    DSA_RAG_CHUNK_OVERLAP="8", DSA_RAG_DEFAULT_MAX_TOKENS=str(MAX_TOKENS),
-                   DSA_RAG_MAX_NEW_TOKENS="16", **(SERVE_ENV if env_numerics else {}))
+                   DSA_RAG_MAX_NEW_TOKENS="16", **(SERVE_ENV if env_numerics else {}),
+                   # random weights never answer from the documents: abstention would hide the
+                   # citations these tests check the shape of
+                   DSA_RAG_ABSTAIN_THRESHOLD="0")
         self._out = open(log, "w")
         flags = () if env_numerics else SERVE_FLAGS
         self.proc = subprocess.Popen(
