@@ -9,6 +9,7 @@ alike. Accuracy is the eval's (model/evals/eval.py
 when present. JSON is the last line.
 
     .venv/bin/python benchmarks/index_reuse_bench.py                                   # 32k + 128k
+    .venv/bin/python benchmarks/index_reuse_bench.py --rejoin benchmarks/results/index_reuse/index_reuse_bench.json
     .venv/bin/python benchmarks/index_reuse_bench.py --prefill 4096 --probe 16384 --decode-steps 4 --out /tmp/reuse.json  # quick
 Progress goes to stderr.
 """
@@ -171,7 +172,14 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "index_reuse_bench.json"))
+    ap.add_argument("--rejoin", metavar="JSON", help="re-attach the eval accuracies to a saved result and rewrite its .md")
     a = ap.parse_args()
+    if a.rejoin:  # the evals finish after the timing run: attach them without timing again
+        res = json.loads(Path(a.rejoin).read_text())
+        join_accuracy(res)
+        Path(a.rejoin).write_text(json.dumps(res, indent=1))
+        write_md(res, Path(a.rejoin).with_suffix(".md"))
+        return print(json.dumps(res))
     torch.set_num_threads(a.threads)
     timer = SelectionTimer(CLOCK)
     res = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": a.threads,
