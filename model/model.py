@@ -53,24 +53,32 @@ class LayerNorm(nn.LayerNorm):
 
 
 # ---------------------------------------------------------------- RoPE (YaRN)
-def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of the qk_rope_head_dim rotary dims and the cos/sin attention factor."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+def rope_inv_freq(dim: int, base: float, yarn=None) -> torch.Tensor:
+    """Inverse frequencies of `dim` rotary channels (dim / 2 of them), YaRN-blended when `yarn`
+    (anything with factor, original_max_position_embeddings, beta_fast, beta_slow: RopeScaling,
+    V4's YarnScaling) has factor > 1. V3.2's and V4's RoPE both take theirs from here."""
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rs = cfg.rope_scaling
-    if rs is None or rs.factor <= 1:
-        return inv, 1.0
+    if yarn is None or yarn.factor <= 1:
+        return inv
 
     def corr_dim(rot):
-        return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+        return dim * math.log(yarn.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(corr_dim(rs.beta_fast)), 0)
-    high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
+    low = max(math.floor(corr_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(yarn.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 = extrapolate (high-frequency dims keep their frequency)
-    inv = inv / rs.factor * (1 - keep) + inv * keep
+    return inv / yarn.factor * (1 - keep) + inv * keep
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the qk_rope_head_dim rotary dims and the cos/sin attention factor."""
+    inv = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    rs = cfg.rope_scaling
+    if rs is None or rs.factor <= 1:
+        return inv, 1.0
 
     # transformers scales cos/sin by mscale(factor, mscale)/mscale(factor, mscale_all_dim): 1.0 for V3.2.
     def mscale(m):
@@ -103,17 +111,6 @@ def rope_interleaved(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)
 
 
-def rope_pairs_interleaved(x, cos, sin):
-    """Interleaved pairs (2i, 2i+1) rotated like rope_interleaved, the output in half-split order
-    (evens' results, then odds'), as transformers' apply_rotary_pos_emb_interleave returns it.
-    Only the order differs from rope_interleaved: q.k is the same when both sides use one function."""
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    xf, cos, sin = x.float(), cos.float(), sin.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
-
-
 def rope_half(x, cos, sin):
     """Indexer RoPE (the V3.2 fix): pairs (i, i + d/2), NeoX style; fp32 math, cast back."""
     if x.dim() == 4:
@@ -122,6 +119,13 @@ def rope_half(x, cos, sin):
     h = x.shape[-1] // 2
     x1, x2 = xf[..., :h], xf[..., h:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def rope_pairs_interleaved(x, cos, sin):
+    """GLM-5's indexer RoPE: interleaved pairs (2i, 2i+1) rotated, the output in half-split order
+    (evens' results, then odds'), as transformers' apply_rotary_pos_emb_interleave returns it:
+    rope_half of the de-interleaved input."""
+    return rope_half(torch.cat([x[..., 0::2], x[..., 1::2]], -1), cos, sin)
 
 
 # ---------------------------------------------------------------- lightning indexer

@@ -275,12 +275,10 @@ class PagedLayerCache:
             raise ValueError(f"layer {i}: the pool {'keeps' if i in pool.index_layers else 'has no'} indexer keys "
                              f"for it, the write {'has none' if index_k is None else 'brings some'} "
                              f"(engine and model disagree on the indexer plan)")
-        if not pool.allocated:
-            if index_k is None:
-                raise ValueError("the pool's first write must come from a layer with indexer keys (storage dtypes)")
+        if index_k is not None:  # allocates the storage on the first write, else checks its dtypes
             pool.ensure_storage(kv.dtype, index_k.dtype, index_scale is not None)
-        elif index_k is not None:
-            pool.ensure_storage(kv.dtype, index_k.dtype, index_scale is not None)
+        elif not pool.allocated:
+            raise ValueError("the pool's first write must come from a layer with indexer keys (storage dtypes)")
         seq.reserve(start, end)
         rows = seq.rows(start, end)
         pool.kv[i].index_copy_(0, rows, kv.detach())

@@ -10,12 +10,11 @@ cos/sin left unscaled (transformers forces attention_factor 1.0 for V4).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from dsa_rag.model.v4.config import SLIDING, V4Config, YarnScaling
+from dsa_rag.model.model import rope_inv_freq
+from dsa_rag.model.v4.config import SLIDING, V4Config
 
 
 class RMSNorm(nn.Module):
@@ -37,32 +36,14 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-def inv_freq(dim: int, base: float, yarn: YarnScaling | None) -> torch.Tensor:
-    """Inverse frequencies of `dim` rotary channels (dim / 2 of them), YaRN-blended if asked."""
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if yarn is None or yarn.factor <= 1:
-        return inv
-
-    def corr_dim(rot):
-        return dim * math.log(yarn.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(corr_dim(yarn.beta_fast)), 0)
-    high = min(math.ceil(corr_dim(yarn.beta_slow)), dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    keep = 1 - ramp  # 1 = high-frequency channel, left as it is
-    return inv / yarn.factor * (1 - keep) + inv * keep
-
-
 class Rotary(nn.Module):
     """cos / sin [B, T, rope_dim / 2] for positions [B, T], one set per rope kind."""
 
     def __init__(self, cfg: V4Config):
         super().__init__()
         d = cfg.qk_rope_head_dim
-        self.register_buffer("main_inv_freq", inv_freq(d, cfg.rope_theta, None), persistent=False)
-        self.register_buffer("compress_inv_freq", inv_freq(d, cfg.compress_rope_theta, cfg.rope_scaling),
+        self.register_buffer("main_inv_freq", rope_inv_freq(d, cfg.rope_theta), persistent=False)
+        self.register_buffer("compress_inv_freq", rope_inv_freq(d, cfg.compress_rope_theta, cfg.rope_scaling),
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
