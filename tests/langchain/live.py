@@ -9,9 +9,7 @@ conftest.py).
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 # Small packs and short answers: the tests check structure, streaming, usage, metadata and
@@ -38,38 +36,19 @@ class LiveService:
 LIVE = LiveService()  # the standard-test classes read it from their (fixture-less) properties
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(data_dir) -> tuple[LiveService, callable]:
-    import uvicorn
-
     from dsa_rag.rag_service.ask.local import LocalBackend
     from dsa_rag.rag_service.client import DSARagAPIError, DSARagClient
     from dsa_rag.rag_service.serve.app import create_app
     from dsa_rag.rag_service.serve.settings import ServeSettings
+    from tests.net import live_server
     from tests.rag_service.pdfs import make_pdf
 
-    port = _free_port()
-    settings = ServeSettings(data_dir=data_dir, host="127.0.0.1", port=port, **SETTINGS)
-    server = uvicorn.Server(uvicorn.Config(create_app(LocalBackend(settings)), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="dsa-rag-live", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the live service did not start (see the log above)")
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=30)
-
-    base = f"http://127.0.0.1:{port}"
+    settings = ServeSettings(data_dir=data_dir, host="127.0.0.1", **SETTINGS)
+    running = ExitStack()  # the server runs until stop() closes it, across the whole test session
+    base = running.enter_context(live_server(create_app(LocalBackend(settings)), start_timeout_s=120,
+                                             name="live service"))
+    stop = running.close
     files = [("report.pdf", make_pdf(PDF_PAGES), "application/pdf"), ("treaty.md", TREATY.encode(), "text/markdown")]
     try:
         with DSARagClient(base, api_key="", timeout=120) as c:

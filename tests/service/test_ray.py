@@ -16,7 +16,6 @@ machine (ray.cluster_utils.Cluster: two raylets), started ONCE for the module:
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 
@@ -24,16 +23,11 @@ import httpx
 import pytest
 
 from dsa_rag.rag_service.client import parse_sse
+from tests.net import free_port
 
 pytestmark = pytest.mark.slow
 
 DOC = ("The treaty of Rome was signed in 1957 by six countries. " * 8).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def service(tmp_path_factory, redis_url):
     cluster.add_node(num_cpus=2, resources={"node_b": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         args = dict(SMALL, data_dir=str(tmp_path_factory.mktemp("ray-data")), redis_url=redis_url,

@@ -8,23 +8,17 @@ local Ray; then a follower rank is killed and the replica's health check fails.
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import httpx
 import pytest
 
+from tests.net import free_port
 from tests.service.real_checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.slow
 
 DOC = ("The access code of the Porto warehouse is 7351902. " * 6).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def service(tmp_path_factory, redis_url):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "v32-tiny")
     # 2 bundles of 1 CPU for the replica's ranks + the ingestion's 0.5 (logical CPUs)
     ray.init(num_cpus=3, logging_level="WARNING", log_to_driver=False, include_dashboard=False)
-    port = _free_port()
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = dict(SMALL, model=str(ckpt), data_dir=str(tmp_path_factory.mktemp("ray-par")), redis_url=redis_url,

@@ -173,6 +173,16 @@ def ask(c: DSARagClient) -> dict:
     return a
 
 
+def ask_again_from_memory(c: DSARagClient, first: dict, ask_fn=ask) -> dict:
+    """The question of `first` again: its pack's prefix comes from the replica's memory and every
+    prompt token but the question's is cached."""
+    again = ask_fn(c)
+    assert again["packs"][0]["cache"] == "memory"
+    assert again["usage"]["cached_tokens"] > 0
+    assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+    return again
+
+
 def kv_entries(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "kv").rglob("*.safetensors"))
 
@@ -201,10 +211,7 @@ def test_serve_official_fp8_checkpoint_in_bf16_end_to_end(checkpoint, tmp_path):
                 assert f.get_tensor("layer.1.index_k").dtype == torch.float8_e4m3fn
                 assert "layer.1.index_scale" in f.keys()
 
-            again = ask(c)
-            assert again["packs"][0]["cache"] == "memory"
-            assert again["usage"]["cached_tokens"] > 0
-            assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+            again = ask_again_from_memory(c, first)
     finally:
         rc = server.stop()
     assert rc in (0, -signal.SIGTERM), server.output()[-4000:]  # uvicorn re-raises SIGTERM after a clean shutdown

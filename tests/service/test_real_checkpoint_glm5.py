@@ -19,7 +19,7 @@ from safetensors import safe_open
 from dsa_rag.rag_service.client import DSARagClient
 from tests.rag_service.pdfs import make_pdf
 from tests.service.real_checkpoint import write_checkpoint
-from tests.service.test_real_checkpoint import PAGES, Server, ask, kv_entries
+from tests.service.test_real_checkpoint import PAGES, Server, ask, ask_again_from_memory, kv_entries
 
 
 @pytest.mark.slow
@@ -45,10 +45,7 @@ def test_serve_glm5_checkpoint_end_to_end(tmp_path):
             assert "layer.1.index_k" not in keys and "layer.1.kv" in keys
             assert {"layer.0.index_k", "layer.2.index_k", "layer.2.index_scale"} <= keys
 
-            again = ask(c)
-            assert again["packs"][0]["cache"] == "memory"
-            assert again["usage"]["cached_tokens"] > 0
-            assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+            ask_again_from_memory(c, first)
     finally:
         rc = server.stop()
     assert rc in (0, -signal.SIGTERM), server.output()[-4000:]

@@ -73,10 +73,7 @@ def test_serve_v4_checkpoint_end_to_end(tmp_path, monkeypatch):
                 keys = set(f.keys())
                 assert f.get_tensor("layer.1.compressor.entries").dtype == torch.bfloat16
                 assert {"layer.0.window", "layer.1.indexer.entries", "layer.1.compressor.overlap_kv"} <= keys
-            again = ask(c)
-            assert again["packs"][0]["cache"] == "memory"
-            assert again["usage"]["cached_tokens"] > 0
-            assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+            again = trc.ask_again_from_memory(c, first, ask)
     finally:
         rc = server.stop()
     assert rc in (0, -signal.SIGTERM), server.output()[-4000:]

@@ -24,8 +24,9 @@ from dsa_rag.rag_service.ask.local import LocalBackend
 from dsa_rag.rag_service.ask.worker import PackWorker
 from dsa_rag.rag_service.pipeline import RagPipeline
 from dsa_rag.rag_service.serve.app import create_app
+from tests.net import live_server
 from tests.rag_service.pdfs import make_pdf
-from tests.service.browser import chromium_path, launch_chromium, live_server, screenshot_dir
+from tests.service.browser import chromium_path, launch_chromium, screenshot_dir
 
 pytestmark = pytest.mark.skipif(chromium_path() is None,
                                 reason="no Chromium binary (install Debian's `chromium`; .ci/run does)")
