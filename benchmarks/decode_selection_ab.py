@@ -1,13 +1,19 @@
-"""A/B of one engine decode step at a long context, in one run: the softmax-mixture indexer with
-its keys-with-ones copy on every call (A, `K1_MIN_ROWS_PER_DIM = 0`, the behaviour before
-2026-12-06) against the copy only when enough query rows share it (B, the default: never in
-decode), and dense attention on the same weights for scale. dsa-tiny over a cache of random
-values restored at L tokens (the cost depends on the length, not the values); rounds alternate
-A / B / dense; times are this single-threaded process's CPU seconds (the machine is shared).
-Same tokens in A and B are checked first. JSON is the last line.
+"""The indexer's cost per decoded token at a long context, A/B in one run, on dsa-tiny (its
+8-head x 64-dim softmax-mixture indexer) over a cache of random values restored at L tokens (the
+cost depends on the length, not the values):
 
-    .venv/bin/python benchmarks/decode_selection_ab.py                       # L = 131008, 3 rounds x 5 steps
-    .venv/bin/python benchmarks/decode_selection_ab.py --length 16384 --rounds 2 --out /tmp/ab.json
+  * one request: the blocked prefill path for the single decode query (A: `FUSED_DECODE = False`,
+    the path before 2026-12-06's decode work) against the fused decode path (B:
+    kernels/indexer/torch_decode.py), and dense attention on the same weights for scale;
+  * a decode step of n requests forked off the same pack: rows selected one call each (ungrouped)
+    against one indexer call for all rows of the pack (grouped: model.MLA._select_decode ->
+    indexer_decode_topk, one GEMM over n x 8 query heads), per step and per token.
+
+Rounds alternate the variants; times are this single-threaded process's CPU seconds (the machine
+is shared). Same tokens in every variant are checked first. JSON is the last line.
+
+    .venv/bin/python benchmarks/decode_selection_ab.py                       # L = 131008, 3 rounds x 5 steps, n = 4, 8
+    .venv/bin/python benchmarks/decode_selection_ab.py --length 16384 --rounds 2 --batch 4 --out /tmp/ab.json
 """
 
 from __future__ import annotations
@@ -24,24 +30,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dsa_rag.kernels.indexer.torch_impl as indexer_torch  # noqa: E402
+from dsa_rag.model import model as model_module  # noqa: E402
 from dsa_rag.model.engine.engine import Engine, SamplingParams  # noqa: E402
 from dsa_rag.model.load import load_model  # noqa: E402
 from engine_bench import synthetic_prefix  # noqa: E402
 
-VARIANTS = {"A_copy_every_call": 0, "B_copy_when_shared": indexer_torch.K1_MIN_ROWS_PER_DIM}
 
-
-def decode_steps(eng: Engine, handle, n: int) -> tuple[list[float], list[int]]:
-    """CPU seconds of each decode step of a greedy request forked off `handle` (its first step,
-    the question's prefill, excluded) and the tokens it produced."""
-    rid = eng.add_request([10, 11, 12], SamplingParams(max_tokens=n + 1, temperature=0.0, stop_token_ids=[]), prefix=handle)
-    times, toks = [], []
+def decode_steps(eng: Engine, handle, n: int, rows: int = 1) -> tuple[list[float], list[list[int]]]:
+    """CPU seconds of each decode step of `rows` greedy requests forked off `handle` (their first
+    step, the questions' prefill, excluded) and the tokens each produced."""
+    rids = [eng.add_request([10 + r, 11, 12], SamplingParams(max_tokens=n + 1, temperature=0.0, stop_token_ids=[]),
+                            prefix=handle) for r in range(rows)]
+    times, toks = [], {r: [] for r in rids}
     while eng.has_unfinished():
         t = time.process_time()
         events = eng.step()
         times.append(time.process_time() - t)
-        toks += [e.token_id for e in events if e.request_id == rid]
-    return times[1:], toks
+        for e in events:
+            toks[e.request_id].append(e.token_id)
+    return times[1:], [toks[r] for r in rids]
+
+
+class Ungrouped:
+    """Rows of one pack selected one indexer call each (the engine before grouped decode)."""
+
+    def __enter__(self):
+        self.real = model_module.MLA._select_decode
+        model_module.MLA._select_decode = lambda *a, **k: {}
+
+    def __exit__(self, *exc):
+        model_module.MLA._select_decode = self.real
 
 
 def main():
@@ -49,32 +67,48 @@ def main():
     ap.add_argument("--length", type=int, default=131008)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", default="4,8", help="request counts of the grouped / ungrouped steps")
     ap.add_argument("--out", default="benchmarks/results/decode_selection_ab.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = load_model("dsa-tiny")
     eng = Engine(model)
     h = synthetic_prefix(eng, a.length, model.cfg.vocab_size)
-    tokens, times = {}, {name: [] for name in [*VARIANTS, "dense"]}
+    batches = [int(x) for x in a.batch.split(",") if x]
+    times, tokens = {}, {}
+
+    def run(name, rows=1):
+        ts, toks = decode_steps(eng, h, a.steps, rows)
+        times.setdefault(name, []).extend(ts)
+        tokens.setdefault(name, toks)
+
     for _ in range(a.rounds):
-        for name, k1_min in VARIANTS.items():
-            indexer_torch.K1_MIN_ROWS_PER_DIM = k1_min
-            ts, toks = decode_steps(eng, h, a.steps)
-            times[name] += ts
-            tokens.setdefault(name, toks)
-        indexer_torch.K1_MIN_ROWS_PER_DIM = VARIANTS["B_copy_when_shared"]
+        indexer_torch.FUSED_DECODE = False
+        run("A_blocked")
+        indexer_torch.FUSED_DECODE = True
+        run("B_fused")
         model.cfg.dense_attention = True
-        times["dense"] += decode_steps(eng, h, a.steps)[0]
+        run("dense")
         model.cfg.dense_attention = False
-    same = tokens["A_copy_every_call"] == tokens["B_copy_when_shared"]
-    ms = {k: round(1000 * statistics.median(v), 2) for k, v in times.items()}
+        for n in batches:
+            run(f"grouped_x{n}", n)
+            with Ungrouped():
+                run(f"ungrouped_x{n}", n)
+    same = tokens["A_blocked"] == tokens["B_fused"] and all(
+        tokens[f"grouped_x{n}"] == tokens[f"ungrouped_x{n}"] for n in batches)
+    step_ms = {k: round(1000 * statistics.median(v), 2) for k, v in times.items()}
     res = {"benchmark": "decode_selection_ab", "command": "python " + " ".join(sys.argv), "model": "dsa-tiny",
            "context": a.length, "clock": "process CPU seconds, 1 thread", "same_tokens": same,
-           "decode_ms_per_token": ms, "steps": {k: len(v) for k, v in times.items()},
-           "b_over_a": round(ms["B_copy_when_shared"] / ms["A_copy_every_call"], 3),
-           "dense_over_b": round(ms["dense"] / ms["B_copy_when_shared"], 2)}
+           "decode_ms_per_step": step_ms, "steps": {k: len(v) for k, v in times.items()},
+           "fused_over_blocked": round(step_ms["B_fused"] / step_ms["A_blocked"], 3),
+           "dense_over_fused": round(step_ms["dense"] / step_ms["B_fused"], 2),
+           "dense_over_blocked": round(step_ms["dense"] / step_ms["A_blocked"], 2),
+           "ms_per_token": {f"x{n}": {"grouped": round(step_ms[f"grouped_x{n}"] / n, 2),
+                                      "ungrouped": round(step_ms[f"ungrouped_x{n}"] / n, 2)} for n in batches},
+           "grouped_speedup": {f"x{n}": round(step_ms[f"ungrouped_x{n}"] / step_ms[f"grouped_x{n}"], 2)
+                               for n in batches}}
     if not same:
-        res["error"] = "A and B decoded different tokens: timings not reported as a comparison"
+        res["error"] = "variants decoded different tokens: timings not reported as a comparison"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

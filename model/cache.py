@@ -7,7 +7,10 @@ Per layer a sequence keeps
     None on the "shared" layers of an indexer plan, which run no indexer.
 
 Anything with `write / kv / index_k / index_scale / kv_pool / physical` works as a layer cache (the engine adds paged,
-shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling.
+shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling. Optional, for
+a decode step that selects the keys of several rows in one indexer call (model.MLA._select_decode):
+`shared_with(other)` (leading positions both caches hold in the SAME storage rows: forks of one
+pack) and `index_tail(start, end)` (index_k and index_scale of positions start .. end-1).
 
     .venv/bin/python -m pytest -q tests/model -k cache
 """
@@ -88,6 +91,14 @@ class ContiguousLayerCache:
 
     def physical(self, idx):
         return idx
+
+    def shared_with(self, other) -> int:
+        """Positions whose storage this cache shares with `other`: all of them for itself only."""
+        return self.length if other is self else 0
+
+    def index_tail(self, start, end):
+        """(index_k, index_scale) of positions start .. end-1 (views)."""
+        return self._ik[start:end], None if self._is is None else self._is[start:end]
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)

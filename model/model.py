@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsa_rag.kernels.indexer import indexer_topk
+from dsa_rag.kernels.indexer import indexer_decode_topk, indexer_topk
 from dsa_rag.kernels.sparse_mla import sparse_mla
 from dsa_rag.model import fp8
 from dsa_rag.model.cache import ContiguousLayerCache
@@ -223,6 +223,39 @@ class MLA(nn.Module):
         return indexer_topk(iq, c.index_k(end), iw, self.cfg.index_topk, k_scale=c.index_scale(end), start_pos=sp,
                             score=self.cfg.index_score)
 
+    def _select_decode(self, iq, iw, rows, start_pos, needs) -> dict:
+        """Top-k of the decoding rows (T = 1) that share a pack's cached keys, one indexer call per
+        group: {row: idx [1, topk]}. Rows are grouped by the storage their caches share
+        (`shared_with`: forks of one pack prefix share its blocks); a group's common prefix is
+        scored once for all its rows (kernels.indexer.indexer_decode_topk: one GEMM over B*H query
+        heads), each row's own tail (question and answer so far) separately. Rows without a
+        partner (or caches without `shared_with`) are left to _select."""
+        groups: list[tuple[int, list[int], int]] = []  # (leader, rows, common prefix length)
+        for b, c in enumerate(rows):
+            if not needs[b] or not hasattr(c, "shared_with"):
+                continue
+            end = start_pos[b] + 1
+            for g, (lead, members, p) in enumerate(groups):
+                shared = rows[lead].shared_with(c)
+                if shared >= max(1, end // 2):  # most of this row's keys: worth scoring together
+                    groups[g] = (lead, members + [b], min(p, shared))
+                    break
+            else:
+                groups.append((b, [b], end))
+        out = {}
+        for lead, members, p in groups:
+            if len(members) < 2:
+                continue
+            c0 = rows[lead]
+            tails = [rows[b].index_tail(p, start_pos[b] + 1) for b in members]
+            scale = c0.index_scale(p)
+            idx = indexer_decode_topk(iq[members, 0], c0.index_k(p), iw[members, 0], self.cfg.index_topk,
+                                      k_scale=scale, tails=[t[0] for t in tails],
+                                      tail_scales=None if scale is None else [t[1] for t in tails],
+                                      score=self.cfg.index_score)
+            out.update({b: idx[j: j + 1] for j, b in enumerate(members)})
+        return out
+
     def _reuse(self, selection, row: int):
         """A shared layer's keys: the previous full layer's top-k of this row."""
         idx = None if selection is None else selection[row]
@@ -262,9 +295,9 @@ class MLA(nn.Module):
         # (and never in dense mode); the keys are always computed, the cache needs them.
         sparse = not self.cfg.dense_attention and max(start_pos) + T > self.cfg.index_topk
         iq, iw = self.indexer.queries(x, qr, cos, sin) if sparse and full else (None, None)
-        outs = []
+        rows = []
         for b in range(B):
-            sp, end = start_pos[b], start_pos[b] + T
+            sp = start_pos[b]
             if caches is None or caches[b] is None:
                 if sp != 0:
                     raise ValueError("a forward at start_pos > 0 needs a cache holding the earlier tokens")
@@ -272,9 +305,17 @@ class MLA(nn.Module):
             else:
                 c = caches[b]
                 c.write(sp, kv[b], None if ik is None else ik[b], None if iks is None else iks[b])
+            rows.append(c)
+        needs = [not self.cfg.dense_attention and sp + T > self.cfg.index_topk for sp in start_pos]
+        decoded = self._select_decode(iq, iw, rows, start_pos, needs) if full and T == 1 and sum(needs) > 1 else {}
+        outs = []
+        for b, c in enumerate(rows):
+            sp, end = start_pos[b], start_pos[b] + T
             idx = None
-            if not self.cfg.dense_attention and end > self.cfg.index_topk:
-                idx = self._select(iq[b], iw[b], c, end, sp) if full else self._reuse(selection, b)
+            if needs[b]:
+                idx = decoded.get(b)
+                if idx is None:
+                    idx = self._select(iq[b], iw[b], c, end, sp) if full else self._reuse(selection, b)
             if full and selection is not None:
                 selection[b] = idx
             # idx None: every causal key fits in top-k (or dense mode) -> DSA == dense causal attention.

@@ -4,6 +4,8 @@
     indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, score="relu") -> int32 [T, topk]
         (score also "softmax_mixture": the mixture of w - indexer_head_lse, in one call)
     indexer_head_lse(q, k, *, k_scale=None, start_pos=0) -> fp32 [T, H]   (softmax_mixture's normalizers)
+    indexer_decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu")
+        -> int32 [B, topk]   (B decoding queries over one shared key prefix plus their own tails)
 
 Backends: naive.py (fp32 reference), torch_impl.py (fast CPU), triton.py (GPU / interpreter);
 chosen by kernels/dispatch.py. Equations and layouts: kernels/README.md.
@@ -17,7 +19,7 @@ import torch
 from dsa_rag.kernels import dispatch
 from dsa_rag.kernels.checks import FLOAT_DTYPES, FP8_DTYPES, check_tensor, is_fp8
 
-__all__ = ["indexer_head_lse", "indexer_logits", "indexer_topk"]
+__all__ = ["indexer_decode_topk", "indexer_head_lse", "indexer_logits", "indexer_topk"]
 
 
 SCORES = ("relu", "mixture")
@@ -92,3 +94,53 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
     """
     _validate(q, k, q.new_zeros(q.shape[:2], dtype=torch.float32), k_scale, start_pos, "mixture")
     return dispatch.call("indexer", "indexer_head_lse", q, k, k_scale=k_scale, start_pos=start_pos)
+
+
+def indexer_decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu"):
+    """Top-`topk` keys of B decoding queries (one query per row) in ONE call: row b sees every key
+    of the shared prefix `k` and then its own `tails[b]`, so the B rows of a decode step over one
+    pack read the pack's keys once (the torch backend does one GEMM for all rows' heads).
+
+    Args:
+        q: [B, H, D] (dtypes as indexer_topk); w: [B, H] fp32; k: [P, D] shared prefix keys
+           (P may be 0), k_scale: [P] fp32 or None.
+        tails: None (no own keys) or a sequence of B key tensors [n_b, D] (n_b may be 0), in k's
+           dtype; tail_scales: None or B tensors [n_b] fp32 (required iff k_scale is given).
+        score: "relu", "mixture" or "softmax_mixture", as indexer_topk.
+    Returns:
+        int32 [B, topk]: indices into row b's keys cat(k, tails[b]) (0..P-1 the prefix, P.. its
+        tail), by DESCENDING score, padded with -1. Every key is causal for a decoding query, so
+        row b equals indexer_topk(q[b:b+1], cat(k, tails[b]), w[b:b+1], topk,
+        start_pos=P + n_b - 1) up to ties.
+    """
+    check_tensor("q", q, ("B", "H", "D"), FLOAT_DTYPES + FP8_DTYPES)
+    B = q.shape[0]
+    check_tensor("w", w, (B, q.shape[1]), FLOAT_DTYPES, q.device)
+    _validate(q, k, w, k_scale, 0, score, TOPK_SCORES)  # rows as the queries of one call
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    tails, tail_scales = _check_tails(q, k, B, k_scale, tails, tail_scales)
+    return dispatch.call("indexer", "indexer_decode_topk", q, k, w, topk, k_scale=k_scale, tails=tails,
+                         tail_scales=tail_scales, score=score)
+
+
+def _check_tails(q, k, B, k_scale, tails, tail_scales):
+    """The per-row tails as lists (validated), or None."""
+    if tails is None:
+        if tail_scales is not None:
+            raise ValueError("tail_scales without tails")
+        return None, None
+    tails = list(tails)
+    if len(tails) != B:
+        raise ValueError(f"tails: expected {B} tensors (one per query row), got {len(tails)}")
+    for b, t in enumerate(tails):
+        check_tensor(f"tails[{b}]", t, ("n", k.shape[1]), (k.dtype,), q.device)
+    if (k_scale is None) != (tail_scales is None):
+        raise ValueError("tail_scales must be given exactly when k_scale is")
+    if tail_scales is not None:
+        tail_scales = list(tail_scales)
+        if len(tail_scales) != B:
+            raise ValueError(f"tail_scales: expected {B} tensors, got {len(tail_scales)}")
+        for b, (t, s) in enumerate(zip(tails, tail_scales)):
+            check_tensor(f"tail_scales[{b}]", s, (t.shape[0],), (torch.float32,), q.device)
+    return tails, tail_scales

@@ -7,6 +7,7 @@ Same signatures as the public ops in `dsa_rag.kernels.indexer`; no validation he
     score="mixture":  out[t, s] = log sum_h exp(w[t, h] + q[t, h] . k[s] * k_scale[s])
     indexer_head_lse:  out[t, h] = log sum_{s <= start_pos + t} exp(q[t, h] . k[s] * k_scale[s])
     indexer_topk score="softmax_mixture": the "mixture" top-k of w - indexer_head_lse
+    indexer_decode_topk: row b = indexer_topk of query b over cat(k, tails[b]) at its last position
 
 Run the tests:  .venv/bin/python -m pytest -q tests/kernels -k indexer
 """
@@ -55,3 +56,14 @@ def indexer_head_lse(q, k, *, k_scale=None, start_pos=0):
     q_pos = start_pos + torch.arange(T, device=q.device)[:, None, None]
     k_pos = torch.arange(S, device=q.device)[None, None, :]
     return dots.masked_fill(k_pos > q_pos, float("-inf")).logsumexp(-1)
+
+
+def indexer_decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu"):
+    """B decoding queries [B, H, D], each over cat(k, tails[b]) (all causal) -> int32 [B, topk]."""
+    rows = []
+    for b in range(q.shape[0]):
+        kb = k if tails is None else torch.cat([k, tails[b]])
+        ksb = k_scale if tails is None or k_scale is None else torch.cat([k_scale, tail_scales[b]])
+        rows.append(indexer_topk(q[b: b + 1], kb, w[b: b + 1], topk, k_scale=ksb, start_pos=max(kb.shape[0] - 1, 0),
+                                 score=score))
+    return torch.cat(rows) if rows else torch.empty(0, topk, dtype=torch.int32, device=q.device)

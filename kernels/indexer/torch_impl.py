@@ -33,13 +33,18 @@ import torch
 
 from dsa_rag.kernels.checks import is_fp8
 from dsa_rag.kernels.dispatch import lowp_math_dtype
+from dsa_rag.kernels.indexer.row_topk import row_topk as _row_topk
+from dsa_rag.kernels.indexer.row_topk import sorted_topk
+from dsa_rag.kernels.indexer.torch_decode import decode_topk as indexer_decode_topk  # noqa: F401 (the op)
 
 S_BLOCK = 4096  # keys per block
 PAIR_BUDGET = 1 << 21  # Tc * H * S_BLOCK elements per block intermediate (4 MiB in bf16)
 ROW_BUDGET = 1 << 23  # Tc * S fp32 scores of one chunk of queries for indexer_topk (32 MiB)
 # softmax_mixture's keys-with-ones copy (k1) only when T * H >= 2 * (D + 1) query-head rows share it
 K1_MIN_ROWS_PER_DIM = 2
-TOPK_GROUP_RATIO, MAX_TOPK_GROUP = 4, 32  # _row_topk: groups of G keys, G <= 32 and n / G >= 4 * k
+# indexer_topk calls with one query (decode) take torch_decode (one GEMM over all keys, no per-block
+# references); False sends them through the blocked path (the A/B of benchmarks/decode_selection_ab.py)
+FUSED_DECODE = True
 
 
 def _math_dtype(q: torch.Tensor) -> torch.dtype:
@@ -214,6 +219,9 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
     s_block = s_block or S_BLOCK
     T, H, D = q.shape
     S = k.shape[0]
+    if T == 1 and FUSED_DECODE:  # one decoding query: the fused decode path (torch_decode.py), the same top-k
+        end = min(S, start_pos + 1)
+        return indexer_decode_topk(q, k[:end], w, topk, k_scale=None if k_scale is None else k_scale[:end], score=score)
     dt = _math_dtype(q)
     w = w.float()
     out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
@@ -244,11 +252,7 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, scor
                     ks = None if k_scale is None else k_scale[s0:s1]
                     s = block_scores(qm, k[s0:s1], w[t0:t1], ks, dt)
                     row[:, s0:s1] = _causal_mask_(s, p_first, s0) if needs_mask else s
-            vals, idx = _row_topk(row, topk)
-            vals, order = vals.sort(dim=1, descending=True)
-            idx = idx.gather(1, order).masked_fill_(vals == float("-inf"), -1)
-            out[t0:t1, : idx.shape[1]] = idx
-            out[t0:t1, idx.shape[1]:] = -1
+            out[t0:t1] = sorted_topk(row, topk)
     return out
 
 
@@ -289,27 +293,3 @@ def _merge(vals, idx, s, s0, topk):
     from_run = pos < R
     new_idx = torch.where(from_run, idx.gather(1, pos.clamp(max=max(R - 1, 0))) if R else pos, pos - R + s0)
     return new_vals, new_idx
-
-
-def _row_topk(x, k):
-    """(values, indices) of the k largest entries of each row of x [R, n] (unsorted; all of them
-    when n <= k). Rows are first cut into groups of G keys: a key in the top k lies in one of the k
-    groups with the largest maxima (each of k better groups would hold a key above it), so one
-    topk over n / G group maxima and one over the k * G keys of the chosen groups give the exact
-    answer (ties either way). torch.topk costs ~5-8 ns per entry here; with G = 32 at 32k keys
-    that is ~1/2 of one topk over the row and ~1/2-1/6 of a merge per 4096-key block."""
-    R, n = x.shape
-    if n <= k:
-        return x, torch.arange(n, device=x.device).expand(R, n)
-    G = 1
-    while 2 * G <= MAX_TOPK_GROUP and n // (2 * G) >= TOPK_GROUP_RATIO * k:
-        G *= 2
-    if G == 1:
-        return x.topk(k, dim=1, sorted=False)
-    ng = n // G  # the last n - ng * G keys (fewer than G) are always candidates
-    _, top_groups = x[:, : ng * G].view(R, ng, G).amax(-1).topk(k, dim=1, sorted=False)
-    cols = (top_groups[:, :, None] * G + torch.arange(G, device=x.device)).view(R, k * G)
-    if ng * G < n:
-        cols = torch.cat([cols, torch.arange(ng * G, n, device=x.device).expand(R, -1)], 1)
-    vals, pos = x.gather(1, cols).topk(k, dim=1, sorted=False)
-    return vals, cols.gather(1, pos)

@@ -193,3 +193,6 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_ch
         out[t0:t1, : idx.shape[1]] = idx
         out[t0:t1, idx.shape[1]:] = -1
     return out
+
+
+from dsa_rag.kernels.indexer.triton_decode import indexer_decode_topk  # noqa: E402,F401

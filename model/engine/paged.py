@@ -313,6 +313,26 @@ class PagedLayerCache:
     def kv_pool(self):
         return self.seq.pool.kv[self.layer]
 
+    def shared_with(self, other) -> int:
+        """Leading positions this row and `other` read from the same pool rows (forks of one pack
+        share its blocks until a write copies one): their keys are identical there, so a decode
+        step can score them once for both (model.MLA._select_decode)."""
+        if not isinstance(other, PagedLayerCache) or other.seq.pool is not self.seq.pool:
+            return 0
+        a, b = self.seq.blocks, other.seq.blocks
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return min(n * self.seq.pool.block_size, self.seq.length, other.seq.length)
+
+    def index_tail(self, start, end):
+        """(index_k, index_scale) of positions start .. end-1: a gather of those rows only."""
+        pool = self.seq.pool
+        rows = self.seq.rows(start, end)
+        ik = pool.ik[self.layer].index_select(0, rows)
+        isc = None if pool.isc is None or pool.isc[self.layer] is None else pool.isc[self.layer].index_select(0, rows)
+        return (ik.view(pool.ik_dtype) if _is_fp8(pool.ik_dtype) else ik), isc
+
     def physical(self, idx):
         bs = self.seq.pool.block_size
         i = idx.long()

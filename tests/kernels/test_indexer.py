@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsa_rag.kernels.indexer import indexer_head_lse, indexer_logits, indexer_topk
-from dsa_rag.kernels.indexer import naive, torch_impl
+from dsa_rag.kernels.indexer import naive, row_topk
 
 from .conftest import DEVICE, rms_ratio
 
@@ -201,7 +201,7 @@ def test_mixture_score_refuses_fp8_and_unknown_scores():
 
 @pytest.mark.parametrize("n,k", [(5000, 20), (4099, 64), (700, 37), (300, 300), (40, 64)])
 def test_row_topk_by_group_maxima_is_exact(n, k):
-    """torch_impl._row_topk (one topk over group maxima, one over the chosen groups) keeps the same
+    """row_topk.row_topk (one topk over group maxima, one over the chosen groups) keeps the same
     values as torch.topk, with heavy ties, -inf tails and rows shorter than k."""
     g = torch.Generator().manual_seed(n)
     x = torch.randn(6, n, generator=g)
@@ -209,7 +209,7 @@ def test_row_topk_by_group_maxima_is_exact(n, k):
     x[2, n // 3:] = float("-inf")  # a causal tail
     x[3] = float("-inf")
     x[3, :3] = 1.0
-    vals, idx = torch_impl._row_topk(x, k)
+    vals, idx = row_topk.row_topk(x, k)
     kk = min(k, n)
     assert vals.shape == idx.shape == (6, kk)
     assert torch.equal(x.gather(1, idx), vals)
