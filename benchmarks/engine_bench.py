@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dsa_rag.kernels.indexer.torch_impl as indexer_torch  # noqa: E402
+from dsa_rag.model import model as model_module  # noqa: E402
 from dsa_rag.model.engine.engine import Engine, SamplingParams, Snapshot  # noqa: E402
 from dsa_rag.model.load import load_model  # noqa: E402
 
@@ -85,26 +87,64 @@ def correctness_gate(model) -> dict:
 
 
 # ---------------------------------------------------------------- 3. decode / prefill probes
-def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int) -> tuple[float, float]:
-    """Median decode step (ms) of DSA and of dense over the same cache. Rounds alternate DSA and
-    dense (a fresh fork each, first step = warm-up, not timed), so a shared machine's load
-    changes hit both alike."""
-    times = {False: [], True: []}
+class SelectionClock:
+    """Seconds spent in the indexer's selection ops (the top-k calls model.MLA makes), on CLOCK:
+    the share of selection in a prefill segment or a decode step."""
+
+    NAMES = ("indexer_topk", "indexer_decode_topk")
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.real = {n: getattr(model_module, n) for n in self.NAMES}
+        for n, fn in self.real.items():
+            setattr(model_module, n, self._timed(fn))
+
+    def _timed(self, fn):
+        def timed(*a, **k):
+            t0 = CLOCK[0]()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += CLOCK[0]() - t0
+        return timed
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+# decode variants: "dsa" (today's decode path), "dsa_blocked" (the single decode query through the
+# blocked prefill path: the path before the fused decode op, torch_impl.FUSED_DECODE = False), dense
+DECODE_VARIANTS = ("dsa", "dsa_blocked", "dense")
+
+
+def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int, sel: SelectionClock) -> dict:
+    """Median decode step (ms) of each DECODE_VARIANTS entry over the same cache, and the share of
+    selection in the DSA steps. Rounds alternate the variants (a fresh fork each, first step =
+    warm-up, not timed), so a shared machine's load changes hit all alike."""
+    times = {v: [] for v in DECODE_VARIANTS}
+    selection = {v: [] for v in DECODE_VARIANTS}
     for _ in range(rounds):
-        for dense in (False, True):
-            eng.model.cfg.dense_attention = dense
+        for v in DECODE_VARIANTS:
+            eng.model.cfg.dense_attention = v == "dense"
+            indexer_torch.FUSED_DECODE = v != "dsa_blocked"
             try:
                 rid = eng.add_request(ids_of(1, 7, vocab), SamplingParams(max_tokens=steps + 1, **GREEDY), prefix=handle)
                 first = True
                 while rid in eng.running:
+                    sel.take()
                     t0 = CLOCK[0]()
                     eng.step()
                     if not first:
-                        times[dense].append(CLOCK[0]() - t0)
+                        times[v].append(CLOCK[0]() - t0)
+                        selection[v].append(sel.take())
                     first = False
             finally:
                 eng.model.cfg.dense_attention = False
-    return 1e3 * statistics.median(times[False]), 1e3 * statistics.median(times[True])
+                indexer_torch.FUSED_DECODE = True
+    med = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+    share = {v: round(sum(selection[v]) / sum(times[v]), 3) for v in ("dsa", "dsa_blocked")}
+    return {"ms": med, "selection_share": share}
 
 
 def synthetic_prefix(eng: Engine, L: int, vocab: int):
@@ -198,27 +238,34 @@ def main():
     ids = ids_of(Ls[-1], 0, V)
     # room for the prefix and its restored copy, so no pool growth (a copy) lands inside a timing
     eng = Engine(model, prefill_chunk=a.chunk, n_blocks=2 * -(-Ls[-1] // 64) + 64)
+    sel = SelectionClock()
     pmax = a.prefill_max or Ls[-1]
     rows, h, cum = [], None, 0.0
     for L in Ls:
         prev = h.length if h else 0
         r = {"L": L}
         if L <= pmax:
+            sel.take()
             t0 = CLOCK[0]()
             nh = eng.prefill_prefix(ids[prev:L], prefix=h)
             seg = CLOCK[0]() - t0
             cum += seg
             r.update(cache="real DSA prefill", dsa_prefill_measured_s=round(cum, 2),
-                     dsa_segment_tok_s=round((L - prev) / seg, 1))
+                     dsa_segment_tok_s=round((L - prev) / seg, 1),
+                     dsa_segment_selection_share=round(sel.take() / seg, 3))
         else:
             nh = synthetic_prefix(eng, L, V)
             r["cache"] = "synthetic (random values, restored)"
         if h is not None:
             eng.release(h)
         h = nh
-        dsa_ms, dense_ms = decode_pair(eng, h, a.rounds, a.decode_steps, V)
+        dec = decode_pair(eng, h, a.rounds, a.decode_steps, V, sel)
+        dsa_ms, dense_ms, before_ms = dec["ms"]["dsa"], dec["ms"]["dense"], dec["ms"]["dsa_blocked"]
         r.update(dsa_decode_ms=round(dsa_ms, 2), dense_decode_ms=round(dense_ms, 2),
-                 decode_speedup=round(dense_ms / dsa_ms, 2))
+                 decode_speedup=round(dense_ms / dsa_ms, 2), dsa_blocked_decode_ms=round(before_ms, 2),
+                 decode_speedup_blocked=round(dense_ms / before_ms, 2),
+                 decode_selection_share=dec["selection_share"]["dsa"],
+                 decode_selection_share_blocked=dec["selection_share"]["dsa_blocked"])
         probe = min(a.probe, L // 2)
         r["probe_tokens"] = probe
         r["dsa_probe_ms_per_tok"] = round(1e3 * chunk_seconds(eng, h, L, probe, False) / probe, 3)
@@ -386,12 +433,18 @@ def write_md(res, path):
              f"index_topk {res['index_topk']}, cache blocks of {res['block_size']} tokens, "
              f"timed in {res.get('clock', 'wall seconds')}, indexer plan {res.get('indexer_types') or 'every layer'}. "
              f"Correctness gate: {res['gate']['gate']}. Figures: `{Path(path).stem}.json` / `.png`.", "",
-             "| L | DSA prefill tok/s | dense prefill tok/s | DSA decode ms/tok | dense decode ms/tok | decode speedup | peak RSS GB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| L | DSA prefill tok/s | selection share of the prefill segment | dense prefill tok/s | DSA decode ms/tok "
+             "(selection share) | DSA decode, blocked selection (before) | dense decode ms/tok | decode speedup "
+             "(before) | peak RSS GB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         lines.append(f"| {r['L']} | {r['dsa_prefill_tok_s']} ({r['dsa_prefill_method']}) | "
+                     f"{r.get('dsa_segment_selection_share', '-')} | "
                      f"{r['dense_prefill_tok_s']} ({r['dense_prefill_method']}) | "
-                     f"{r['dsa_decode_ms']} | {r['dense_decode_ms']} | {r['decode_speedup']}x | {r['peak_rss_gb']} |")
+                     f"{r['dsa_decode_ms']} ({r.get('decode_selection_share', '-')}) | "
+                     f"{r.get('dsa_blocked_decode_ms', '-')} ({r.get('decode_selection_share_blocked', '-')}) | "
+                     f"{r['dense_decode_ms']} | {r['decode_speedup']}x ({r.get('decode_speedup_blocked', '-')}x) | "
+                     f"{r['peak_rss_gb']} |")
     lines += ["", f"TTFT of a {t['question_tokens']}-token question at L={t['L']}: full prefill {t['ttft_full_prefill_s']} s; "
               f"restored snapshot cold (load {t['load_s']} s + restore {t['restore_s']} s + question) "
               f"{t['ttft_restored_cold_s']} s = **{t['speedup_cold']}x**; warm (handle in memory) "

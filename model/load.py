@@ -7,6 +7,8 @@
     with FP8 e4m3 weights + 128x128 `weight_scale_inv` (dequantized to `dtype`), HF names
     (`model.layers.3.self_attn.q_a_proj.weight`) or the official converted names
     (`layers.3.attn.wq_a.weight` + `.scale`). The MTP layer `model.layers.{n_layers}` is skipped.
+A DeepSeek-V4 directory (`model_type: deepseek_v4`) is refused with a ValueError naming what loads
+it (`dsa_rag.model.v4.load.load_v4_model`; `load_engine` routes it to `V4Engine` itself).
 The model is built on the meta device, so the 671B config costs no memory until tensors arrive.
 `dtype` (torch.float32 / bfloat16 / float16, or its name) is the serving dtype of every weight
 except those V3.2 keeps in fp32 (`_keeps_fp32`: norms, the router, the indexer's weights_proj,
@@ -231,7 +233,8 @@ def load_state_dict_from_dir(d: Path, cfg: ModelConfig, dtype=torch.float32) -> 
 def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torch.float32, **overrides) -> Transformer:
     """-> Transformer in eval mode, its weights in `dtype` (a torch dtype or its name) except the
     fp32 ones (`_keeps_fp32`). overrides: ModelConfig fields (e.g. fp8_numerics=True,
-    dense_attention=True)."""
+    dense_attention=True). A DeepSeek-V4 checkpoint dir (config.json model_type deepseek_v4) is
+    a ValueError naming `load_v4_model` / `load_engine`: its network is not this Transformer."""
     dtype = as_dtype(dtype)
     p = str(path_or_preset)
     if p in PRESETS:
@@ -244,6 +247,7 @@ def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torc
     d = Path(p)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    _refuse_v4(d)
     cfg = ModelConfig.from_json(d / "config.json", **overrides)
     model = build_model(cfg, device, dtype, meta=True)
     sd = load_state_dict_from_dir(d, cfg, dtype)
@@ -273,6 +277,20 @@ def load_model(path_or_preset: str | Path = "dsa-tiny", device="cpu", dtype=torc
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, assign=True)
     model.rotary = model.rotary.__class__(cfg).to(device)  # non-persistent buffer: rebuild off meta
     return model.eval()
+
+
+def _refuse_v4(d: Path) -> None:
+    """A DeepSeek-V4 dir (config.json model_type deepseek_v4) is V4's own network, with another
+    forward and cache than this module's Transformer: say what loads it. (Not loaded from here:
+    model/v4/load.py builds on this module, and the package keeps no import cycles.)"""
+    try:
+        model_type = json.loads((d / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # ModelConfig.from_json says what is wrong with the file
+    if model_type == "deepseek_v4":
+        raise ValueError(f"{d} is a DeepSeek-V4 checkpoint: load_model builds DeepSeek-V3.2 / GLM-5 networks. "
+                         f"Load it with dsa_rag.model.v4.load.load_v4_model({str(d)!r}, device, dtype), or serve it "
+                         f"with dsa_rag.model.engine.factory.load_engine (a V4Engine) / `dsa-rag serve --model`")
 
 
 def load_any(path: str | Path, device="cpu") -> Transformer:

@@ -12,6 +12,7 @@ ones. Prompts are prefilled in chunks through the model's own cache (the inferen
         --long-samples 4 --dense-max-len 32768 --out benchmarks/results/eval_dsa-tiny.json
     .venv/bin/python -m dsa_rag.model.evals.eval --model tmp/run/s2 --lengths 1024 --samples 6   # any weights dir / run dir
     .venv/bin/python -m dsa_rag.model.evals.eval --index-every 2 --lengths 4096 --tasks niah_single --modes dsa  # indexer reuse
+    .venv/bin/python -m dsa_rag.model.evals.eval --decode-answers --lengths 4096 --tasks niah_single --modes dsa  # real decode
 
 Each cell's per-sample outcomes are kept under "samples" (mode -> task -> length -> one record per
 example, with an id that names the example), so `dsa_rag.model.evals.eval_report` can pair DSA and dense on the
@@ -59,6 +60,27 @@ def answer_correct(model, ids: list[int], a0: int, chunk: int = 4096, eos: int |
     pred = torch.cat(preds).tolist()
     ok = pred == ids[a0:]
     return ok, dt, (None if ok or eos is None else _greedy_after_mismatch(model, cache, ids, a0, pred, eos))
+
+
+@torch.no_grad()
+def answer_decoded(model, ids: list[int], a0: int, chunk: int = 4096, eos: int | None = None
+                   ) -> tuple[bool, float, list[int] | None]:
+    """answer_correct by a real greedy decode: the prompt ids[:a0] prefilled in chunks, then one
+    token per forward (T = 1, the engine's decode path, whose indexer selection differs in code from
+    the prefill's) until `eos` or len(answer) tokens. -> (exact match, prefill seconds, the output
+    when it is wrong)."""
+    dev = next(model.parameters()).device
+    cache = [new_sequence_cache(model.cfg.num_hidden_layers, capacity=len(ids) + 1)]
+    t0 = time.perf_counter()
+    for s in range(0, a0, chunk):
+        logits = model(torch.tensor([ids[s: min(s + chunk, a0)]], device=dev), s, cache)
+    dt = time.perf_counter() - t0
+    out = [int(logits[0, -1].argmax())]
+    while out[-1] != eos and len(out) < len(ids) - a0:
+        logits = model(torch.tensor([[out[-1]]], device=dev), a0 + len(out) - 1, cache)
+        out.append(int(logits[0, -1].argmax()))
+    ok = out == ids[a0:]
+    return ok, dt, None if ok else [t for t in out if t != eos]
 
 
 def _greedy_after_mismatch(model, cache, ids, a0, pred, eos, extra: int = 16) -> list[int]:
@@ -140,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--index-every", type=int, default=None, metavar="N",
                     help="indexer plan: run the indexer on layers 0, N, 2N, ... and reuse its top-k in between "
                          "(a preset or weights dir; ModelConfig.indexer_types)")
+    ap.add_argument("--decode-answers", action="store_true",
+                    help="score answers by a real token-by-token greedy decode (the decode path's selection) "
+                         "instead of one teacher-forced pass")
     ap.add_argument("--out", default="benchmarks/results/eval_dsa-tiny.json")
     a = ap.parse_args(argv)
     if a.threads:
@@ -153,7 +178,8 @@ def main(argv=None):
     tasks = a.tasks.split(",")
     res = {"model": model.cfg.name, "source": a.model, "argv": sys.argv, "device": device,
            "indexer_types": model.cfg.indexer_types,
-           "index_topk": model.cfg.index_topk, "metric": "greedy exact match (teacher-forced argmax)",
+           "index_topk": model.cfg.index_topk,
+           "metric": "greedy exact match (" + ("token-by-token decode" if a.decode_answers else "teacher-forced argmax") + ")",
            "chance": 0.0, "accuracy": {}, "speed": {}, "recall": [], "samples": {}}
 
     def dump():
@@ -181,7 +207,7 @@ def main(argv=None):
                 set_dense(model, mode == "dense")
                 ok, secs, toks, per = 0, 0.0, 0, []
                 for i, (ids, a0) in list(enumerate(enc))[lo:hi]:
-                    c, dt, got = answer_correct(model, ids, a0, eos=tok.eos_id)
+                    c, dt, got = (answer_decoded if a.decode_answers else answer_correct)(model, ids, a0, eos=tok.eos_id)
                     ok += c
                     secs += dt  # prefill only: the decode of a wrong answer is not timed
                     toks += len(ids) - 1

@@ -12,7 +12,9 @@ Per layer (shapes [B, T, H, D], D = head_dim):
   then mixed to hidden (wo_b).
 The model runs that core as one `sparse_sink_attention` call per sequence (kernels/sink_attention:
 sparse MLA over the window rows and over the pool, merged with the sink, nothing copied; torch or
-Triton backend), with the row lists of `attended_rows`;
+Triton backend), with the row lists of `attended_rows` (a paged cache maps the entry columns to
+rows of its block storage, `CompressorState.source`). A decode batch of different sequences
+passes one LayerCache per row: projections batched, cache work per sequence;
 `window_sparse_attention` is the same core as batched dense math, the oracle the tests hold it to.
 
     .venv/bin/python -m pytest -q tests/model/test_deepseek_v4.py -p no:cacheprovider
@@ -21,6 +23,7 @@ Triton backend), with the row lists of `attended_rows`;
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsa_rag.kernels.sink_attention import sparse_sink_attention
@@ -121,72 +124,109 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, self.ratio,
                                cfg.index_topk, eps) if self.layer_type == CSA else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache, rotary: Rotary,
-                trace: list | None = None) -> torch.Tensor:
-        """x [B, T, hidden] at positions [B, T] (consecutive, after what `cache` holds) -> [B, T, hidden].
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache] | LayerCache,
+                rotary: Rotary, trace: list | None = None) -> torch.Tensor:
+        """x [B, T, hidden] at positions [B, T] (consecutive, after what the caches hold) -> [B, T, hidden].
+        caches: one LayerCache holding all B rows (they share positions), or B LayerCaches of one
+        row each (a decode batch of different sequences at different positions). The projections
+        and the output run batched either way; window, compressor state, indexer scoring and the
+        sparse attention go per cache (each reads its own pool).
         trace: a list to append what each query read, (token positions [B, T, n], attention
-        mass summed over heads [B, T, n]); a compressed entry's mass is spread evenly over the
-        `ratio` tokens of its window (the citations need token positions)."""
+        mass summed over heads [B, T, n], -1 / 0 padded); a compressed entry's mass is spread
+        evenly over the `ratio` tokens of its window (the citations need token positions)."""
         B, T, _ = x.shape
+        caches = [caches] if isinstance(caches, LayerCache) else caches
+        if len(caches) not in (1, B):
+            raise ValueError(f"{len(caches)} layer caches for a batch of {B} rows: give 1 (shared) or {B}")
         cos, sin = rotary(positions, self.rope_kind)
         q_res = self.q_norm(self.wq_a(x))                                             # [B, T, q_lora]
         q = rms_unweighted(self.wq_b(q_res).view(B, T, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                           # [B, T, D]
-
-        past = cache.window
-        keys = kv if past is None else torch.cat([past, kv], 1)
-        start = int(positions[0, 0])
-        key_pos = torch.arange(start - (keys.shape[1] - T), start + T, device=x.device)
-        keep = self.cfg.sliding_window - 1   # what a later query can still see
-        cache.window = keys[:, max(keys.shape[1] - keep, 0):] if keep > 0 else keys[:, :0]
-
-        entries, idx, limit = None, None, None
-        if self.compressor is not None:
-            self.compressor(x, cache.compressor, rotary)
-            entries = cache.compressor.entries
-            if self.layer_type == HCA:
-                limit = visible_entries(positions, self.ratio)
-            else:
-                idx = self.indexer(x, q_res, positions, cache.indexer, rotary)
-        n_entries = 0 if entries is None else entries.shape[1]
-        win, ent = attended_rows(key_pos, positions, self.cfg.sliding_window, n_entries, idx, limit)
-        if ent is not None and n_entries == 0:
-            ent = None  # nothing pooled yet: the indexer's picks are all -1
-        scale = self.head_dim ** -0.5
-        o = torch.stack([sparse_sink_attention(q[i], keys[i], win[i], self.attn_sink, scale=scale,
-                                               extra_kv=None if ent is None else entries[i],
-                                               extra_indices=None if ent is None else ent[i])
-                         for i in range(B)])                                          # [B, T, H, D]
+        comp = self.compressor.project(x) if self.compressor is not None else None
+        ix = self.indexer.project(x, q_res, positions, rotary) if self.indexer is not None else None
+        rows = [slice(0, B)] if len(caches) == 1 else [slice(b, b + 1) for b in range(B)]
+        outs, reads = [], []
+        for sl, cache in zip(rows, caches):
+            pick = lambda ts: None if ts is None else tuple(t[sl] for t in ts)  # noqa: E731
+            o, read = self._attend(q[sl], kv[sl], positions[sl], cache, rotary, pick(comp), pick(ix),
+                                   trace is not None)
+            outs.append(o)
+            reads += read
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)                            # [B, T, H, D]
         if trace is not None:
-            trace.append(self._read_positions(q, keys, win, key_pos, entries, ent))
+            trace.append(_pad_stack(reads))
         o = apply_rope(o, cos, -sin)                                                  # undo K=V's rotation
         o = self.wo_a(o.reshape(B, T, self.cfg.o_groups, -1)).flatten(2)               # [B, T, G * o_lora]
         return self.wo_b(o)
 
+    def _attend(self, q, kv, positions, cache: LayerCache, rotary, comp, ix, want_trace: bool):
+        """The per-cache part: q [b, T, H, D], kv [b, T, D] at positions [b, T] (the rows of one
+        cache) -> (attention output [b, T, H, D], per row (positions, mass) or [])."""
+        b, T = positions.shape
+        past = cache.window
+        keys = kv if past is None else torch.cat([past, kv], 1)
+        start = int(positions[0, 0])
+        key_pos = torch.arange(start - (keys.shape[1] - T), start + T, device=kv.device)
+        keep = self.cfg.sliding_window - 1   # what a later query can still see
+        cache.window = keys[:, max(keys.shape[1] - keep, 0):] if keep > 0 else keys[:, :0]
+
+        state, idx, limit, n_entries = None, None, None, 0
+        if self.compressor is not None:
+            state = cache.compressor
+            self.compressor.absorb(*comp, state, rotary)
+            n_entries = state.count
+            if self.layer_type == HCA:
+                limit = visible_entries(positions, self.ratio)
+            else:
+                idx = self.indexer.select(*ix, positions, cache.indexer, rotary)
+        win, ent = attended_rows(key_pos, positions, self.cfg.sliding_window, n_entries, idx, limit)
+        if ent is not None and n_entries == 0:
+            ent = None  # nothing pooled yet: the indexer's picks are all -1
+        scale = self.head_dim ** -0.5
+        outs, reads = [], []
+        for i in range(b):
+            # The pool's rows where the kernel reads them (a paged cache: its block storage, no copy).
+            src, rows = (None, None) if ent is None else state.source(i, ent[i])
+            outs.append(sparse_sink_attention(q[i], keys[i], win[i], self.attn_sink, scale=scale,
+                                              extra_kv=src, extra_indices=rows))
+            if want_trace:
+                reads.append(self._read_positions(q[i], keys[i], win[i], key_pos, src, rows,
+                                                  None if ent is None else ent[i]))
+        return torch.stack(outs), reads
+
     @torch.no_grad()
-    def _read_positions(self, q, keys, win, key_pos, entries, ent):
-        """What each query read: (token positions [B, T, m], attention mass summed over heads
-        [B, T, m], -1 / 0 where unused). Recomputes the selected logits (cheap at decode); a
+    def _read_positions(self, q, keys, win, key_pos, src, rows, ent):
+        """What each query of one sequence read: (token positions [T, m], attention mass summed
+        over heads [T, m], -1 / 0 where unused). q [T, H, D], keys [L, D], win [T, W]; src /
+        rows: the pool and the row indices the kernel read; ent [T, k]: the entries' own indices
+        (for their token positions). Recomputes the selected logits (cheap at decode); a
         compressed entry's mass is spread evenly over the `ratio` tokens of its window."""
-        B, T, H, D = q.shape
+        T, H, D = q.shape
         r = max(self.ratio, 1)
-        cols = [win] + ([] if ent is None else [ent])
-        srcs = [keys] + ([] if ent is None else [entries])
         logits = []
-        for c, src in zip(cols, srcs):
-            sel = torch.stack([src[i][c[i].clamp_min(0)] for i in range(B)]).float()        # [B, T, K, D]
-            lg = torch.einsum("bthd,btkd->bthk", q.float(), sel) * self.head_dim ** -0.5
-            logits.append(lg.masked_fill((c < 0)[:, :, None, :], float("-inf")))
-        sink = self.attn_sink.float().view(1, 1, H, 1).expand(B, T, H, 1)
-        mass = torch.cat(logits + [sink], -1).softmax(-1)[..., :-1].sum(2)                # [B, T, K_all]
+        for c, s in [(win, keys)] + ([] if ent is None else [(rows, src)]):
+            sel = s[c.clamp_min(0)].float()                                            # [T, K, D]
+            lg = torch.einsum("thd,tkd->thk", q.float(), sel) * self.head_dim ** -0.5
+            logits.append(lg.masked_fill((c < 0)[:, None, :], float("-inf")))
+        sink = self.attn_sink.float().view(1, H, 1).expand(T, H, 1)
+        mass = torch.cat(logits + [sink], -1).softmax(-1)[..., :-1].sum(1)                # [T, K_all]
         W = win.shape[-1]
         pos = [torch.where(win >= 0, key_pos[win.clamp_min(0)], torch.full_like(win, -1))]
         ms = [mass[..., :W]]
         if ent is not None:
-            tok = (ent.clamp_min(0)[..., None] * r + torch.arange(r, device=q.device)).flatten(2)  # [B, T, K * r]
-            used = (ent >= 0)[..., None].expand(-1, -1, -1, r).flatten(2)
+            tok = (ent.clamp_min(0)[..., None] * r + torch.arange(r, device=q.device)).flatten(1)  # [T, K * r]
+            used = (ent >= 0)[..., None].expand(-1, -1, r).flatten(1)
             pos.append(torch.where(used, tok, torch.full_like(tok, -1)))
-            ms.append((mass[..., W:, None] / r).expand(-1, -1, -1, r).flatten(2))
+            ms.append((mass[..., W:, None] / r).expand(-1, -1, r).flatten(1))
         pos, ms = torch.cat(pos, -1), torch.cat(ms, -1)
         return torch.where(ms > 0, pos, torch.full_like(pos, -1)), ms
+
+
+def _pad_stack(reads: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (positions [T, m_b], mass [T, m_b]) -> ([B, T, max m], [B, T, max m]), padded
+    with position -1 / mass 0 (rows of a decode batch read different numbers of entries)."""
+    m = max(p.shape[-1] for p, _ in reads)
+    pos = torch.stack([F.pad(p, (0, m - p.shape[-1]), value=-1) for p, _ in reads])
+    mass = torch.stack([F.pad(w, (0, m - w.shape[-1]), value=0.0) for _, w in reads])
+    return pos, mass

@@ -9,7 +9,9 @@ A V4 layer does not keep one KV row per token. It keeps
     same kind of rolling state.
 Everything here is what `Transformer.forward(tokens, cache)` reads and extends, so a prefill in
 chunks of any size followed by decode equals one full forward (tests/model/test_deepseek_v4.py).
-`snapshot()` / `restore()` deep-copy it (a prefix cache entry for a pack).
+`snapshot()` deep-copies it. The pools sit behind an entry store (`DenseEntries` here: one
+growing tensor per batch); paged.py's `PagedV4Cache` keeps them in shared refcounted blocks
+instead (`PagedEntries`), so a fork copies only the window and the rolling state.
 
     .venv/bin/python -m dsa_rag.model.v4.cache      # cache bytes per token, V4-Flash vs V3.2-style
 """
@@ -26,37 +28,31 @@ from dsa_rag.model.config import preset as v3_preset
 from dsa_rag.model.v4.config import CSA, HCA, SLIDING, V4Config, preset
 
 
-class CompressorState:
-    """Rolling state of one compressor and the entries it emitted so far.
+class DenseEntries:
+    """A compressor's pool as one tensor per sequence batch: entries [B, n, dim] in a buffer that
+    doubles when full, so emitting an entry costs O(dim), not a copy of the pool. What a plain
+    `V4Cache` keeps; a paged cache keeps `PagedEntries` (paged.py) with the same methods."""
 
-    buffer_kv / buffer_gate [B, < ratio, width]: the tokens of the window not closed yet;
-    overlap_kv / overlap_gate [B, ratio, dim]: the last closed window's first-half series (CSA);
-    entries [B, n, dim]: the pool, RoPE'd at each window's start. The pool lives in a buffer
-    that doubles when full, so emitting an entry costs O(dim), not a copy of the pool."""
-
-    def __init__(self, buffer_kv=None, buffer_gate=None, overlap_kv=None, overlap_gate=None, entries=None):
-        self.buffer_kv, self.buffer_gate = buffer_kv, buffer_gate
-        self.overlap_kv, self.overlap_gate = overlap_kv, overlap_gate
+    def __init__(self, entries: torch.Tensor | None = None):
         self._store: torch.Tensor | None = None
         self._n = 0
-        self.entries = entries
-
-    @property
-    def entries(self) -> torch.Tensor | None:
-        return None if self._store is None else self._store[:, : self._n]
-
-    @entries.setter
-    def entries(self, value: torch.Tensor | None) -> None:
-        self._store, self._n = value, (0 if value is None else value.shape[1])
+        self.set(entries)
 
     @property
     def count(self) -> int:
         return self._n
 
+    @property
+    def entries(self) -> torch.Tensor | None:
+        return None if self._store is None else self._store[:, : self._n]
+
+    def set(self, value: torch.Tensor | None) -> None:
+        self._store, self._n = value, (0 if value is None else value.shape[1])
+
     def append(self, new: torch.Tensor) -> None:
         """Add entries new [B, m, dim] to the pool."""
         if self._store is None:
-            self.entries = new.clone()
+            self.set(new.clone())
             return
         need = self._n + new.shape[1]
         if need > self._store.shape[1]:
@@ -67,11 +63,64 @@ class CompressorState:
         self._store[:, self._n: need] = new
         self._n = need
 
-    def __deepcopy__(self, memo):
+    def source(self, b: int, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the sparse kernel reads entries `cols` [T, k] of batch row b: (rows [S, dim],
+        row indices [T, k], -1 kept). Here the pool itself, indices unchanged."""
+        return self._store[b], cols
+
+    def copy(self) -> "DenseEntries":
         """A copy trimmed to the entries in use (a snapshot does not carry spare capacity)."""
+        e = self.entries
+        return DenseEntries(None if e is None else e.clone())
+
+
+class CompressorState:
+    """Rolling state of one compressor and the entries it emitted so far.
+
+    buffer_kv / buffer_gate [B, < ratio, width]: the tokens of the window not closed yet;
+    overlap_kv / overlap_gate [B, ratio, dim]: the last closed window's first-half series (CSA);
+    entries [B, n, dim]: the pool, RoPE'd at each window's start, kept by `store` (DenseEntries,
+    or a paged cache's PagedEntries): the rolling state is per sequence and small, the pool is
+    what grows and what forks share."""
+
+    def __init__(self, buffer_kv=None, buffer_gate=None, overlap_kv=None, overlap_gate=None, entries=None,
+                 store=None):
+        self.buffer_kv, self.buffer_gate = buffer_kv, buffer_gate
+        self.overlap_kv, self.overlap_gate = overlap_kv, overlap_gate
+        self.store = store if store is not None else DenseEntries()
+        if entries is not None:
+            self.store.set(entries)
+
+    @property
+    def entries(self) -> torch.Tensor | None:
+        return self.store.entries
+
+    @entries.setter
+    def entries(self, value: torch.Tensor | None) -> None:
+        self.store.set(value)
+
+    @property
+    def count(self) -> int:
+        return self.store.count
+
+    def append(self, new: torch.Tensor) -> None:
+        """Add entries new [B, m, dim] to the pool."""
+        self.store.append(new)
+
+    def source(self, b: int, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.source(b, cols)
+
+    def rolling(self) -> tuple:
+        """The per-sequence tensors (not the pool): what a fork copies."""
+        return self.buffer_kv, self.buffer_gate, self.overlap_kv, self.overlap_gate
+
+    def with_store(self, store) -> "CompressorState":
+        """A copy of the rolling state over `store` (a fork's pool, or a copy of this one's)."""
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return CompressorState(c(self.buffer_kv), c(self.buffer_gate), c(self.overlap_kv), c(self.overlap_gate),
-                               c(self.entries))
+        return CompressorState(*(c(t) for t in self.rolling()), store=store)
+
+    def __deepcopy__(self, memo):
+        return self.with_store(self.store.copy())
 
 
 @dataclass
@@ -95,19 +144,21 @@ class V4Cache:
         return copy.deepcopy(self)
 
     def nbytes(self) -> int:
+        """Bytes of every cache tensor (a paged cache: its pools counted whole, shared blocks too)."""
         total = 0
         for layer in self.layers:
-            for t in _tensors(layer):
+            for t in layer_tensors(layer):
                 total += t.numel() * t.element_size()
         return total
 
 
-def _tensors(layer: LayerCache):
+def layer_tensors(layer: LayerCache, pools: bool = True):
+    """The layer's cache tensors: window, rolling states and (pools=True) the entries."""
     if layer.window is not None:
         yield layer.window
     for s in (layer.compressor, layer.indexer):
         if s is not None:
-            for t in (s.buffer_kv, s.buffer_gate, s.overlap_kv, s.overlap_gate, s.entries):
+            for t in s.rolling() + ((s.entries,) if pools else ()):
                 if t is not None:
                     yield t
 

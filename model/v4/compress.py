@@ -11,7 +11,9 @@ entries w < (t + 1) // ratio.
 
 State between calls (chunked prefill, decode) lives in a `CompressorState`: the open window's
 tokens and, on CSA, the last closed window's first-half series; calling with chunks of any size
-emits exactly the entries of one call over the whole sequence.
+emits exactly the entries of one call over the whole sequence. Each module splits into `project`
+(the linear layers: one call for every sequence of a decode batch) and `absorb` / `select` (the
+state update and scoring of one cache).
 
 The indexer (CSA only) keeps its own compressed key pool at index_head_dim and scores query t
 against entry s as sum_h w[t,h] * ReLU(q[t,h] . k[s]) (the lightning-indexer op of
@@ -44,8 +46,16 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, state: CompressorState, rotary: Rotary) -> torch.Tensor:
-        B, r, d = x.shape[0], self.ratio, self.dim
-        kv, gate = self.wkv(x), self.wgate(x)
+        return self.absorb(*self.project(x), state, rotary)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> (kv, gate) [B, T, width]: the part that batches across sequences."""
+        return self.wkv(x), self.wgate(x)
+
+    def absorb(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState, rotary: Rotary) -> torch.Tensor:
+        """Projected rows kv / gate [B, T, width] of the sequence(s) `state` holds -> the new
+        entries [B, n_new, dim]; the state gains them (and keeps the open window)."""
+        B, r, d = kv.shape[0], self.ratio, self.dim
         first = state.count  # index of the first entry this call can emit
         if state.buffer_kv is not None and state.buffer_kv.shape[1]:
             kv = torch.cat([state.buffer_kv, kv], 1)
@@ -63,7 +73,7 @@ class Compressor(nn.Module):
             kv, gate = self._overlap(kv, gate, state)               # [B, n, 2r, d]
         w = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
         pooled = self.norm((kv * w).sum(2))                         # [B, n, d]
-        pos = ((torch.arange(n, device=x.device) + first) * r).unsqueeze(0).expand(B, -1)
+        pos = ((torch.arange(n, device=kv.device) + first) * r).unsqueeze(0).expand(B, -1)
         cos, sin = rotary(pos, "compress")
         new = apply_rope(pooled, cos, sin)
         state.append(new)
@@ -102,21 +112,34 @@ class Indexer(nn.Module):
 
     def forward(self, x, q_residual, positions, state: CompressorState, rotary: Rotary) -> torch.Tensor:
         """x [B, T, hidden], q_residual [B, T, q_lora_rank], positions [B, T] -> idx [B, T, k]."""
+        return self.select(*self.project(x, q_residual, positions, rotary), positions, state, rotary)
+
+    def project(self, x, q_residual, positions, rotary: Rotary):
+        """The batchable part: -> (kv, gate) [B, T, 2 * head_dim] for the key compressor, the
+        RoPE'd queries q [B, T, H, head_dim] and the head weights w [B, T, H] (fp32)."""
         B, T, _ = x.shape
-        self.compressor(x, state, rotary)
+        kv, gate = self.compressor.project(x)
+        q = self.wq_b(q_residual).view(B, T, self.n_heads, self.head_dim)
+        q = apply_rope(q, *rotary(positions, "compress"))
+        # The lightning-indexer op (kernels/indexer: torch / Triton backends) scores
+        # sum_h w[t, h] ReLU(q[t, h] . k[s]); w carries both scales (ReLU(x) c = ReLU(x c), c > 0).
+        w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # [B, T, H]
+        return kv, gate, q, w
+
+    def select(self, kv, gate, q, w, positions, state: CompressorState, rotary: Rotary) -> torch.Tensor:
+        """Extend the key pool of the sequence(s) `state` holds, then the top-k visible entries
+        per query -> idx [B, T, k], -1 = none."""
+        B, T = positions.shape
+        self.compressor.absorb(kv, gate, state, rotary)
         keys = state.entries                                          # [B, P, head_dim]
         P = keys.shape[1]
         if P == 0:
-            return torch.full((B, T, 0), -1, dtype=torch.long, device=x.device)
-        q = self.wq_b(q_residual).view(B, T, self.n_heads, self.head_dim)
-        q = apply_rope(q, *rotary(positions, "compress")).to(keys.dtype)
-        # The lightning-indexer op (kernels/indexer: torch / Triton backends) scores
-        # sum_h w[t, h] ReLU(q[t, h] . k[s]); w carries both scales (ReLU(x) c = ReLU(x c), c > 0).
+            return torch.full((B, T, 0), -1, dtype=torch.long, device=q.device)
+        q = q.to(keys.dtype)
         # start_pos = P: its token-causal mask hides nothing; V4's own rule follows.
-        w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # [B, T, H]
         scores = torch.stack([indexer_logits(q[b], keys[b], w[b], start_pos=P) for b in range(B)])  # [B, T, P]
         limit = visible_entries(positions, self.ratio).unsqueeze(-1)  # [B, T, 1]
-        scores = scores.masked_fill(torch.arange(P, device=x.device) >= limit, float("-inf"))
+        scores = scores.masked_fill(torch.arange(P, device=q.device) >= limit, float("-inf"))
         idx = scores.topk(min(self.topk, P), dim=-1).indices
         # A query with fewer visible entries than k gets some future picks: mark them -1.
         return torch.where(idx >= limit, torch.full_like(idx, -1), idx)

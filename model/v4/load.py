@@ -9,7 +9,10 @@ Three spellings are read:
     mapping reversed), with the attention's kv norm as `attn.norm`.
 FP8 e4m3 weights are dequantized with their block scales, named `weight_scale_inv` (HF) or `scale`
 (release), block size from `quantization_config.weight_block_size` (default 128); a float8_e8m0
-(power-of-two) scale tensor works the same way. Not handled: FP4 (`expert_dtype`) expert weights.
+(power-of-two) scale tensor works the same way. FP4 routed experts (`expert_dtype: fp4`, the
+official release) are int8 tensors of two e2m1 values per byte (low nibble first) with one E8M0
+scale per row and 32 columns, the format of transformers' FP8Experts(expert_dtype="fp4") and its
+Fp8Dequantize; `fp4_dequant` unpacks them (fp32), `save_v4_checkpoint(fp4_experts=True)` writes them.
 The MTP layer(s) (`mtp.*`, `model.layers.{n}`+) are skipped.
 
     from dsa_rag.model.v4.load import load_v4_model, save_v4_checkpoint
@@ -125,7 +128,58 @@ def cast_v4(model: Transformer, dtype) -> Transformer:
     return model
 
 
+# FP4 (e2m1) value of each nibble: bit 3 the sign, then 0, 0.5, 1, 1.5, 2, 3, 4, 6 (OCP MX).
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_BLOCK = 32  # columns per scale: what the V4 release (and transformers' FP8Experts "fp4") use
+
+
+def is_fp4(t: torch.Tensor) -> bool:
+    """Packed FP4 as V4's release and transformers store it: int8 (or float4_e2m1fn_x2) bytes."""
+    return t.dtype == torch.int8 or t.dtype == getattr(torch, "float4_e2m1fn_x2", None)
+
+
+def _scale_fp32(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales as fp32: float8_e8m0fnu / float converts as is; uint8 bytes are E8M0
+    exponents, 2 ** (byte - 127) (how some exports store e8m0, and how transformers reads them)."""
+    return (scale.float() - 127.0).exp2() if scale.dtype == torch.uint8 else scale.float()
+
+
+def fp4_dequant(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """packed [..., rows, cols / 2] (two e2m1 values per byte, the low nibble the even column),
+    scale [..., rows / bm, cols / bn] (the block from the grid: 1 x 32 in V4's release) -> fp32
+    [..., rows, cols] = value * its block's scale. transformers' Fp8Dequantize does the same."""
+    u8 = packed.contiguous().view(torch.uint8)
+    lut = torch.tensor(E2M1, dtype=torch.float32, device=packed.device)
+    vals = lut[torch.stack([u8 & 0xF, u8 >> 4], -1).long()].flatten(-2)         # [..., rows, cols]
+    s = _scale_fp32(scale)
+    rows, cols = vals.shape[-2:]
+    if s.dim() != vals.dim() or rows % s.shape[-2] or cols % s.shape[-1]:
+        raise ValueError(f"FP4 weight of {rows} x {cols} values: its scale grid {tuple(scale.shape)} does not tile it")
+    return vals * s.repeat_interleave(rows // s.shape[-2], -2).repeat_interleave(cols // s.shape[-1], -1)
+
+
+def fp4_quant(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., rows, cols] -> (packed int8 [..., rows, cols / 2], scale float8_e8m0fnu
+    [..., rows, cols / block]): per row and `block` columns a power-of-two scale with the block's
+    largest |w| at most 6, values rounded to the nearest e2m1. What tests write FP4 experts with."""
+    *lead, rows, cols = w.shape
+    if cols % block or block % 2:
+        raise ValueError(f"fp4_quant: {cols} columns do not split into blocks of {block}")
+    wb = w.float().reshape(*lead, rows, cols // block, block)
+    amax = wb.abs().amax(-1, keepdim=True).clamp_min(2.0 ** -126)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))                        # [..., rows, nb, 1]
+    mag = torch.tensor(E2M1[:8], dtype=torch.float32)
+    x = (wb / scale).flatten(-2)                                                  # [..., rows, cols]
+    code = (x.abs()[..., None] - mag).abs().argmin(-1) | ((x < 0).long() << 3)    # nearest magnitude, sign
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed.contiguous(), scale[..., 0].to(torch.float8_e8m0fnu).contiguous()
+
+
 def _dequant(name: str, t: torch.Tensor, scale: torch.Tensor | None, block: int) -> torch.Tensor:
+    if is_fp4(t) and "experts" in name:
+        if scale is None:
+            raise ValueError(f"tensor {name!r} is packed FP4 ({t.dtype}) but has no scale / weight_scale_inv beside it")
+        return fp4_dequant(t, scale)
     if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         return t
     if scale is None:
@@ -152,10 +206,9 @@ def read_state_dict(d: Path, cfg: V4Config) -> dict[str, torch.Tensor]:
     for name, t in raw.items():
         if name.endswith(".scale"):  # a block scale, read beside its weight
             continue
-        if t.dtype in (torch.int8, torch.uint8) and "experts" in name:
-            raise ValueError(f"tensor {name!r} is {t.dtype}: packed FP4 expert weights (quantization_config "
-                             f"expert_dtype {(cfg.quantization_config or {}).get('expert_dtype')!r}) are not "
-                             f"supported yet; use a BF16 / FP8 export of the experts")
+        if t.dtype == torch.uint8 and "experts" in name:
+            raise ValueError(f"tensor {name!r} is uint8: not a packed expert format this loader knows (FP4 experts "
+                             f"ship as int8, two e2m1 values per byte, with E8M0 scales per {FP4_BLOCK} columns)")
         scale = raw.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
         if name.endswith("_scale_inv"):  # fused expert scales: `experts.gate_up_proj_scale_inv`
             continue
@@ -212,9 +265,12 @@ def load_v4_model(path: str | Path, device="cpu", dtype=torch.float32, **overrid
     return model.eval()
 
 
-def save_v4_checkpoint(model: Transformer, path: str | Path, fp8_weights: bool = False, block: int = 128) -> Path:
+def save_v4_checkpoint(model: Transformer, path: str | Path, fp8_weights: bool = False, block: int = 128,
+                       fp4_experts: bool = False) -> Path:
     """Write `model` in transformers' layout (config.json + model.safetensors). fp8_weights: 2D
-    projection weights as e4m3 + `weight_scale_inv` (block x block), as FP8 releases ship them."""
+    projection weights as e4m3 + `weight_scale_inv` (block x block), as FP8 releases ship them.
+    fp4_experts: the routed experts as packed FP4 + E8M0 scales per 32 columns (`fp4_quant`),
+    quantization_config expert_dtype "fp4", as the official V4 release ships them."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -235,12 +291,18 @@ def save_v4_checkpoint(model: Transformer, path: str | Path, fp8_weights: bool =
         for k in list(out):
             if _release_fp8(k):
                 out[k], out[k[: -len("weight")] + "weight_scale_inv"] = fp8.weight_quant(out[k], block)
-            elif k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # fused [E, M, N]: per expert
+            elif not fp4_experts and k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # per expert
                 pairs = [fp8.weight_quant(w, block) for w in out[k]]
                 out[k] = torch.stack([q for q, _ in pairs]).contiguous()
                 out[k + "_scale_inv"] = torch.stack([s for _, s in pairs]).contiguous()
         hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [block, block]}
+    if fp4_experts:
+        for k in list(out):
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, M, N]: scales per row, 32 columns
+                out[k], out[k + "_scale_inv"] = fp4_quant(out[k])
+        hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [block, block], "expert_dtype": "fp4"}
     hf_cfg["torch_dtype"] = "float32"
     save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps(hf_cfg, indent=2))

@@ -12,8 +12,9 @@ doubly-stochastic matrix by Sinkhorn iterations so the residual cannot blow up):
 The embedding starts as N copies; a last `pre`-only collapse (hc_head) feeds the final norm.
 
 `Transformer.forward(tokens, cache=None)`: tokens [B, T] -> logits [B, T, vocab]. With a
-`V4Cache` (cache.py) the tokens continue what the cache holds and the cache is extended, so
-chunked prefill and token-by-token decode reproduce one full forward.
+`V4Cache` (cache.py; or a paged one, paged.py) the tokens continue what the cache holds and the
+cache is extended, so chunked prefill and token-by-token decode reproduce one full forward. A list
+of one-row caches runs a decode batch of different sequences in one forward.
 
     .venv/bin/python -m pytest -q tests/model/test_deepseek_v4.py -p no:cacheprovider
 """
@@ -77,9 +78,10 @@ class Block(nn.Module):
         return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                           getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams, tokens, positions, cache, rotary, trace=None):
+    def forward(self, streams, tokens, positions, caches, rotary, trace=None):
+        """caches: this layer's LayerCache(s), one for all rows or one per row (Attention.forward)."""
         pre, post, comb = self._hc("attn", streams)
-        out = self.attn(self.attn_norm(collapse(streams, pre)), positions, cache, rotary, trace)
+        out = self.attn(self.attn_norm(collapse(streams, pre)), positions, caches, rotary, trace)
         streams = expand(streams, out, post, comb)
         pre, post, comb = self._hc("ffn", streams)
         out = self.ffn(self.ffn_norm(collapse(streams, pre)), tokens)
@@ -103,17 +105,24 @@ class Transformer(nn.Module):
     def new_cache(self) -> V4Cache:
         return V4Cache.empty(self.cfg)
 
-    def hidden(self, tokens: torch.Tensor, cache: V4Cache | None = None, trace: list | None = None) -> torch.Tensor:
-        """tokens [B, T] -> final-normed hidden states [B, T, hidden]; extends `cache`.
+    def hidden(self, tokens: torch.Tensor, cache: V4Cache | list[V4Cache] | None = None,
+               trace: list | None = None) -> torch.Tensor:
+        """tokens [B, T] -> final-normed hidden states [B, T, hidden]; extends the cache(s).
+        cache: one V4Cache holding all B rows (same length), or a list of B one-row caches of
+        different lengths (a decode batch: one forward for every request of a step).
         trace: a list that gets, per layer, what the attention read (Attention.forward)."""
-        cache = cache if cache is not None else self.new_cache()
         B, T = tokens.shape
-        positions = (torch.arange(T, device=tokens.device) + cache.length).unsqueeze(0).expand(B, -1)
+        caches = [cache if cache is not None else self.new_cache()] if not isinstance(cache, list) else cache
+        if len(caches) not in (1, B):
+            raise ValueError(f"{len(caches)} caches for a batch of {B} rows: give one V4Cache or a list of {B}")
+        start = torch.tensor([c.length for c in caches], device=tokens.device)
+        positions = (torch.arange(T, device=tokens.device) + start[:, None]).expand(B, -1)  # [B, T]
         h = self.embed(tokens)
         streams = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()   # [B, T, N, D]
-        for layer, lc in zip(self.layers, cache.layers):
-            streams = layer(streams, tokens, positions, lc, self.rotary, trace)
-        cache.length += T
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, tokens, positions, [c.layers[i] for c in caches], self.rotary, trace)
+        for c in caches:
+            c.length += T
         flat = rms_unweighted(streams.flatten(2).float(), self.cfg.rms_norm_eps)
         pre = torch.sigmoid(F.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
                             + self.hc_head_base.float()) + self.cfg.hc_eps

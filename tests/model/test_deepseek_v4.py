@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from dsa_rag.model import fp8
 from dsa_rag.model.v4.config import CSA, HCA, SLIDING, V4Config, preset
-from dsa_rag.model.v4.load import load_v4_model, save_v4_checkpoint
+from dsa_rag.model.v4.load import fp4_dequant, fp4_quant, load_v4_model, save_v4_checkpoint
 from dsa_rag.model.v4.model import Transformer
 from tests.model.v4_helpers import hf_from, random_v4, tiny_v4_config
 
@@ -100,6 +100,73 @@ def test_release_names_and_fp8_load(tmp_path):
     assert torch.equal(q.layers[1].attn.compressor.wkv.weight, ours.layers[1].attn.compressor.wkv.weight)  # BF16 branch
     assert not torch.equal(q.layers[1].ffn.experts[0].w1.weight, ours.layers[1].ffn.experts[0].w1.weight)
     assert torch.allclose(q.layers[1].ffn.experts[0].w1.weight, ours.layers[1].ffn.experts[0].w1.weight, atol=0.02)
+
+
+def test_fp4_dequant_hand_computed():
+    """Packed FP4 as the V4 release stores routed experts: two e2m1 values per int8 byte, the low
+    nibble the even column; one E8M0 scale per row and 32 columns (2 ** (byte - 127))."""
+    # Row 0: bytes 0x21 -> (nibble 1, nibble 2) = (0.5, 1.0); row 1: 0xF7 -> (6.0, -6.0), 0x9A -> (-1.0, -0.5).
+    packed = torch.tensor([[0x21] * 32, [0xF7] * 16 + [0x9A] * 16], dtype=torch.uint8).view(torch.int8)
+    e8m0 = torch.tensor([[128, 126], [127, 130]], dtype=torch.uint8)  # scales 2, 1/2, 1, 8
+    want = torch.tensor([[0.5 * 2, 1.0 * 2] * 16 + [0.5 / 2, 1.0 / 2] * 16,
+                         [6.0, -6.0] * 16 + [-1.0 * 8, -0.5 * 8] * 16])
+    for scale in (e8m0, e8m0.view(torch.float8_e8m0fnu), (e8m0.float() - 127).exp2()):
+        assert torch.equal(fp4_dequant(packed, scale), want)
+    with pytest.raises(ValueError, match="scale grid"):
+        fp4_dequant(packed, e8m0[:, :1].expand(2, 3))
+
+
+def test_fp4_dequant_matches_transformers():
+    """The same bytes through transformers' own FP4 path (Fp8Dequantize, what it loads V4's FP4
+    experts with when dequantizing), fused [E, M, N / 2] experts with E8M0 scales."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-128, 128, (3, 8, 32), generator=g, dtype=torch.int8)
+    scale = torch.randint(120, 134, (3, 8, 2), generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    ref = Fp8Dequantize(None)._dequantize_one(packed, scale, torch.float32)
+    assert torch.equal(fp4_dequant(packed, scale), ref)
+    w = torch.randn(3, 8, 64, generator=g)
+    q, s = fp4_quant(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float8_e8m0fnu and s.shape == (3, 8, 2)
+    dq = fp4_dequant(q, s)
+    assert torch.equal(dq, Fp8Dequantize(None)._dequantize_one(q, s, torch.float32))
+    # Round to nearest: within half the widest e2m1 step (2 at |x| in [4, 6]) of the block scale.
+    assert ((dq - w).abs() <= s.float().repeat_interleave(32, -1)).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["transformers", "release"])
+def test_fp4_experts_load(tmp_path, layout):
+    """A checkpoint with FP4 routed experts (transformers' fused layout + `_scale_inv`, or the
+    release's per-expert `w1.weight` + `w1.scale`) loads with exactly the dequantized weights."""
+    ours = random_v4(tiny_v4_config(), seed=2)
+    d = save_v4_checkpoint(ours, tmp_path / "fp4", fp4_experts=True)
+    if layout == "release":
+        from safetensors.torch import load_file
+
+        hf = load_file(str(d / "model.safetensors"))
+        rel = {k: v.contiguous() for k, v in ours.state_dict().items() if ".experts." not in k}
+        for i in range(ours.cfg.num_hidden_layers):
+            m = f"model.layers.{i}.mlp.experts."
+            gu, gus, dn, dns = hf[m + "gate_up_proj"], hf[m + "gate_up_proj_scale_inv"], hf[m + "down_proj"], \
+                hf[m + "down_proj_scale_inv"]
+            for e in range(ours.cfg.n_routed_experts):
+                p = f"layers.{i}.ffn.experts.{e}."
+                (rel[p + "w1.weight"], rel[p + "w3.weight"]), (rel[p + "w1.scale"], rel[p + "w3.scale"]) = \
+                    gu[e].chunk(2), gus[e].chunk(2)
+                rel[p + "w2.weight"], rel[p + "w2.scale"] = dn[e], dns[e]
+        d = tmp_path / "release"
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in rel.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text((tmp_path / "fp4" / "config.json").read_text())
+    q = load_v4_model(d)
+    w1 = ours.layers[3].ffn.experts[5].w1.weight
+    assert torch.equal(q.layers[3].ffn.experts[5].w1.weight, fp4_dequant(*fp4_quant(w1)))
+    assert torch.equal(q.layers[3].ffn.experts[5].w2.weight, fp4_dequant(*fp4_quant(ours.layers[3].ffn.experts[5].w2.weight)))
+    assert torch.equal(q.layers[1].attn.wq_b.weight, ours.layers[1].attn.wq_b.weight)  # only the experts are FP4
+    tok = _tokens(batch=1)
+    assert torch.isfinite(q(tok)).all()
 
 
 def test_config_reader_legacy_keys_and_presets():

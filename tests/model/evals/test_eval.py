@@ -18,7 +18,7 @@ import torch
 
 from dsa_rag.model.cache import new_sequence_cache
 from dsa_rag.model.evals import eval_report, resort_failures
-from dsa_rag.model.evals.eval import answer_correct, main as eval_main
+from dsa_rag.model.evals.eval import answer_correct, answer_decoded, main as eval_main
 from dsa_rag.model.evals.example_sets import example_of
 from dsa_rag.model.evals.failure_kinds import KINDS, failure_kind
 from dsa_rag.model.load import load_model
@@ -53,6 +53,8 @@ def test_answer_correct_is_greedy_exact_match(tiny):
         ok, secs, got = answer_correct(tiny, ids, a0, chunk=256, eos=tok.eos_id)  # several prefill chunks
         assert ok == (decoded == ids[a0:])
         assert secs > 0
+        # --decode-answers: the same verdict by a real decode (T = 1 steps, the decode selection path)
+        assert answer_decoded(tiny, ids, a0, chunk=256, eos=tok.eos_id)[0] == ok
         verdicts.append(ok)
         # The same prompt with one answer byte changed: the greedy decode no longer matches it, and
         # the output that answer_correct reports for it is the real greedy decode up to <eos>.
