@@ -14,7 +14,9 @@ Stages (budget = the shell's `timeout`; estimates for an H100 SXM from the FLOP 
                           paths (indexer FP8 top-k and sparse_mla over S = 131072).       ~25 s (mostly JIT)
   kernels_tflops    55 s  TFLOP/s (CUDA events, median of 10): sparse_mla prefill T4096 x
                           K2048 x H128 at S 8k..128k (2.34 TFLOP a call, FlashMLA's count
-                          2*T*K*H*(576+512)); decode: 128 rows at S 32k as 128 T=1 calls and as one call; FP8 indexer_logits
+                          2*T*K*H*(576+512)); decode: 128 rows at S 32k as 128 T=1 calls and as one call,
+                          one call of 1 and of 64 rows (split-K decode); each installed kernel
+                          library (kernels/libraries.py) on the same shapes; FP8 indexer_logits
                           T2048 x H64 x D128 at S 4k..64k (causal pairs: 2*H*D*(T*(S-T) + T(T+1)/2), 1.9 TFLOP
                           at 64k) and indexer_topk seconds. Even at 20 TFLOP/s every
                           timing loop is < 2 s: ~15 s in all with the compiles.           ~20 s
@@ -297,19 +299,28 @@ def stage_kernels_tflops(st: Stage):
         t = time.perf_counter()
         r = run_part(st, "dry_exercise", lambda: {
             "sparse_mla": kg.bench_sparse_mla("cpu", 4, 256, H=16, K=64, timer=wall_timer),
+            "sparse_mla_decode_calls": kg.bench_sparse_mla_decode_calls("cpu", 256, batches=(1, 3), H=16, K=64,
+                                                                        timer=wall_timer),
             "indexer_fp8": kg.bench_indexer_fp8("cpu", 8, 256, H=8, topk=32, timer=wall_timer, topk_reps=1)})
         if r is not None:
             st.part("dry_exercise", "pass", seconds=round(time.perf_counter() - t, 1),
                     note="interpreter wall-clock, not a performance figure", figures=r)
-        for p in ("sparse_mla_prefill", "sparse_mla_decode", "indexer_fp8"):
+        st.result("libraries_detected", kg.libraries.report())
+        for p in ("sparse_mla_prefill", "sparse_mla_decode", "sparse_mla_decode_calls", "indexer_fp8", "libraries"):
             st.part(p, NO_CUDA)
         return
     st.result("device", torch.cuda.get_device_name())
     plan = [("sparse_mla_prefill", S, functools.partial(kg.bench_sparse_mla, "cuda", 4096, S))
             for S in (8192, 32768, 65536, 131072)]
     plan.append(("sparse_mla_decode", 32768, functools.partial(kg.bench_sparse_mla_decode, "cuda", 128, 32768)))
+    plan += [("sparse_mla_decode_calls", B, lambda B=B: kg.bench_sparse_mla_decode_calls("cuda", 32768, (B,))[0])
+             for B in (1, 64)]
     plan += [("indexer_fp8", S, functools.partial(kg.bench_indexer_fp8, "cuda", 2048, S)) for S in (4096, 16384, 65536)]
-    rows = {"sparse_mla_prefill": [], "sparse_mla_decode": [], "indexer_fp8": []}
+    st.result("libraries_detected", kg.libraries.report())
+    # each installed kernel library (kernels/libraries.py) on the same shapes, after its own gate
+    plan += [("libraries", lib.name, functools.partial(kg.bench_library, lib, "cuda")) for lib in kg.libraries.present()]
+    rows = {"sparse_mla_prefill": [], "sparse_mla_decode": [], "sparse_mla_decode_calls": [], "indexer_fp8": [],
+            "libraries": []}
     errors = {}
     for name, S, fn in plan:
         if st.left() < 3:
@@ -329,8 +340,7 @@ def stage_kernels_tflops(st: Stage):
             st.part(name, "pass", measured=len(rows[name]))
     st.result("flop_counts", {"sparse_mla": "2*T*topk*H*(576+512) (FlashMLA)",
                               "indexer_logits": "2*H*D*pairs, pairs = T*start_pos + T*(T+1)/2 (causal: unmasked pairs only)"})
-    st.result("anchors", {"FlashMLA sparse prefill H800": "~640 TFLOP/s", "FlashMLA sparse decode FP8 H800": "~410 TFLOP/s",
-                          "DeepGEMM fp8_mqa_logits (community, H200)": "~1000 TFLOP/s"})
+    st.result("anchors", kg.ANCHORS)
 
 
 # ---------------------------------------------------------------- stage: engine
@@ -688,7 +698,7 @@ def markdown(res) -> str:
             L.append("")
         res_ = r.get("results", {})
         if name == "kernels_tflops" and any(res_.get(k) for k in ("sparse_mla_prefill", "indexer_fp8")):
-            L += ["| kernel | T | S | seconds | TFLOP/s |", "|---|---:|---:|---:|---:|"]
+            L += ["| kernel (backend triton unless named) | T | S | seconds | TFLOP/s |", "|---|---:|---:|---:|---:|"]
             for x in res_.get("sparse_mla_prefill", []):
                 L.append(f"| sparse_mla_prefill | {x['T']} | {x['S']} | {x['seconds']:.5f} | {x['tflops']:.1f} |")
             for x in res_.get("sparse_mla_decode", []):  # B rows of T = 1: separate calls, then one batched call
@@ -696,10 +706,23 @@ def markdown(res) -> str:
                          f"{x['separate_seconds']:.5f} | {x['separate_tflops']:.1f} |")
                 L.append(f"| sparse_mla_decode, one call of {x['B']} rows | {x['B']} | {x['S']} | "
                          f"{x['batched_seconds']:.5f} | {x['batched_tflops']:.1f} |")
+            for x in res_.get("sparse_mla_decode_calls", []):  # one call of B rows: the split-K decode launch
+                L.append(f"| sparse_mla_decode, one call of {x['B']} rows ({x['splits']} K-splits) | {x['B']} | "
+                         f"{x['S']} | {x['seconds']:.6f} | {x['tflops']:.1f} |")
             for x in res_.get("indexer_fp8", []):
                 L.append(f"| indexer_logits FP8 (top-k {x['topk_seconds']:.4f} s) | {x['T']} | {x['S']} | "
                          f"{x['logits_seconds']:.5f} | {x['logits_tflops']:.1f} |")
-            L.append("")
+            for lib in res_.get("libraries", []):  # side by side: the same shapes through each library
+                if lib.get("gate") != "green":
+                    L.append(f"| {lib['library']} {lib.get('version')}: gate {lib.get('gate')} {lib.get('checks')} | | | | |")
+                    continue
+                for x in lib.get("sparse_mla", []):
+                    L.append(f"| sparse_mla, {lib['library']} {lib['version']} | {x['T']} | {x['S']} | "
+                             f"{x['seconds']:.6f} | {x['tflops']:.1f} |")
+                for x in lib.get("indexer_fp8", []):
+                    L.append(f"| indexer_logits FP8, {lib['library']} {lib['version']} | {x['T']} | {x['S']} | "
+                             f"{x['logits_seconds']:.5f} | {x['logits_tflops']:.1f} |")
+            L += ["", "Published anchors: " + "; ".join(f"{k} {v}" for k, v in res_.get("anchors", {}).items()), ""]
         if name == "engine" and res_.get("runs"):
             m = res_.get("model", {})
             L += [f"Model: {m.get('name')}, {m.get('params_b')} B parameters, bf16, fp8_numerics={m.get('fp8_numerics')}. "

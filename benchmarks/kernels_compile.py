@@ -7,8 +7,10 @@
 No GPU or driver: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) with the
 ptxas bundled in the Triton 3.9 wheel; the launchers' own plan()/launch_config pick the
 configuration (kernels/gpu_compile.py explains how). Matrix: dsa-tiny, V3.2, GLM-5 (32-head
-indexer), a D=16 indexer, prefill (2048-query chunk / 4096 rows) and decode (T=1), FP8 / bf16 /
-fp16, plus ungated fp32 rows (the default dispatch sends fp32 CUDA inputs to torch).
+indexer), a D=16 indexer, prefill (2048-query chunk / 4096 rows) and decode (T=1; sparse_mla
+also B=64 rows, both on the split-K decode launch, and its combine kernel), FP8 / bf16 / fp16,
+plus ungated fp32 rows (the default dispatch sends fp32 CUDA inputs to torch); every entry of the
+launchers' per-architecture config tables (`<case>#alt<i>`: what DSA_KERNEL_AUTOTUNE=1 may pick).
 Writes benchmarks/results/kernels_compile.{json,md}; the JSON is also the last stdout line.
 The CI test (tests/kernels/test_compile_gpu.py) compiles a subset for sm_90 and sm_80.
 """
@@ -37,7 +39,8 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         cfg = r.get("config") or {}
         cfg_s = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()
-                         if k.startswith("BLOCK") or k.startswith("num_") or k == "DOT_CAST")
+                         if k.startswith("BLOCK") or k.startswith("num_")
+                         or k in ("DOT_CAST", "DV_SPLIT", "NUM_SPLITS"))
         gated = "" if r["gated"] else " (ungated)"
         if r["ok"]:
             out.append(f"| {r['case']}{gated} | {r['arch']} | {'yes' if not r['violations'] else 'LIMIT'} | "

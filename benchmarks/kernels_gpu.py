@@ -7,7 +7,12 @@ Shapes follow the published anchors (reference/dsa-spec.md section 6):
   S = 8k, 32k, 64k, 128k; FLOPs = 2 * T * topk * H * (D + v). FlashMLA: ~640 TFLOP/s on H800.
 * sparse_mla decode, engine-shaped (the engine calls the op once per sequence per step, T = 1):
   B = 128 rows, H = 128, topk = 2048, S = 32k, as B separate T = 1 calls ("separate") and as one
-  call of B rows ("batched", what a batched decode step would do); same FLOP count.
+  call of B rows ("batched", what a batched decode step would do); same FLOP count. Plus one call
+  of B = 1 and B = 64 rows (the split-K decode launch, kernels/sparse_mla/decode.py) with the
+  split count it used. FlashMLA's published sparse decode: ~410 TFLOP/s (FP8 cache) on H800.
+* Kernel libraries (kernels/libraries.py; rows only for those installed, `pip install -e
+  '.[kernels-sm90]'`): the same shapes through each library's adapter, after its own
+  correctness gate vs naive.py, side by side with the Triton rows and the published anchors.
 * indexer_logits FP8 (DeepGEMM fp8_mqa_logits template): T = 2048, H = 64, D = 128,
   S = 4k..64k, start_pos = S - T. FLOPs count only the causal (unmasked) pairs:
   2 * H * D * pairs, pairs = sum_t (start_pos + t + 1) = T * start_pos + T * (T + 1) / 2
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from dsa_rag.kernels import libraries
 from dsa_rag.kernels.indexer import indexer_logits, indexer_topk
 from dsa_rag.kernels.indexer import naive as idx_naive
 from dsa_rag.kernels.sparse_mla import naive as mla_naive
@@ -156,6 +162,78 @@ def bench_sparse_mla_decode(dev, B, S, H=128, D=576, V=512, K=2048, timer=cuda_t
                 separate_us_per_call=t_sep / B * 1e6, batched_seconds=t_bat, batched_tflops=flops / t_bat / 1e12)
 
 
+def bench_sparse_mla_decode_calls(dev, S, batches=(1, 64), H=128, D=576, V=512, K=2048, timer=cuda_time):
+    """One call of B decode rows for each B (the split-K launch when the grid is small): seconds,
+    TFLOP/s, and the split count the launcher chose (decode.split_plan)."""
+    import triton as _triton
+
+    from dsa_rag.kernels.dispatch import target_of
+    from dsa_rag.kernels.sparse_mla import decode
+    from dsa_rag.kernels.sparse_mla import triton as mla_triton
+
+    kv = torch.randn(S, D, device=dev, dtype=torch.bfloat16)
+    rows = []
+    for B in batches:
+        q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+        ind = random_indices(B, S, K, dev)
+        t = timer(lambda: sparse_mla(q, kv, ind, v_dim=V, scale=0.135))
+        cfg = mla_triton.launch_config(H, V, D, q.dtype, target_of(q.device))
+        programs = B * _triton.cdiv(H, cfg["BLOCK_H"]) * cfg["DV_SPLIT"]
+        splits, _ = decode.split_plan(programs, K, cfg["BLOCK_K"], target_of(q.device))
+        rows.append(dict(B=B, S=S, seconds=t, tflops=sparse_mla_flops(B, K, H, D, V) / t / 1e12, splits=splits,
+                         us_per_call=t * 1e6))
+    return rows
+
+
+def library_gate(lib, dev):
+    """One present library vs naive.py at the V3.2 gate shapes (what it provides only)."""
+    checks = {}
+    if lib.sparse_mla is not None:
+        T, H, S, K = 64, 128, 4096, 2048
+        q = torch.randn(T, H, 576, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(S, 576, device=dev, dtype=torch.bfloat16)
+        ind = random_indices(T, S, K, dev)
+        ind[::7, 1000:] = -1
+        o, lse = libraries.sparse_mla_forward(lib, q, kv, ind, 512, 0.135)
+        o_ref, l_ref = mla_naive.sparse_mla(q, kv, ind, v_dim=512, scale=0.135)
+        checks["sparse_mla_bf16"] = rms_ratio(o.float(), o_ref.float()) < 1e-2 and rms_ratio(lse, l_ref) < 1e-3
+    if lib.mqa_logits is not None:
+        T, S = 256, 4096
+        q, k, w, ks = fp8_inputs(T, S, 64, 128, dev)
+        ref = idx_naive.indexer_logits(q, k, w, k_scale=ks, start_pos=S - T)
+        out = libraries.mqa_logits_forward(lib, q, k, w, ks, S - T)
+        fin = torch.isfinite(ref)
+        checks["indexer_logits_fp8"] = bool(torch.equal(fin, torch.isfinite(out))) and rms_ratio(out[fin], ref[fin]) < 1e-2
+    return checks
+
+
+def bench_library(lib, dev, timer=cuda_time):
+    """The Triton rows' shapes through `lib` (green gate first): prefill S 32k / 128k, decode B 1 / 64 /
+    128 at S 32k, FP8 logits S 16k / 64k."""
+    checks = library_gate(lib, dev)
+    res = {"library": lib.name, "package": lib.package, "version": lib.version, "checks": checks}
+    if not all(checks.values()):
+        return dict(res, gate="red")
+    res.update(gate="green", sparse_mla=[], indexer_fp8=[])
+    if lib.sparse_mla is not None:
+        for T, S in ((4096, 32768), (4096, 131072), (1, 32768), (64, 32768), (128, 32768)):
+            q = torch.randn(T, 128, 576, device=dev, dtype=torch.bfloat16)
+            kv = torch.randn(S, 576, device=dev, dtype=torch.bfloat16)
+            ind = random_indices(T, S, 2048, dev)
+            t = timer(lambda: libraries.sparse_mla_forward(lib, q, kv, ind, 512, 0.135))
+            res["sparse_mla"].append(dict(T=T, S=S, seconds=t, tflops=sparse_mla_flops(T, 2048) / t / 1e12))
+    if lib.mqa_logits is not None:
+        for S in (16384, 65536):
+            q, k, w, ks = fp8_inputs(2048, S, 64, 128, dev)
+            t = timer(lambda: libraries.mqa_logits_forward(lib, q, k, w, ks, S - 2048))
+            res["indexer_fp8"].append(dict(T=2048, S=S, logits_seconds=t, logits_tflops=indexer_flops(2048, S) / t / 1e12))
+    return res
+
+
+ANCHORS = {"FlashMLA sparse prefill, H800": "~640 TFLOP/s", "FlashMLA sparse decode (FP8 cache), H800": "~410 TFLOP/s",
+           "DeepGEMM fp8_mqa_logits (community, H200)": "~1000 TFLOP/s"}
+
+
 def bench_indexer_fp8(dev, T, S, H=64, D=128, topk=2048, timer=cuda_time, topk_reps=3):
     q, k, w, ks = fp8_inputs(T, S, H, D, dev)
     t = timer(lambda: indexer_logits(q, k, w, k_scale=ks, start_pos=S - T))
@@ -182,8 +260,12 @@ def main():
     for S in (8192, 32768, 65536, 131072):
         res["sparse_mla_prefill"].append(bench_sparse_mla(dev, 4096, S))
     res["sparse_mla_decode"].append(bench_sparse_mla_decode(dev, 128, 32768))
+    res["sparse_mla_decode_calls"] = bench_sparse_mla_decode_calls(dev, 32768)
     for S in (4096, 16384, 65536):
         res["indexer_fp8"].append(bench_indexer_fp8(dev, 2048, S))
+    res["anchors"] = ANCHORS
+    res["libraries_detected"] = libraries.report()
+    res["libraries"] = [bench_library(lib, dev) for lib in libraries.present()]
     out = ROOT / "benchmarks" / "results" / "kernels_gpu.json"
     out.write_text(json.dumps(res) + "\n")
     print(json.dumps(res))

@@ -11,7 +11,8 @@ Options (issue 27), each against the exact softmax-mixture top-k of the same que
   * reuse across layers: measured in benchmarks/index_reuse_bench.py (accuracy collapses).
 
 Queries: one needle example (model/training/data.py, niah_single) prefilled in 4096-token chunks
-through the model's cache; "prefill" = the last chunk's queries (every 16th row), "decode" = the
+through the model's cache; "prefill" = the queries of the last chunk of >= 2048 tokens (every 16th
+row), "decode" = the
 answer's tokens fed one at a time (T = 1). JSON is the last line; --out writes it.
 
     .venv/bin/python benchmarks/selection_options.py --length 32768 --out benchmarks/results/selection_options.json
@@ -64,8 +65,10 @@ def capture(model, ids: list[int], a0: int, chunk: int = 4096, prefill_rows: int
         cache = [new_sequence_cache(model.cfg.num_hidden_layers, capacity=len(ids))]
         with torch.no_grad():
             starts = list(range(0, a0, chunk))
+            # the last chunk of at least chunk / 2 queries (a short final chunk would give few rows)
+            sampled = max(s for s in starts if min(s + chunk, a0) - s >= chunk // 2) if a0 >= chunk // 2 else 0
             for s in starts:
-                phase["last"] = s == starts[-1]
+                phase["last"] = s == sampled
                 model(torch.tensor([ids[s: min(s + chunk, a0)]]), s, cache)
             phase["name"] = "decode"
             for p in range(a0, len(ids) - 1):

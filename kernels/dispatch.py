@@ -1,6 +1,8 @@
 """Backend choice for the public kernel ops (`dsa_rag.kernels.indexer.indexer_*`, `dsa_rag.kernels.sparse_mla`).
 
-    DSA_KERNEL_BACKEND = naive | torch | triton     (unset: CUDA tensors -> triton, CPU -> torch)
+    DSA_KERNEL_BACKEND = naive | torch | triton | library
+                         (unset: CUDA tensors -> library on sm_90 / sm_100 when one is installed and
+                          serves the call, else triton; CPU -> torch)
 
 * naive  : `kernels/<op>/naive.py`, fp32 reference, materializes everything (tests, debugging).
 * torch  : `kernels/<op>/torch_impl.py`, blocked/streaming PyTorch, the fast CPU path.
@@ -16,17 +18,18 @@
     the same (op, dtype, per-row shape, device), with ONE warning per (op, reason); forced
     (DSA_KERNEL_BACKEND=triton) calls raise instead, so benchmarks never time torch by mistake.
 
+* library: kernels/libraries.py, FlashMLA / DeepGEMM / FlashInfer from PyPI (optional extra) behind
+           the same signatures, for the calls they support (V3.2 bf16 sparse_mla with 64 / 128 heads,
+           FP8 relu indexer scores with 32 / 64 heads of 128); every other call goes to triton.
+           Default on sm_90 / sm_100 when one is present; forced: RuntimeError if none is importable.
+           A library call that raises falls back to triton (default) with one warning, like Triton's
+           compile errors fall back to torch.
+
 The env var is read on every call, so tests can switch backends with monkeypatch.setenv.
 
-GEMM dtype of the torch backend for bf16 / fp16 / FP8 inputs (`lowp_math_dtype`):
-
-    DSA_KERNEL_LOWP_MATH = bf16 | fp32       (unset: fp16 inputs fp32; bf16 / FP8 inputs bf16 where
-                                              the device has native bf16 GEMMs, CUDA or a CPU with
-                                              AVX512-BF16 or AMX, else fp32)
-
-On a CPU without them (e.g. AVX2 only) a bf16 GEMM is a slow fallback, 10-80x an fp32 one, so the
-torch backend upcasts block by block (never a whole cache) and runs fp32 GEMMs there. fp16 inputs
-never go through bf16 (it would drop 3 mantissa bits); fp16 -> fp32 is exact.
+The torch backend's GEMM dtype for 16-bit / FP8 inputs (DSA_KERNEL_LOWP_MATH) is kernels/precision.py
+(`lowp_math_dtype`, re-exported here): the backends import it from there, so no backend imports
+this module back.
 Test: .venv/bin/python -m pytest -q tests/kernels/test_dispatch.py
 """
 
@@ -40,9 +43,10 @@ import warnings
 
 import torch
 
-BACKENDS = ("naive", "torch", "triton")
+from dsa_rag.kernels.precision import LOWP_MATH_VAR, cpu_has_native_bf16, lowp_math_dtype  # noqa: F401 (re-exported)
+
+BACKENDS = ("naive", "torch", "triton", "library")
 ENV_VAR = "DSA_KERNEL_BACKEND"
-LOWP_MATH_VAR = "DSA_KERNEL_LOWP_MATH"
 _warned = set()
 _failed = set()  # (op_package, fn_name, dtype, per-row shape, device) whose Triton compile/launch failed
 
@@ -56,6 +60,8 @@ class Target:
 
     kind: str
     capability: tuple = (0, 0)
+    sm_count: int = 0  # SMs (multiprocessors); sizes the decode split (kernels/sparse_mla/decode.py); 0 = unknown
+
 
     @property
     def fp8_dot(self) -> bool:
@@ -63,12 +69,17 @@ class Target:
         return self.kind == "cuda" and tuple(self.capability) >= (8, 9)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    kind = "hip" if getattr(torch.version, "hip", None) else "cuda"
+    return Target(kind, (props.major, props.minor), props.multi_processor_count)
+
+
 def target_of(device: torch.device) -> Target:
     if device.type != "cuda":
         return Target("interp")
-    if getattr(torch.version, "hip", None):
-        return Target("hip", tuple(torch.cuda.get_device_capability(device)))
-    return Target("cuda", tuple(torch.cuda.get_device_capability(device)))
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def backend_for(*tensors: torch.Tensor) -> str:
@@ -77,42 +88,31 @@ def backend_for(*tensors: torch.Tensor) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(BACKENDS)}")
-        if forced == "triton" and not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if forced in ("triton", "library") and not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
-                f"{ENV_VAR}=triton on CPU tensors needs the Triton interpreter: "
+                f"{ENV_VAR}={forced} on CPU tensors needs the Triton interpreter: "
                 "set TRITON_INTERPRET=1 before importing triton (or use the torch backend)"
             )
+        if forced == "library":
+            from dsa_rag.kernels import libraries
+            if not libraries.present():
+                raise RuntimeError(
+                    f"{ENV_VAR}=library: no kernel library is importable "
+                    f"({'; '.join(f'{n}: {l.reason}' for n, l in libraries.status().items())}); install the "
+                    f"'{libraries.EXTRA}' extra on a CUDA machine (kernels/README.md) or use triton")
         return forced
     if not tensors[0].is_cuda:
         return "torch"
-    return "torch" if tensors[0].dtype == torch.float32 else "triton"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 GEMMs at (or above) fp32 speed."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(f()) for f in checks if f is not None)
-
-
-def lowp_math_dtype(t: torch.Tensor) -> torch.dtype:
-    """GEMM dtype of the torch backend for a bf16 / fp16 / FP8 input `t` (see the module docstring):
-    fp32 for fp16; bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; DSA_KERNEL_LOWP_MATH
-    forces it."""
-    forced = os.environ.get(LOWP_MATH_VAR, "").strip().lower()
-    if forced:
-        if forced not in ("bf16", "fp32"):
-            raise ValueError(f"{LOWP_MATH_VAR}={forced!r}: expected bf16 or fp32")
-        return torch.bfloat16 if forced == "bf16" else torch.float32
-    if t.dtype == torch.float16:
-        return torch.float32
-    return torch.bfloat16 if t.is_cuda or cpu_has_native_bf16() else torch.float32
+    if tensors[0].dtype == torch.float32:
+        return "torch"
+    from dsa_rag.kernels import libraries
+    return "library" if libraries.preferred(tensors[0]) else "triton"
 
 
 def load(op_package: str, backend: str):
-    """Import `dsa_rag.kernels.<op_package>.<module>` for `backend`; CUDA default falls back to torch."""
-    module = {"naive": "naive", "torch": "torch_impl", "triton": "triton"}[backend]
+    """Import `dsa_rag.kernels.<op_package>.<module>` for `backend` (library: its Triton module, which
+    serves what no library does; `call` routes the supported calls); CUDA default falls back to torch."""
+    module = {"naive": "naive", "torch": "torch_impl", "triton": "triton", "library": "triton"}[backend]
     try:
         return importlib.import_module(f"dsa_rag.kernels.{op_package}.{module}")
     except ImportError as exc:
@@ -141,8 +141,21 @@ def call(op_package: str, fn_name: str, *args, **kwargs):
     (op, reason) is warned about once."""
     x = args[0]
     backend = backend_for(x)
+    forced = bool(os.environ.get(ENV_VAR, "").strip())
+    if backend == "library":
+        from dsa_rag.kernels import libraries
+        key = ("library", op_package, fn_name, x.dtype, tuple(x.shape[1:]), str(x.device))
+        if key not in _failed and libraries.supports(op_package, fn_name, args, kwargs):
+            try:
+                return libraries.function(op_package, fn_name)(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a library's own checks raise RuntimeError / AssertionError
+                if forced:
+                    raise
+                _failed.add(key)
+                _warn_once(op_package, fn_name, x, exc, "the Triton backend")
+        backend = "triton"  # a call no library serves (or one that failed) goes to Triton
     impl = load(op_package, backend)
-    if backend != "triton" or os.environ.get(ENV_VAR, "").strip():
+    if backend != "triton" or forced:
         return getattr(impl, fn_name)(*args, **kwargs)
     key = (op_package, fn_name, x.dtype, tuple(x.shape[1:]), str(x.device))
     if key in _failed:
@@ -151,10 +164,55 @@ def call(op_package: str, fn_name: str, *args, **kwargs):
         return getattr(impl, fn_name)(*args, **kwargs)
     except triton_errors() as exc:
         _failed.add(key)
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
-        if (op_package, reason) not in _warned:
-            _warned.add((op_package, reason))
-            warnings.warn(f"kernels.{op_package}.{fn_name}: Triton kernel failed for {x.dtype} {list(x.shape)} on "
-                          f"{x.device} ({reason}); using the torch backend for it from now on", RuntimeWarning,
-                          stacklevel=3)
+        _warn_once(op_package, fn_name, x, exc, "the torch backend")
         return getattr(load(op_package, "torch"), fn_name)(*args, **kwargs)
+
+
+def _warn_once(op_package, fn_name, x, exc, instead):
+    """One RuntimeWarning per (op, reason): which kernel failed, why, and what runs instead from now on."""
+    what = "Triton kernel" if instead == "the torch backend" else "kernel library"
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
+    if (op_package, reason) not in _warned:
+        _warned.add((op_package, reason))
+        warnings.warn(f"kernels.{op_package}.{fn_name}: {what} failed for {x.dtype} {list(x.shape)} on "
+                      f"{x.device} ({reason}); using {instead} for it from now on", RuntimeWarning, stacklevel=4)
+
+
+# --- launch-config autotuning ---------------------------------------------------------------
+AUTOTUNE_VAR = "DSA_KERNEL_AUTOTUNE"
+_tuned: dict = {}  # key -> the config the timing picked
+
+
+def autotune_enabled(t: torch.Tensor) -> bool:
+    """DSA_KERNEL_AUTOTUNE=1 and a CUDA tensor: time the launchers' config tables once per key.
+    Off by default: the tables' first entries are the defaults (kernels/<op>/triton.py `configs`),
+    and every entry is in the GPU compile matrix (kernels/gpu_compile.py)."""
+    return t.is_cuda and os.environ.get(AUTOTUNE_VAR, "").strip() == "1"
+
+
+def autotune(key, candidates: list, run, reps: int = 3):
+    """The fastest of `candidates` for `key` by `run(config)` (CUDA events, median of `reps` after a
+    warm-up that also compiles), cached per key; a candidate that fails to compile or launch
+    (triton_errors()) is skipped. With one candidate, or all failing but the first, the first."""
+    if key in _tuned:
+        return _tuned[key]
+    best, best_t = candidates[0], float("inf")
+    if len(candidates) > 1:
+        for cand in candidates:
+            try:
+                run(cand)  # compile + warm-up
+                times = []
+                for _ in range(reps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run(cand)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+            except triton_errors():
+                continue
+            t = sorted(times)[len(times) // 2]
+            if t < best_t:
+                best, best_t = cand, t
+    _tuned[key] = best
+    return best

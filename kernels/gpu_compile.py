@@ -4,7 +4,9 @@
     res = gc.compile_case(gc.case("indexer/v32/fp8/prefill"), 90)   # dict: ok, error, shared, regs, spills...
 
 How: the launchers' own `plan()` (kernels/<op>/triton.py) builds the exact kernel arguments and
-constexprs of a real call, on `meta`-device tensors (shapes/strides/dtypes, no memory) and a given
+constexprs of a real call, for every entry of the launcher's per-architecture config table
+(`configs()`: the default, and the alternatives DSA_KERNEL_AUTOTUNE=1 may pick; rows `<case>#alt<i>`)
+and, for sparse_mla decode, the split-K launch sized by the arch's SM count (SM_COUNT), on `meta`-device tensors (shapes/strides/dtypes, no memory) and a given
 `dispatch.Target`; Triton's own JIT binder turns them into the signature, constexprs and
 alignment attributes a launch would specialize on (ints == 1 become constexprs, 16-divisible
 ints/pointers get tt.divisibility); then `triton.compile(ASTSource(...),
@@ -43,11 +45,15 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100:
 # figures are in benchmarks/results/kernels_compile.md.
 SPILL_LIMIT = 1024
 MAX_REGS = 255
+# SMs of the reference GPU of each arch (A100, H100 SXM, B200): sizes the decode split
+# (kernels/sparse_mla/decode.py), so a decode case compiles the split launch a real call makes.
+SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One launch the dispatch can make: op, model shape, dtype, phase (decode: T=1)."""
+    """One launch the dispatch can make: op, model shape, dtype, phase (decode: T = B rows of one
+    query each; op "sparse_mla_combine": the decode split's combine kernel)."""
 
     name: str
     op: str  # "indexer" | "sparse_mla"
@@ -84,10 +90,16 @@ def cases() -> list[Case]:
     for model, H, D, v in (("tiny", 8, 144, 128), ("tiny-mha", 1, 80, 32), ("v32", 128, 576, 512)):
         for dt in ((bf16, fp16) if model == "v32" else (bf16,)):
             dn = {bf16: "bf16", fp16: "fp16"}[dt]
-            for phase, T in (("prefill", 4096), ("decode", 1)):
+            # decode = B=1 (T=1), decode-B64 = one call of 64 decode rows: both small grids, so the
+            # launch is the split-K one (kernels/sparse_mla/decode.py) with the arch's SM count
+            phases = (("prefill", 4096), ("decode", 1)) + ((("decode-B64", 64),) if model != "tiny-mha" else ())
+            for phase, T in phases:
                 K = 256 if model.startswith("tiny") else 2048
                 out.append(Case(f"sparse_mla/{model}/{dn}/{phase}", "sparse_mla", dt, T, 65536, H, D, v, K))
     out.append(Case("sparse_mla/v32/fp32/prefill", "sparse_mla", f32, 4096, 65536, 128, 576, 512, gated=False))
+    for model, H, v, T, splits in (("tiny", 8, 128, 1, 2), ("v32", 128, 512, 1, 16), ("v32", 128, 512, 64, 2)):
+        out.append(Case(f"sparse_mla_combine/{model}/bf16/decode-B{T}", "sparse_mla_combine", bf16, T, splits, H,
+                        0, v, K=splits))  # S field = the split count
     return out
 
 
@@ -99,8 +111,23 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def launch_of(c: Case, target: Target, modules: dict | None = None):
-    """(kernel, args, kwargs) of the launch the op makes for case `c` on `target`, from the
+def _configs(mod, op: str, c: Case, dtype, target: Target) -> list:
+    """The launcher's config table for case `c` (an older launcher without `configs`: its one config)."""
+    if op == "indexer":
+        return mod.configs(c.D, dtype, target) if hasattr(mod, "configs") else [None]
+    return mod.configs(c.H, c.v_dim, c.D, c.dtype, target) if hasattr(mod, "configs") else [None]
+
+
+def variants(c: Case, target: Target, modules: dict | None = None) -> int:
+    """How many configs the launcher's table holds for case `c` on `target` (all are compiled)."""
+    if c.op == "sparse_mla_combine":
+        return 1
+    return len(launch_of(c, target, modules, variant=None))
+
+
+def launch_of(c: Case, target: Target, modules: dict | None = None, variant: int | None = 0):
+    """(kernel, args, kwargs) of the launch the op makes for case `c` on `target` with entry
+    `variant` of the launcher's config table (0 = the default; None: the table itself), from the
     launcher's own _prep/plan. `modules` swaps in other launcher modules (benchmarks/kernels_compile.py
     --ref: an older version with the same plan() interface)."""
     if c.op == "indexer":
@@ -109,18 +136,39 @@ def launch_of(c: Case, target: Target, modules: dict | None = None):
         q, k = _meta(c.T, c.H, c.D, dtype=c.dtype), _meta(c.S, c.D, dtype=c.dtype)
         w, ks = _meta(c.T, c.H), (_meta(c.S) if c.k_scale else None)
         q, k, w, cast = mod._prep(q, k, w, target)
+        table = _configs(mod, "indexer", c, q.dtype, target)
+        if variant is None:
+            return table
         T_CHUNK, S_BLOCK = 2048, 16384  # indexer_topk's CUDA chunking (first launch of a call)
         t1, s_hi = min(c.T, T_CHUNK), min(c.S, S_BLOCK)
         buf = _meta(T_CHUNK, S_BLOCK)
-        grid, args, kwargs = mod.plan(q, k, w, ks, buf, c.S - c.T, 0, t1, 0, s_hi, cast, c.score, target)
+        extra = (table[variant],) if table[variant] is not None else ()
+        grid, args, kwargs = mod.plan(q, k, w, ks, buf, c.S - c.T, 0, t1, 0, s_hi, cast, c.score, target, *extra)
         return mod._logits_kernel, args, kwargs
+    if c.op == "sparse_mla_combine":
+        from dsa_rag.kernels.sparse_mla import decode
+        o_part, lse_part = _meta(c.T, c.S, c.H, c.v_dim), _meta(c.T, c.S, c.H)
+        grid, args, kwargs = decode.combine_plan(o_part, lse_part, _meta(c.T, c.H, c.v_dim, dtype=c.dtype),
+                                                 _meta(c.T, c.H))
+        return decode._combine_kernel, args, kwargs
     from dsa_rag.kernels.sparse_mla import triton as mod
     mod = (modules or {}).get("sparse_mla", mod)
+    table = _configs(mod, "sparse_mla", c, c.dtype, target)
+    if variant is None:
+        return table
     q, kv = _meta(c.T, c.H, c.D, dtype=c.dtype), _meta(c.S, c.D, dtype=c.dtype)
     idx = _meta(c.T, c.K, dtype=torch.int32)
     out, lse = _meta(c.T, c.H, c.v_dim, dtype=c.dtype), _meta(c.T, c.H)
-    grid, args, kwargs = mod.plan(q, kv, idx, out, lse, c.v_dim, 0.1, target)
-    return mod._fwd_kernel, args, kwargs
+    cfg = table[variant]
+    if cfg is None:  # an older launcher: plan() picks its one config, no decode split
+        grid, args, kwargs = mod.plan(q, kv, idx, out, lse, c.v_dim, 0.1, target)
+        return mod._fwd_kernel, args, kwargs
+    programs = c.T * -(-c.H // cfg["BLOCK_H"]) * cfg["DV_SPLIT"]
+    splits, _ = mod.decode.split_plan(programs, c.K, cfg["BLOCK_K"], target)
+    if splits > 1:  # the split launch writes fp32 partials [T, splits, H, v] (decode.partials)
+        out, lse = _meta(c.T, splits, c.H, c.v_dim), _meta(c.T, splits, c.H)
+    grid, args, kwargs = mod.plan(q, kv, idx, out, lse, c.v_dim, 0.1, target, cfg, splits)
+    return mod._fwd_kernel, args, dict(kwargs, NUM_SPLITS=splits)
 
 
 @contextlib.contextmanager
@@ -183,13 +231,24 @@ def mma_counts(ptx: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def compile_case(c: Case, arch: int, modules: dict | None = None, keep=False) -> dict:
-    """Compile case `c` for sm_<arch>; dict with ok, error, shared, regs, spills, mma, limits, violations."""
-    target = Target("cuda", (arch // 10, arch % 10))
-    res = dict(case=c.name, arch=f"sm_{arch}", gated=c.gated, ok=False, error=None)
+def target_for(arch: int) -> Target:
+    return Target("cuda", (arch // 10, arch % 10), SM_COUNT.get(arch, 132))
+
+
+def case_name(c: Case, variant: int) -> str:
+    """Row name: the case, `#alt<i>` for entry i > 0 of the launcher's config table."""
+    return c.name if variant == 0 else f"{c.name}#alt{variant}"
+
+
+def compile_case(c: Case, arch: int, modules: dict | None = None, keep=False, variant: int = 0) -> dict:
+    """Compile case `c` (config table entry `variant`) for sm_<arch>; dict with ok, error, shared,
+    regs, spills, mma, limits, violations."""
+    target = target_for(arch)
+    res = dict(case=case_name(c, variant), arch=f"sm_{arch}", gated=c.gated, ok=False, error=None)
     try:
-        kernel, args, kwargs = launch_of(c, target, modules)
+        kernel, args, kwargs = launch_of(c, target, modules, variant)
         res["config"] = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+        kwargs = {k: v for k, v in kwargs.items() if k != "NUM_SPLITS"}  # reported only, not a kernel arg
         compiled, log = compile_launch(kernel, args, kwargs, arch)
     except Exception as exc:  # noqa: BLE001 - every compile failure is a finding
         msg = str(exc).strip().splitlines()
@@ -315,8 +374,10 @@ def modules_from_ref(ref: str) -> dict:
     return mods
 
 
-def run_matrix(names=None, archs=(90, 80), ref=None, ttir_check=False, subprocess_ok=True) -> list[dict]:
-    """compile_case over cases x archs. Under TRITON_INTERPRET=1 (or `subprocess_ok` and a parent
+def run_matrix(names=None, archs=(90, 80), ref=None, ttir_check=False, subprocess_ok=True,
+               all_variants=True) -> list[dict]:
+    """compile_case over cases x archs x the launchers' config-table entries (all_variants=False:
+    the defaults only). Under TRITON_INTERPRET=1 (or `subprocess_ok` and a parent
     that imported triton in interpreter mode) the work runs in a child process without it: the
     interpreter patches triton.language globally while a jit function runs, which breaks the
     compiler in the same process (and the compile would disturb later interpreter tests)."""
@@ -335,6 +396,8 @@ def run_matrix(names=None, archs=(90, 80), ref=None, ttir_check=False, subproces
             cmd += ["--ref", ref]
         if ttir_check:
             cmd += ["--ttir-check"]
+        if not all_variants:
+            cmd += ["--defaults-only"]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     modules = modules_from_ref(ref) if ref else None
@@ -342,12 +405,17 @@ def run_matrix(names=None, archs=(90, 80), ref=None, ttir_check=False, subproces
     results = []
     for c in todo:
         for arch in archs:
-            r = compile_case(c, arch, modules, keep=ttir_check)
-            compiled = r.pop("compiled", None)
-            if ttir_check and compiled is not None:
-                r["i32_offset_muls"] = i32_offset_muls(compiled.asm["ttir"])
-                r["loop_smem_stores"] = loop_smem_stores(compiled.asm["ttgir"])
-            results.append(r)
+            try:
+                n = variants(c, target_for(arch), modules)
+            except Exception:  # noqa: BLE001 - compile_case reports the failure of entry 0
+                n = 1
+            for v in range(n if all_variants else 1):
+                r = compile_case(c, arch, modules, keep=ttir_check, variant=v)
+                compiled = r.pop("compiled", None)
+                if ttir_check and compiled is not None:
+                    r["i32_offset_muls"] = i32_offset_muls(compiled.asm["ttir"])
+                    r["loop_smem_stores"] = loop_smem_stores(compiled.asm["ttgir"])
+                results.append(r)
     return results
 
 
@@ -362,9 +430,11 @@ def main(argv=None):
     ap.add_argument("--archs", default="90,80")
     ap.add_argument("--ref", default=None, help="git revision of kernels/*/triton.py to compile instead")
     ap.add_argument("--ttir-check", action="store_true")
+    ap.add_argument("--defaults-only", action="store_true", help="only each config table's first entry")
     a = ap.parse_args(argv)
     names = [n for n in a.cases.split(",") if n] or None
-    res = run_matrix(names, tuple(int(x) for x in a.archs.split(",")), a.ref, a.ttir_check)
+    res = run_matrix(names, tuple(int(x) for x in a.archs.split(",")), a.ref, a.ttir_check,
+                     all_variants=not a.defaults_only)
     print(json.dumps(res))
 
 

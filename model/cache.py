@@ -10,7 +10,8 @@ Anything with `write / kv / index_k / index_scale / kv_pool / physical` works as
 shareable variants). `ContiguousLayerCache` grows a preallocated buffer by doubling. Optional, for
 a decode step that selects the keys of several rows in one indexer call (model.MLA._select_decode):
 `shared_with(other)` (leading positions both caches hold in the SAME storage rows: forks of one
-pack) and `index_tail(start, end)` (index_k and index_scale of positions start .. end-1).
+pack), `contiguous_keys(end)` (how many leading keys index_k returns without a copy) and
+`index_tail(start, end)` (index_k and index_scale of positions start .. end-1).
 
     .venv/bin/python -m pytest -q tests/model -k cache
 """
@@ -95,6 +96,9 @@ class ContiguousLayerCache:
     def shared_with(self, other) -> int:
         """Positions whose storage this cache shares with `other`: all of them for itself only."""
         return self.length if other is self else 0
+
+    def contiguous_keys(self, end: int) -> int:
+        return end
 
     def index_tail(self, start, end):
         """(index_k, index_scale) of positions start .. end-1 (views)."""

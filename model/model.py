@@ -224,12 +224,14 @@ class MLA(nn.Module):
                             score=self.cfg.index_score)
 
     def _select_decode(self, iq, iw, rows, start_pos, needs) -> dict:
-        """Top-k of the decoding rows (T = 1) that share a pack's cached keys, one indexer call per
-        group: {row: idx [1, topk]}. Rows are grouped by the storage their caches share
-        (`shared_with`: forks of one pack prefix share its blocks); a group's common prefix is
-        scored once for all its rows (kernels.indexer.indexer_decode_topk: one GEMM over B*H query
-        heads), each row's own tail (question and answer so far) separately. Rows without a
-        partner (or caches without `shared_with`) are left to _select."""
+        """Top-k of the decoding rows (T = 1), one indexer call per group of rows that share a
+        pack's cached keys: {row: idx [1, topk]}. Rows are grouped by the storage their caches
+        share (`shared_with`: forks of one pack prefix share its blocks); a group's common prefix
+        is scored once for all its rows (kernels.indexer.indexer_decode_topk: one GEMM over B*H
+        query heads), each row's own tail (question and answer so far) separately. A row alone
+        takes its cache's contiguous run of keys as the prefix (`contiguous_keys`), so a fork whose
+        blocks lie elsewhere in the pool is not gathered into a copy of its whole context. Caches
+        without these methods are left to _select."""
         groups: list[tuple[int, list[int], int]] = []  # (leader, rows, common prefix length)
         for b, c in enumerate(rows):
             if not needs[b] or not hasattr(c, "shared_with"):
@@ -241,11 +243,9 @@ class MLA(nn.Module):
                     groups[g] = (lead, members + [b], min(p, shared))
                     break
             else:
-                groups.append((b, [b], end))
+                groups.append((b, [b], c.contiguous_keys(end)))
         out = {}
         for lead, members, p in groups:
-            if len(members) < 2:
-                continue
             c0 = rows[lead]
             tails = [rows[b].index_tail(p, start_pos[b] + 1) for b in members]
             scale = c0.index_scale(p)
@@ -307,7 +307,7 @@ class MLA(nn.Module):
                 c.write(sp, kv[b], None if ik is None else ik[b], None if iks is None else iks[b])
             rows.append(c)
         needs = [not self.cfg.dense_attention and sp + T > self.cfg.index_topk for sp in start_pos]
-        decoded = self._select_decode(iq, iw, rows, start_pos, needs) if full and T == 1 and sum(needs) > 1 else {}
+        decoded = self._select_decode(iq, iw, rows, start_pos, needs) if full and T == 1 else {}
         outs = []
         for b, c in enumerate(rows):
             sp, end = start_pos[b], start_pos[b] + T

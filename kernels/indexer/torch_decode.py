@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_rag.kernels.dispatch import lowp_math_dtype
+from dsa_rag.kernels.precision import lowp_math_dtype
 from dsa_rag.kernels.indexer.row_topk import sorted_topk
 
 ROW_BUDGET = 1 << 24  # fp32 logits of one row chunk, B_c * H * P elements (64 MiB)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from dsa_rag.kernels.checks import is_fp8
-from dsa_rag.kernels.dispatch import lowp_math_dtype
+from dsa_rag.kernels.precision import lowp_math_dtype
 from dsa_rag.kernels.indexer.row_topk import row_topk as _row_topk
 from dsa_rag.kernels.indexer.row_topk import sorted_topk
 from dsa_rag.kernels.indexer.torch_decode import decode_topk as indexer_decode_topk  # noqa: F401 (the op)

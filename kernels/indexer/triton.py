@@ -12,9 +12,11 @@ elsewhere (A100, ROCm) FP8 q and k are converted to bf16 on the host (exact) bec
 operands do not compile there. Query and key row offsets are int64 (t * stride wraps int32 from
 2^31 elements: T >= 2^31 / (H * D)).
 
-Launch configuration: `launch_config(D, dtype, target)` (block sizes, warps, constexprs), also
-used by the GPU compile check (kernels/gpu_compile.py, tests/kernels/test_compile_gpu.py);
-`plan(...)` builds the exact kernel arguments of a launch without launching it.
+Launch configuration: `configs(D, dtype, target)`, a per-architecture table (block sizes, warps,
+stages; the default first, alternatives timed once per shape key under DSA_KERNEL_AUTOTUNE=1),
+`launch_config` = its default; the GPU compile check (kernels/gpu_compile.py,
+tests/kernels/test_compile_gpu.py) compiles every entry. `plan(...)` builds the exact kernel
+arguments of a launch without launching it.
 
 `indexer_topk` streams over S: for each chunk of queries it launches the kernel on one key block
 at a time into a [T_chunk, S_BLOCK] buffer and merges it into a running top-k with torch.topk
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from dsa_rag.kernels.checks import is_fp8
+from dsa_rag.kernels import dispatch
 from dsa_rag.kernels.dispatch import Target, target_of
 from dsa_rag.kernels.indexer.torch_impl import _blocks, _merge
 # The softmax_mixture normalizers: a GEMM and a logsumexp per key block in torch (cuBLAS on a GPU);
@@ -124,23 +127,43 @@ def _prep(q, k, w, target: Target | None = None):
     return q.contiguous(), k.contiguous(), w.float().t().contiguous(), cast  # w^T [H, T]
 
 
-def launch_config(D: int, dtype: torch.dtype, target: Target) -> dict:
-    """Block sizes and launch options of `_logits_kernel` for head dim D, with q/k of `dtype` as
-    they reach the kernel (after _prep). The launch and the GPU compile check both call this."""
+def configs(D: int, dtype: torch.dtype, target: Target) -> list[dict]:
+    """The per-architecture config table of `_logits_kernel` for head dim D, q/k of `dtype` as they
+    reach the kernel (after _prep): the default first, then the alternatives the autotuner
+    (dispatch.autotune, DSA_KERNEL_AUTOTUNE=1) may time. The launch and the GPU compile check
+    (kernels/gpu_compile.py, which compiles every entry) both call this."""
     eight_bit = dtype.itemsize == 1 and target.kind != "interp"
     BLOCK_D = max(32 if eight_bit else 16, triton.next_power_of_2(D))  # 8-bit tl.dot: K >= 32
     if BLOCK_D > 256:
         raise ValueError(f"q: head dim D <= 256 supported by the Triton indexer, got {D}")
-    BLOCK_T, BLOCK_S = (16, 32) if target.kind == "interp" else (64, 64)
-    return dict(BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+
+    def cfg(BLOCK_T, BLOCK_S, num_warps, num_stages):
+        return dict(BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+    if target.kind == "interp":
+        return [cfg(16, 32, 4, 2)]
+    if dtype == torch.float32:  # forced fp32 (FMA dots): the default tile only
+        return [cfg(64, 64, 4, 2)]
+    # Default: a 64-key x 64-query tile on one warpgroup (the key tile is the A operand: one m64 wgmma
+    # M tile on sm_90, an M=64 tcgen05 MMA on sm_100). Alternative: 128 keys per program on two
+    # warpgroups (sm_90: each owns 64 keys; sm_100: the native M=128 MMA), which halves the q_h
+    # loads per key (each head's q tile is loaded once per program) at twice the accumulator.
+    return [cfg(64, 64, 4, 2), cfg(64, 128, 8, 2)]
 
 
-def plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, target: Target | None = None):
+def launch_config(D: int, dtype: torch.dtype, target: Target) -> dict:
+    """The default (first) entry of `configs`."""
+    return configs(D, dtype, target)[0]
+
+
+def plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, target: Target | None = None,
+         cfg: dict | None = None):
     """(grid, args, kwargs) of the launch that writes out[t0:t1, 0:s_hi-s_lo] <- scores of queries
-    t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1; inputs as returned by _prep."""
+    t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1; inputs as returned by _prep. `cfg`: an
+    entry of configs() (default: launch_config)."""
     T, H, D = q.shape
     target = target or target_of(q.device)
-    cfg = launch_config(D, q.dtype, target)
+    cfg = cfg or launch_config(D, q.dtype, target)
     qs, ws = q[t0:t1], w[:, t0:t1]  # w: w^T [H, T] from _prep
     grid = (triton.cdiv(t1 - t0, cfg["BLOCK_T"]), triton.cdiv(s_hi - s_lo, cfg["BLOCK_S"]))
     ks = k_scale if k_scale is not None else w  # dummy pointer when HAS_KS is False
@@ -154,7 +177,19 @@ def plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, targ
 
 def _launch(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score):
     """out[t0:t1, 0:s_hi-s_lo] <- scores of queries t0..t1-1 (absolute start_pos + t) vs keys s_lo..s_hi-1."""
-    grid, args, kwargs = plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score)
+    cfg = None
+    if dispatch.autotune_enabled(q):
+        target = target_of(q.device)
+        cands = configs(q.shape[2], q.dtype, target)
+        if len(cands) > 1:
+            key = ("indexer", q.shape[1], q.shape[2], q.dtype, k_scale is not None, score,
+                   1 << max(0, t1 - t0 - 1).bit_length(), 1 << max(0, s_hi - s_lo - 1).bit_length(), target)
+
+            def run(c):
+                grid, args, kwargs = plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, target, c)
+                _logits_kernel[grid](*args, **kwargs)
+            cfg = dispatch.autotune(key, cands, run)
+    grid, args, kwargs = plan(q, k, w, k_scale, out, start_pos, t0, t1, s_lo, s_hi, cast, score, cfg=cfg)
     _logits_kernel[grid](*args, **kwargs)
 
 

@@ -3,13 +3,16 @@ core attention (its sliding-window rows plus the compressed entries it reads).
 
     sparse_sink_attention(q, kv, indices, sink, *, scale, extra_kv=None, extra_indices=None) -> [T, H, D]
 
-A sink is a per-head logit that joins the softmax but carries no value. Each source goes through
-the sparse MLA op (every backend: naive / torch / triton, kernels/dispatch.py), which returns its
-softmax output and logsumexp; the sources and the sink then merge exactly:
-    out = (out_1 e^lse_1 + out_2 e^lse_2) / (e^lse_1 + e^lse_2 + e^sink)
-So neither source is copied (V4's compressed pool stays where the cache keeps it) and a row that
-selects nothing from a source (lse -inf) just gets no mass from it.
-naive.py is the dense fp32 reference, the sink in the softmax.
+A sink is a per-head logit that joins the softmax but carries no value. Backends (kernels/dispatch.py,
+same signature in each module):
+* naive.py     : dense fp32 reference (both sources concatenated, the sink in the softmax).
+* torch_impl.py: two torch sparse MLA calls (out, lse) merged with the sink; autograd; the CPU path.
+* triton.py    : ONE kernel that streams the selected rows of both sources with one online
+                 softmax and folds the sink into the final normalizer (GPU / interpreter,
+                 forward only). A Triton compile failure falls back to torch (dispatch.call).
+Neither source is copied: V4's compressed pool is read where the cache keeps it.
+Not done: a split-K (flash-decoding) launch for decode; a T = 1 call runs H / 64 (x2 on sm_90)
+programs of the Triton kernel (kernels/sparse_mla/decode.py has the split for sparse MLA).
 
 Test: .venv/bin/python -m pytest -q tests/kernels/test_sink_attention.py
 """
@@ -18,10 +21,20 @@ from __future__ import annotations
 
 import torch
 
+from dsa_rag.kernels import dispatch
 from dsa_rag.kernels.checks import FLOAT_DTYPES, check_tensor
-from dsa_rag.kernels.sparse_mla import sparse_mla
 
 __all__ = ["sparse_sink_attention"]
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_source(kv_name, kv, idx_name, idx, T, D, device):
+    check_tensor(kv_name, kv, ("S", D), FLOAT_DTYPES, device)
+    check_tensor(idx_name, idx, (T, "K"), INDEX_DTYPES, device)
+    # (on CUDA this check would sync; the kernel masks out-of-range rows there instead)
+    if not kv.is_cuda and idx.numel() and int(idx.max()) >= kv.shape[0]:
+        raise ValueError(f"{idx_name}: expected values in [-1, {kv.shape[0]}) (rows of {kv_name}), "
+                         f"got max {int(idx.max())}")
 
 
 def sparse_sink_attention(q, kv, indices, sink, *, scale, extra_kv=None, extra_indices=None):
@@ -44,10 +57,8 @@ def sparse_sink_attention(q, kv, indices, sink, *, scale, extra_kv=None, extra_i
     check_tensor("sink", sink, (H,), FLOAT_DTYPES, q.device)
     if (extra_kv is None) != (extra_indices is None):
         raise ValueError("extra_kv and extra_indices: give both or neither")
-    parts = [sparse_mla(q, kv, indices, v_dim=D, scale=scale)]
+    _check_source("kv", kv, "indices", indices, T, D, q.device)
     if extra_kv is not None:
-        parts.append(sparse_mla(q, extra_kv, extra_indices, v_dim=D, scale=scale))
-    lses = torch.stack([lse for _, lse in parts] + [sink.float().expand(T, H)])          # [n + 1, T, H]
-    w = torch.softmax(lses, 0)[:-1]                                                      # sources' shares
-    out = sum(o.float() * wi[..., None] for (o, _), wi in zip(parts, w))
-    return out.to(q.dtype)
+        _check_source("extra_kv", extra_kv, "extra_indices", extra_indices, T, D, q.device)
+    return dispatch.call("sink_attention", "sparse_sink_attention", q, kv, indices, sink, scale=float(scale),
+                         extra_kv=extra_kv, extra_indices=extra_indices)

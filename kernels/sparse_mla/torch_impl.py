@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_rag.kernels.dispatch import lowp_math_dtype
+from dsa_rag.kernels.precision import lowp_math_dtype
 
 CHUNK_BYTES = 32 << 20  # per-chunk working set target (24-48 MiB measured best on 2 cores)
 

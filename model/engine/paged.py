@@ -325,6 +325,10 @@ class PagedLayerCache:
             n += 1
         return min(n * self.seq.pool.block_size, self.seq.length, other.seq.length)
 
+    def contiguous_keys(self, end: int) -> int:
+        """Leading positions (of 0 .. end-1) in consecutive pool rows: index_k of them is a view."""
+        return min(end, self.seq.contiguous_upto())
+
     def index_tail(self, start, end):
         """(index_k, index_scale) of positions start .. end-1: a gather of those rows only."""
         pool = self.seq.pool

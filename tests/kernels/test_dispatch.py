@@ -99,3 +99,46 @@ def test_poisoned_empty_fixture_is_active():
     assert torch.empty(3).isnan().all()
     assert (torch.empty(2, dtype=torch.int32) < -1000).all()
     assert math.isnan(torch.empty_like(torch.zeros(1)).item())
+
+
+def test_autotune_picks_fastest_skips_failures_and_caches(monkeypatch):
+    """dispatch.autotune over a config table: fastest median wins, a candidate that fails to compile
+    (Triton's CompilationError) is skipped, the pick is cached per key. CUDA events faked on CPU."""
+    from triton.compiler.errors import CompilationError
+
+    cost = {"a": 3.0, "b": 1.0, "c": 0.5}
+    current = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self):
+            self.t = cost[current[-1]] if current else 0.0
+
+        def elapsed_time(self, other):
+            return other.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(dispatch, "_tuned", {})
+    runs = []
+
+    def run(cfg):
+        runs.append(cfg)
+        if cfg == "c":
+            raise CompilationError(None, None, "out of shared memory")
+        current.append(cfg)
+
+    assert dispatch.autotune("k", ["a", "b", "c"], run) == "b"
+    n = len(runs)
+    assert dispatch.autotune("k", ["a", "b", "c"], run) == "b" and len(runs) == n  # cached, nothing re-run
+    assert dispatch.autotune("k1", ["a"], run) == "a" and len(runs) == n  # one candidate: no timing
+
+
+def test_autotune_off_on_cpu_and_by_default(monkeypatch):
+    monkeypatch.setenv("DSA_KERNEL_AUTOTUNE", "1")
+    assert not dispatch.autotune_enabled(torch.zeros(1))
+    monkeypatch.delenv("DSA_KERNEL_AUTOTUNE")
+    import types
+    assert not dispatch.autotune_enabled(types.SimpleNamespace(is_cuda=True))

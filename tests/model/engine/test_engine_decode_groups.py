@@ -51,4 +51,28 @@ def test_rows_without_a_shared_pack_are_selected_alone(decode_calls):
     outs = eng.run_batch(jobs)
     for (q, _, _), o in zip(jobs, outs):
         assert o.token_ids == greedy_full(m, q, 6)
-    assert decode_calls == []
+    assert decode_calls and set(decode_calls) == {1}
+
+
+def test_a_fork_in_scattered_blocks_reads_its_contiguous_run_without_a_copy(monkeypatch):
+    """A question forked off a pack whose next block is taken by another sequence: its own blocks
+    lie elsewhere in the pool, so the decode selection scores the pack's contiguous run of keys in
+    place (a view) and only the question's tail is gathered; tokens equal full recomputation."""
+    m = random_model(tiny_config(0), 0)
+    eng = small_engine(m)
+    pack = eng.prefill_prefix(ids_of(64, 70))  # 8 full blocks of 8
+    other = eng.prefill_prefix(ids_of(8, 71))  # takes the block right after the pack
+    seen = []
+    real = model_module.indexer_decode_topk
+
+    def spy(q, k, *a, **kw):
+        in_pool = any(k.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in eng.pool.ik)
+        seen.append((k.shape[0], in_pool, [t.shape[0] for t in kw["tails"]]))
+        return real(q, k, *a, **kw)
+
+    monkeypatch.setattr(model_module, "indexer_decode_topk", spy)
+    q = ids_of(5, 72)
+    c = eng.complete(q, SamplingParams(max_tokens=10, **GREEDY), prefix=pack)
+    assert c.token_ids == greedy_full(m, pack.tokens + q, 10)
+    assert seen and all(p == 64 and in_pool and tails[0] > 0 for p, in_pool, tails in seen)
+    eng.release(other)
