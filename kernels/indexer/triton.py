@@ -18,7 +18,7 @@ stages; the default first, alternatives timed once per shape key under DSA_KERNE
 tests/kernels/test_compile_gpu.py) compiles every entry. `plan(...)` builds the exact kernel
 arguments of a launch without launching it.
 
-`indexer_topk` streams over S: for each chunk of queries it launches the kernel on one key block
+`indexer_topk` with one query (a decode step) runs the decode kernel of triton_decode.py. Otherwise it streams over S: for each chunk of queries it launches the kernel on one key block
 at a time into a [T_chunk, S_BLOCK] buffer and merges it into a running top-k with torch.topk
 (the same merge as torch_impl), so [T, S] never exists. An in-kernel radix select (TileLang's
 topk_selector) would save the buffer round trip; not done yet.
@@ -205,6 +205,10 @@ def indexer_logits(q, k, w, *, k_scale=None, start_pos=0, score="relu"):
 
 
 def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_chunk=None, score="relu"):
+    if q.shape[0] == 1:  # one decoding query: the decode kernel (triton_decode.py), one pass, no merges
+        end = min(k.shape[0], start_pos + 1)
+        return indexer_decode_topk(q, k[:end], w, topk, k_scale=None if k_scale is None else k_scale[:end],
+                                   score=score)
     if score == "softmax_mixture":  # the normalizer pass (torch code), then the mixture kernel
         w, score = w.float() - indexer_head_lse(q, k, k_scale=k_scale, start_pos=start_pos), "mixture"
     T, H, _ = q.shape
