@@ -268,6 +268,37 @@ def compile_case(c: Case, arch: int, modules: dict | None = None, keep=False, va
     return res
 
 
+def launch_report(kernel, args, kwargs, arch: int, **fields) -> dict:
+    """`fields` plus the compile of one launch for sm_<arch>: ok / error, the launch's config
+    (constexprs and num_*), shared memory, ptxas registers and spills, mma shapes and counts, TTGIR
+    stores to shared memory inside loops and int32 row-offset multiplies in the TTIR. For kernels
+    outside the Case matrix (their compile tests build the launch with the module's own plan())."""
+    r = dict(fields, arch=arch, config={k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")})
+    try:
+        compiled, log = compile_launch(kernel, args, kwargs, arch)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller's test
+        return dict(r, ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[-300:]}")
+    ptx = compiled.asm["ptx"]
+    return dict(r, ok=True, shared=compiled.metadata.shared, **parse_ptxas(log), mma=mma_shapes(ptx),
+                mma_count=mma_counts(ptx), loop_smem_stores=loop_smem_stores(compiled.asm["ttgir"]),
+                i32_offset_muls=i32_offset_muls(compiled.asm["ttir"]))
+
+
+def reports_from_child(script: str) -> list[dict]:
+    """Run `script` (a compile test file whose __main__ prints a JSON list of launch_report dicts
+    as its last line) in a child process without TRITON_INTERPRET: the interpreter, once imported,
+    breaks the real compiler in the same process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, script], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 # --- TTIR check: query-row offsets in int64 --------------------------------------------------
 
 def i32_offset_muls(ttir: str) -> list[str]:

@@ -104,12 +104,18 @@ def _scores(L, tails, w, score):
     te = [(t - m[b, :, None]).exp() for b, t in enumerate(tails)]
     for b, e in enumerate(te):
         z[b] += e.sum(-1)
-    if score == "softmax_mixture":
-        c = (w - w.amax(-1, keepdim=True)).exp().div_(z)
-    else:  # "mixture": log sum_h exp(w_h + dot_h), ranked as sum_h exp(w_h + m_h - M) exp(dot_h - m_h)
-        a = w + m
-        c = (a - a.amax(-1, keepdim=True)).exp()
+    c = head_weights(w, m, z, score)
     scores[:, :P] = torch.bmm(c[:, None, :], L)[:, 0]
     for b, e in enumerate(te):
         scores[b, P: P + e.shape[1]] = c[b] @ e
     return scores
+
+
+def head_weights(w, m, z, score):
+    """c [B, H]: a key's ranking score is sum_h c_h exp(dot_h - m_h), with m_h each head's max over
+    the row's keys and z_h its sum of exp(dot_h - m_h). "softmax_mixture": softmax(w)_h / z_h (up
+    to a row factor); "mixture" (log sum_h exp(w_h + dot_h)): exp(w_h + m_h - max_h'(w + m))."""
+    if score == "softmax_mixture":
+        return (w - w.amax(-1, keepdim=True)).exp().div_(z)
+    a = w + m
+    return (a - a.amax(-1, keepdim=True)).exp()

@@ -47,6 +47,7 @@ import triton.language as tl
 from dsa_rag.kernels.checks import is_fp8
 from dsa_rag.kernels.dispatch import Target, target_of
 from dsa_rag.kernels.indexer.row_topk import sorted_topk
+from dsa_rag.kernels.indexer.torch_decode import head_weights
 
 # Mixtures: E elements (rows * H * padded P, fp32) per launch; more rows are launched in chunks
 # (each chunk re-reads the keys). 2^27 = 512 MiB: dsa-tiny (H = 8) at 128k keys, 128 rows per launch.
@@ -193,11 +194,7 @@ def _combine(e, bmax, bsum, tail, valid, w, P, score):
     if bmax is not None:
         scale = (bmax - m[:, None, :]).exp()  # [B, NB, H]: each block's max against its head's
         z = z + (bsum * scale).sum(1)
-    if score == "softmax_mixture":
-        c = (w - w.amax(-1, keepdim=True)).exp().div_(z)
-    else:  # "mixture": log sum_h exp(w_h + dot_h), ranked as sum_h exp(w_h + m_h - M) exp(dot_h - m_h)
-        a = w + m
-        c = (a - a.amax(-1, keepdim=True)).exp()
+    c = head_weights(w, m, z, score)
     scores = torch.bmm(c[:, None, :], te)[:, 0].masked_fill(~valid, float("-inf"))
     if bmax is None:
         return scores

@@ -43,17 +43,9 @@ import triton.language as tl
 
 from dsa_rag.kernels import dispatch
 from dsa_rag.kernels.dispatch import Target, target_of
+from dsa_rag.kernels.sparse_mla.triton import _qk  # q . kv^T, one jit helper for both attention kernels
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _qk(q, kv, IEEE: tl.constexpr):
-    """q [BLOCK_H, d] . kv [BLOCK_K, d]^T -> [BLOCK_H, BLOCK_K] fp32 (ieee: exact fp32 on a GPU)."""
-    if IEEE:
-        return tl.dot(q, tl.trans(kv), input_precision="ieee")
-    else:
-        return tl.dot(q, tl.trans(kv))
 
 
 @triton.jit

@@ -18,9 +18,6 @@ Run: .venv/bin/python -m pytest -q -s tests/kernels/test_indexer_decode_compile.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -63,33 +60,17 @@ def compile_all() -> list[dict]:
     from dsa_rag.kernels import gpu_compile as gc
     from dsa_rag.kernels.dispatch import Target
 
-    results = []
-    for name, B, H, D, dtype, score in CASES:
-        for arch in ARCHS:
-            kernel, args, kwargs = decode_launch(B, H, D, dtype, score, Target("cuda", (arch // 10, arch % 10)))
-            cfg = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-            r = dict(case=name, arch=arch, config=cfg)
-            try:
-                compiled, log = gc.compile_launch(kernel, args, kwargs, arch)
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                r.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[-300:]}")
-                results.append(r)
-                continue
-            ptx = compiled.asm["ptx"]
-            r.update(ok=True, shared=compiled.metadata.shared, **gc.parse_ptxas(log), mma=gc.mma_shapes(ptx),
-                     mma_count=gc.mma_counts(ptx), loop_smem_stores=gc.loop_smem_stores(compiled.asm["ttgir"]),
-                     i32_offset_muls=gc.i32_offset_muls(compiled.asm["ttir"]))
-            results.append(r)
-    return results
+    return [gc.launch_report(*decode_launch(B, H, D, dtype, score, Target("cuda", (arch // 10, arch % 10))), arch,
+                             case=name)
+            for name, B, H, D, dtype, score in CASES for arch in ARCHS]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, __file__], env=env, check=True, capture_output=True, text=True).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    from dsa_rag.kernels import gpu_compile as gc
+
+    res = gc.reports_from_child(__file__)
     print("\ncase                  arch   BLOCK_R x HP  shared  regs  spills  mma")
     for r in res:
         if r["ok"]:

@@ -17,9 +17,6 @@ Run: .venv/bin/python -m pytest -q -s tests/kernels/test_sink_attention_compile.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -54,32 +51,16 @@ def launches(T, target):
 def compile_all() -> list[dict]:
     from dsa_rag.kernels import gpu_compile as gc
 
-    results = []
-    for name, T in CASES:
-        for arch in ARCHS:
-            for i, (kernel, args, kwargs) in launches(T, gc.target_for(arch)):
-                cfg = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-                r = dict(case=name, arch=arch, variant=i, config=cfg)
-                try:
-                    compiled, log = gc.compile_launch(kernel, args, kwargs, arch)
-                except Exception as exc:  # noqa: BLE001 - reported by the test
-                    r.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[-300:]}")
-                    results.append(r)
-                    continue
-                ptx = compiled.asm["ptx"]
-                r.update(ok=True, shared=compiled.metadata.shared, **gc.parse_ptxas(log), mma=gc.mma_shapes(ptx),
-                         mma_count=gc.mma_counts(ptx), i32_offset_muls=gc.i32_offset_muls(compiled.asm["ttir"]))
-                results.append(r)
-    return results
+    return [gc.launch_report(kernel, args, kwargs, arch, case=name, variant=i)
+            for name, T in CASES for arch in ARCHS for i, (kernel, args, kwargs) in launches(T, gc.target_for(arch))]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, __file__], env=env, check=True, capture_output=True, text=True).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    from dsa_rag.kernels import gpu_compile as gc
+
+    res = gc.reports_from_child(__file__)
     print("\ncase                  arch   cfg  BLOCK_H x K  warps DV_SPLIT  shared  regs  spills  mma")
     for r in res:
         c = r["config"]

@@ -19,7 +19,7 @@ from dsa_rag.model.engine.protocol import EngineProtocol
 from dsa_rag.model.engine.sampling import SamplingParams
 from dsa_rag.model.v4.engine import V4Engine
 from dsa_rag.model.v4.load import save_v4_checkpoint
-from tests.model.v4_helpers import random_v4, tiny_v4_config
+from tests.model.v4_helpers import random_v4, tiny_v4_config, v4_ids
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,7 @@ def model():
     return random_v4(tiny_v4_config(), seed=21)
 
 
-def _ids(n, seed):
-    return torch.randint(2, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+_ids = v4_ids
 
 
 def _recompute_greedy(model, ids, n):

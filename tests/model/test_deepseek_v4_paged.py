@@ -19,7 +19,7 @@ from dsa_rag.model.v4.engine import V4Engine
 from dsa_rag.model.v4.load import cast_v4, load_v4_model, save_v4_checkpoint
 from dsa_rag.model.v4.model import Transformer
 from dsa_rag.model.v4.paged import V4BlockPool
-from tests.model.v4_helpers import random_v4, tiny_v4_config
+from tests.model.v4_helpers import random_v4, tiny_v4_config, v4_ids
 
 BS = 2  # entries per block
 
@@ -29,8 +29,7 @@ def model():
     return random_v4(tiny_v4_config(), seed=21)
 
 
-def _ids(n, seed):
-    return torch.randint(2, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+_ids = v4_ids
 
 
 @torch.no_grad()

@@ -47,6 +47,11 @@ def random_v4(cfg: V4Config, seed: int = 0, std: float = 0.1) -> Transformer:
     return m.eval()
 
 
+def v4_ids(n: int, seed: int) -> list[int]:
+    """n random token ids of the tiny V4 configs' vocabulary (past the specials)."""
+    return torch.randint(2, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def hf_from(ours: Transformer, tmp: Path):
     """transformers.DeepseekV4ForCausalLM holding `ours`' weights, through a saved checkpoint."""
     from transformers import DeepseekV4ForCausalLM
