@@ -2,9 +2,11 @@
 8-head x 64-dim softmax-mixture indexer) over a cache of random values restored at L tokens (the
 cost depends on the length, not the values):
 
-  * one request: the blocked prefill path for the single decode query (A: `FUSED_DECODE = False`,
-    the path before 2026-12-06's decode work) against the fused decode path (B:
-    kernels/indexer/torch_decode.py), and dense attention on the same weights for scale;
+  * one request: the blocked prefill path for the single decode query (A: the model's per-row
+    indexer_topk with `FUSED_DECODE = False`, the path before 2026-12-06's decode work) against the
+    decode path (kernels/indexer/torch_decode.py) with its key product on torch.mm (B) and on the
+    AVX2 extension (C: kernels/indexer/cpu_dots.py, the default on x86), and dense attention on the
+    same weights for scale;
   * a decode step of n requests forked off the same pack: rows selected one call each (ungrouped)
     against one indexer call for all rows of the pack (grouped: model.MLA._select_decode ->
     indexer_decode_topk, one GEMM over n x 8 query heads), per step and per token.
@@ -30,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dsa_rag.kernels.indexer.torch_impl as indexer_torch  # noqa: E402
+from dsa_rag.kernels.indexer import cpu_dots  # noqa: E402
 from dsa_rag.model import model as model_module  # noqa: E402
 from dsa_rag.model.engine.engine import Engine, SamplingParams  # noqa: E402
 from dsa_rag.model.load import load_model  # noqa: E402
@@ -84,9 +87,13 @@ def main():
 
     for _ in range(a.rounds):
         indexer_torch.FUSED_DECODE = False
-        run("A_blocked")
+        with Ungrouped():
+            run("A_blocked")
         indexer_torch.FUSED_DECODE = True
-        run("B_fused")
+        min_keys, cpu_dots.MIN_KEYS = cpu_dots.MIN_KEYS, 1 << 62  # the key product on torch.mm
+        run("B_decode_mm")
+        cpu_dots.MIN_KEYS = min_keys
+        run("C_decode_avx2")
         model.cfg.dense_attention = True
         run("dense")
         model.cfg.dense_attention = False
@@ -94,15 +101,16 @@ def main():
             run(f"grouped_x{n}", n)
             with Ungrouped():
                 run(f"ungrouped_x{n}", n)
-    same = tokens["A_blocked"] == tokens["B_fused"] and all(
+    same = tokens["A_blocked"] == tokens["B_decode_mm"] == tokens["C_decode_avx2"] and all(
         tokens[f"grouped_x{n}"] == tokens[f"ungrouped_x{n}"] for n in batches)
     step_ms = {k: round(1000 * statistics.median(v), 2) for k, v in times.items()}
     res = {"benchmark": "decode_selection_ab", "command": "python " + " ".join(sys.argv), "model": "dsa-tiny",
            "context": a.length, "clock": "process CPU seconds, 1 thread", "same_tokens": same,
            "decode_ms_per_step": step_ms, "steps": {k: len(v) for k, v in times.items()},
-           "fused_over_blocked": round(step_ms["B_fused"] / step_ms["A_blocked"], 3),
-           "dense_over_fused": round(step_ms["dense"] / step_ms["B_fused"], 2),
-           "dense_over_blocked": round(step_ms["dense"] / step_ms["A_blocked"], 2),
+           "avx2_extension": cpu_dots._module() is not None,
+           "decode_mm_over_blocked": round(step_ms["B_decode_mm"] / step_ms["A_blocked"], 3),
+           "decode_avx2_over_blocked": round(step_ms["C_decode_avx2"] / step_ms["A_blocked"], 3),
+           "dense_over": {k: round(step_ms["dense"] / step_ms[k], 2) for k in ("A_blocked", "B_decode_mm", "C_decode_avx2")},
            "ms_per_token": {f"x{n}": {"grouped": round(step_ms[f"grouped_x{n}"] / n, 2),
                                       "ungrouped": round(step_ms[f"ungrouped_x{n}"] / n, 2)} for n in batches},
            "grouped_speedup": {f"x{n}": round(step_ms[f"ungrouped_x{n}"] / step_ms[f"grouped_x{n}"], 2)

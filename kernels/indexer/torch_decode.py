@@ -5,14 +5,15 @@
 
 Row b is one decoding query that sees every key of the shared prefix k (P keys) and then its
 own `tails[b]` (the question and the tokens it generated so far). The B rows of a decode step
-over one pack share the pack's keys, so their dots come out of ONE GEMM [B*H, D] x [D, P]: the
-keys are read once for all rows, and the GEMM's small-N inefficiency (8 heads = 8 columns runs
-at ~1/4 of the CPU's GEMM peak here) is amortized over B*H columns.
+over one pack share the pack's keys, so their dots come out of ONE product [P, D] x [D, B*H]:
+the keys are read once for all rows. That product is a stream over the keys with a skinny
+right-hand side, which MKL's sgemm runs at ~1/4 of its peak here; fp32 on x86 takes the AVX2
+loop of cpu_dots.py instead (~1.8x faster), torch.mm elsewhere.
 
-Per row chunk (B_c * H * P fp32 logits within ROW_BUDGET):
-  1. L = dots [B_c, H, P] in one GEMM (key blocks only when keys need an upcast: bf16 on a CPU
-     without native bf16, FP8); the tails' dots are small GEMMs per row;
-  2. "relu": scores = w . ReLU(L) (one bmm), times k_scale;
+Per row chunk (P * B_c * H fp32 logits within ROW_BUDGET), key-major (row s = key s's dots):
+  1. L = dots [P, B_c * H] in one pass over the keys (key blocks only when keys need an upcast:
+     bf16 on a CPU without native bf16, FP8); the tails' dots are small GEMMs per row;
+  2. "relu": scores = ReLU(L) . w per row (a matrix-vector product over its H columns);
      mixtures: one fused in-place pass per head: max, exp(L - max), sum (each head's normalizer
      z), then scores = c . exp(L - max) with c_h = softmax(w)_h / z_h ("softmax_mixture") or
      exp(w_h + max_h - max_h'(w + max)) ("mixture"): probabilities, not logs, so no log per key.
@@ -31,28 +32,35 @@ from __future__ import annotations
 import torch
 
 from dsa_rag.kernels.precision import lowp_math_dtype
+from dsa_rag.kernels.indexer import cpu_dots
 from dsa_rag.kernels.indexer.row_topk import sorted_topk
 
 ROW_BUDGET = 1 << 24  # fp32 logits of one row chunk, B_c * H * P elements (64 MiB)
 UPCAST_BLOCK = 1 << 14  # keys per GEMM when keys are upcast to the math dtype
+EXP_SAFE = 80.0  # exp(x) is finite in fp32 up to ~88.7: heads whose max dot is in [0, 80] need no shift
 
 
 def _math_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.dtype == torch.float32 else lowp_math_dtype(q)
 
 
-def _dots_into(out: torch.Tensor, qm: torch.Tensor, k: torch.Tensor, dt: torch.dtype) -> None:
-    """out [R, P] fp32 <- qm [R, D] . k[P, D]^T: one GEMM when k is already in dt (fp32), else
-    key blocks upcast one at a time (never a whole-cache copy)."""
+def _dots_into(out: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, dt: torch.dtype) -> torch.Tensor | None:
+    """out [P, R] fp32 <- k [P, D] . qm [R, D]^T, key-major: the AVX2 extension for fp32 on x86
+    (cpu_dots.py; it also returns each column's max [R]), else one GEMM when k is already in dt,
+    else key blocks upcast one at a time (never a whole-cache copy). Returns the column maxima
+    when they came for free, else None."""
     P = k.shape[0]
     if P == 0:
-        return
+        return None
     if k.dtype == dt == torch.float32:
-        torch.mm(qm, k.t(), out=out)
-        return
+        mx = cpu_dots.dots_into(out, k, qm)
+        if mx is None:
+            torch.mm(k, qm.t(), out=out)
+        return mx
     for s0 in range(0, P, UPCAST_BLOCK):
         s1 = min(P, s0 + UPCAST_BLOCK)
-        out[:, s0:s1] = (qm @ k[s0:s1].to(dt).t()).float()
+        out[s0:s1] = (k[s0:s1].to(dt) @ qm.t()).float()
+    return None
 
 
 def decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu"):
@@ -67,48 +75,73 @@ def decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, sc
     with torch.no_grad():
         for b0 in range(0, B, bc):
             b1 = min(B, b0 + bc)
-            L = logits[: (b1 - b0) * H * P].view(b1 - b0, H, P)
-            _dots_into(L.view((b1 - b0) * H, P), q[b0:b1].reshape(-1, D).to(dt), k, dt)
+            L = logits[: P * (b1 - b0) * H].view(P, (b1 - b0) * H)  # key-major: row s = key s's dots
+            mx = _dots_into(L, k, q[b0:b1].reshape(-1, D).to(dt), dt)
             if k_scale is not None:
-                L.mul_(k_scale)
+                L.mul_(k_scale[:, None])
+                mx = None  # the maxima of the unscaled dots
             tl = [_tail_dots(q[b], tails[b], tail_scales[b], dt) for b in range(b0, b1)]
-            scores = _scores(L, tl, w[b0:b1].float(), score)
+            scores = _scores(L, tl, w[b0:b1].float(), score, mx)
             out[b0:b1] = sorted_topk(scores, topk)
     return out
 
 
 def _tail_dots(qb, kt, ks, dt):
-    """fp32 [H, n] dots of one row's query heads with its own tail keys."""
-    x = (qb.to(dt) @ kt.to(dt).t()).float()
-    return x if ks is None else x * ks
+    """fp32 [n, H] dots of one row's own tail keys with its query heads (key-major)."""
+    x = (kt.to(dt) @ qb.to(dt).t()).float()
+    return x if ks is None else x * ks[:, None]
 
 
-def _scores(L, tails, w, score):
-    """fp32 [B_c, P + max n] ranking scores (-inf on padding), from the prefix dots L [B_c, H, P]
-    (consumed in place) and each row's tail dots [H, n_b]."""
-    Bc, H, P = L.shape
-    n_max = max((t.shape[1] for t in tails), default=0)
+def _scores(L, tails, w, score, colmax=None):
+    """fp32 [B_c, P + max n] ranking scores (-inf on padding), from the prefix dots L [P, B_c * H]
+    (key-major, consumed in place; `colmax` its column maxima when known) and each row's tail dots
+    [n_b, H]. Per row, the head combine is one matrix-vector product over its H columns of L.
+    The mixtures exponentiate relative to a reference r per head: each head's max over all its keys,
+    or 0 when every head's max lies in [0, EXP_SAFE] (then exp(dot) neither overflows nor underflows
+    earlier than exp(dot - max) would, and the subtraction pass is skipped)."""
+    P = L.shape[0]
+    Bc, H = w.shape
+    n_max = max((t.shape[0] for t in tails), default=0)
     scores = L.new_full((Bc, P + n_max), float("-inf"))
+    cols = [slice(b * H, (b + 1) * H) for b in range(Bc)]
     if score == "relu":
-        scores[:, :P] = torch.bmm(w[:, None, :], L.relu_())[:, 0]
+        L.relu_()
         for b, t in enumerate(tails):
-            scores[b, P: P + t.shape[1]] = w[b] @ t.relu()
+            scores[b, :P] = L[:, cols[b]] @ w[b]
+            scores[b, P: P + t.shape[0]] = t.relu() @ w[b]
         return scores
     # mixtures: each head's max over ALL its keys (prefix and tail) first, then one exp pass
-    m = L.amax(-1) if P else L.new_full((Bc, H), float("-inf"))
+    if not P:
+        m = L.new_full((Bc, H), float("-inf"))
+    else:
+        m = (colmax if colmax is not None else _colmax(L)).view(Bc, H).clone()
     for b, t in enumerate(tails):
-        if t.shape[1]:
-            m[b] = torch.maximum(m[b], t.amax(-1))
+        if t.shape[0]:
+            m[b] = torch.maximum(m[b], t.amax(0))
     m = m.nan_to_num(neginf=0.0)  # a row without keys: nothing to rank, keep the math finite
-    z = L.sub_(m[:, :, None]).exp_().sum(-1)
-    te = [(t - m[b, :, None]).exp() for b, t in enumerate(tails)]
+    if bool(((m >= 0) & (m <= EXP_SAFE)).all()):
+        m = torch.zeros_like(m)  # exp(dot) is safe as it is: no subtraction pass over L
+        z = L.exp_().sum(0).view(Bc, H)
+    else:
+        z = L.sub_(m.view(1, -1)).exp_().sum(0).view(Bc, H)
+    te = [(t - m[b]).exp() for b, t in enumerate(tails)]
     for b, e in enumerate(te):
-        z[b] += e.sum(-1)
+        z[b] += e.sum(0)
     c = head_weights(w, m, z, score)
-    scores[:, :P] = torch.bmm(c[:, None, :], L)[:, 0]
     for b, e in enumerate(te):
-        scores[b, P: P + e.shape[1]] = c[b] @ e
+        scores[b, :P] = L[:, cols[b]] @ c[b]
+        scores[b, P: P + e.shape[0]] = e @ c[b]
     return scores
+
+
+def _colmax(L, fold: int = 64):
+    """Each column's max of the key-major L [P, R]. L.amax(0) reduces over the long axis with only
+    R (8..64) values per row, which torch does ~20x slower than a reduction over wide rows: fold
+    `fold` keys into each row first ([P / fold, fold * R]), then reduce the fold."""
+    P, R = L.shape
+    n = P // fold * fold
+    m = L[:n].view(P // fold, fold * R).amax(0).view(fold, R).amax(0) if n else L.new_full((R,), float("-inf"))
+    return torch.maximum(m, L[n:].amax(0)) if n < P else m
 
 
 def head_weights(w, m, z, score):

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from dsa_rag.kernels.indexer import row_topk  # noqa: E402
+from dsa_rag.kernels.indexer import cpu_dots, row_topk  # noqa: E402
 from dsa_rag.kernels.indexer import torch_decode as indexer_decode  # noqa: E402
 from dsa_rag.kernels.indexer import torch_impl as indexer_torch  # noqa: E402
 from dsa_rag.kernels.sparse_mla import torch_impl as sparse_mla_torch  # noqa: E402
@@ -65,4 +65,5 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(row_topk, "TOPK_GROUP_RATIO", 1)  # the grouped row top-k on small rows too
     monkeypatch.setattr(indexer_decode, "ROW_BUDGET", 2 * 8 * 150)  # decode: several row chunks per call
     monkeypatch.setattr(indexer_decode, "UPCAST_BLOCK", 40)  # decode: upcast keys block by block
+    monkeypatch.setattr(cpu_dots, "MIN_KEYS", 0)  # decode: the AVX2 extension on tiny caches too
     monkeypatch.setattr(sparse_mla_torch, "CHUNK_BYTES", 1)  # one query row per chunk

@@ -108,3 +108,53 @@ def test_decode_topk_rejects_bad_tails():
         indexer_decode_topk(q, k, w, 3, k_scale=torch.ones(10), tails=[k[:2], k[:1]])
     with pytest.raises(ValueError, match="w"):
         indexer_decode_topk(q, k, w[:1], 3)
+
+
+@pytest.mark.parametrize("R,P", [(8, 1), (8, 4099), (16, 37), (64, 301)])
+def test_cpu_dots_extension_matches_mm(R, P):
+    """The AVX2 key-major product of kernels/indexer/cpu_dots.py (fp32, query rows in groups of 8,
+    a key count off the 8-key step) against torch.mm; it declines what it does not handle."""
+    from dsa_rag.kernels.indexer import cpu_dots
+
+    if cpu_dots._module() is None:
+        pytest.skip("no AVX2 / compiler here: the decode path uses torch.mm (tested above)")
+    g = torch.Generator().manual_seed(R + P)
+    k, q = torch.randn(P, 64, generator=g), torch.randn(R, 64, generator=g)
+    out = torch.full((P, R), float("nan"))
+    old, cpu_dots.MIN_KEYS = cpu_dots.MIN_KEYS, 0
+    try:
+        mx = cpu_dots.dots_into(out, k, q)
+        assert cpu_dots.dots_into(torch.empty(P, R + 4), k, torch.randn(R + 4, 64)) is None  # not a multiple of 8
+        assert cpu_dots.dots_into(out.clone(), k.bfloat16(), q) is None
+    finally:
+        cpu_dots.MIN_KEYS = old
+    torch.testing.assert_close(out, k @ q.t(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(mx, out.amax(0))  # the column maxima it returns are those of its own output
+
+
+def test_decode_mixtures_shift_only_when_exp_needs_it(small_blocks, monkeypatch):
+    """The mixtures skip the max subtraction when every head's max dot lies in [0, EXP_SAFE]; with
+    dots far above (overflow) or all below zero (early underflow) they shift. Same top-k as naive
+    either way."""
+    from dsa_rag.kernels.indexer import torch_decode
+
+    monkeypatch.setenv("DSA_KERNEL_BACKEND", "torch")
+    for shift in (0.0, 150.0, -150.0):
+        q, k, w, ks, tk, ts = make_decode_inputs(2, 200, (3, 5), 8, 16, torch.float32, seed=21)
+        q[..., 0], k[:, 0] = 10.0, shift / 10.0  # every dot moves by `shift`, in every head alike
+        tk = [t.clone() for t in tk]
+        for t in tk:
+            t[:, 0] = shift / 10.0
+        for score in ("mixture", "softmax_mixture"):
+            idx = indexer_decode_topk(q, k, w, 30, tails=tk, score=score)
+            ref = naive.indexer_decode_topk(q, k, w, 30, tails=tk, score=score)
+            for b in range(2):
+                kb = torch.cat([k, tk[b]])
+                wb, sc = w[b: b + 1], score
+                if score == "softmax_mixture":
+                    wb = wb - naive.indexer_head_lse(q[b: b + 1], kb, start_pos=kb.shape[0] - 1)
+                    sc = "mixture"
+                scores = naive.indexer_logits(q[b: b + 1], kb, wb, start_pos=kb.shape[0] - 1, score=sc)
+                check_topk(idx[b: b + 1], ref[b: b + 1], scores, (1, kb.shape[0], kb.shape[0] - 1, 8, 16, 30),
+                           torch.float32)
+    assert torch_decode.EXP_SAFE < 88.0
