@@ -114,8 +114,14 @@ class SelectionClock:
 
 
 # decode variants: "dsa" (today's decode path), "dsa_blocked" (the single decode query through the
-# blocked prefill path: the path before the fused decode op, torch_impl.FUSED_DECODE = False), dense
+# model's per-row indexer_topk and the blocked prefill path: the path before the decode op,
+# MLA._select_decode off and torch_impl.FUSED_DECODE = False), dense
 DECODE_VARIANTS = ("dsa", "dsa_blocked", "dense")
+
+
+def set_blocked_decode(on: bool, _real=model_module.MLA._select_decode) -> None:
+    model_module.MLA._select_decode = (lambda *a, **k: {}) if on else _real
+    indexer_torch.FUSED_DECODE = not on
 
 
 def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int, sel: SelectionClock) -> dict:
@@ -127,7 +133,7 @@ def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int, sel: S
     for _ in range(rounds):
         for v in DECODE_VARIANTS:
             eng.model.cfg.dense_attention = v == "dense"
-            indexer_torch.FUSED_DECODE = v != "dsa_blocked"
+            set_blocked_decode(v == "dsa_blocked")
             try:
                 rid = eng.add_request(ids_of(1, 7, vocab), SamplingParams(max_tokens=steps + 1, **GREEDY), prefix=handle)
                 first = True
@@ -141,7 +147,7 @@ def decode_pair(eng: Engine, handle, rounds: int, steps: int, vocab: int, sel: S
                     first = False
             finally:
                 eng.model.cfg.dense_attention = False
-                indexer_torch.FUSED_DECODE = True
+                set_blocked_decode(False)
     med = {v: 1e3 * statistics.median(t) for v, t in times.items()}
     share = {v: round(sum(selection[v]) / sum(times[v]), 3) for v in ("dsa", "dsa_blocked")}
     return {"ms": med, "selection_share": share}
