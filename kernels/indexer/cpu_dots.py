@@ -102,6 +102,15 @@ def _module():
         return None
 
 
+def warm_in_background() -> None:
+    """Build (or load) the extension on a daemon thread, so the first long decode of a fresh
+    process does not wait for the compiler (engines on CPU call this at construction)."""
+    import threading
+
+    if _module.cache_info().currsize == 0:
+        threading.Thread(target=_module, name="dsa-cpu-dots-build", daemon=True).start()
+
+
 def dots_into(out: torch.Tensor, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
     """out [P, R] fp32 <- k [P, D] . q [R, D]^T with the extension, returning each column's max
     [R] (computed on the way); None (out untouched) when it does not apply: not fp32 CPU tensors,

@@ -45,10 +45,10 @@ def _math_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _dots_into(out: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, dt: torch.dtype) -> torch.Tensor | None:
-    """out [P, R] fp32 <- k [P, D] . qm [R, D]^T, key-major: the AVX2 extension for fp32 on x86
-    (cpu_dots.py; it also returns each column's max [R]), else one GEMM when k is already in dt,
-    else key blocks upcast one at a time (never a whole-cache copy). Returns the column maxima
-    when they came for free, else None."""
+    """out [P, R] fp32 <- k [P, D] . qm [R, D]^T, key-major: the AVX2 extension for fp32 math on
+    x86 (cpu_dots.py; it also returns each column's max [R]), else one GEMM when k is already in
+    dt; keys in another dtype (bf16, FP8) are upcast one block at a time (never a whole-cache
+    copy). Returns the column maxima when they came for free, else None."""
     P = k.shape[0]
     if P == 0:
         return None
@@ -57,10 +57,17 @@ def _dots_into(out: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, dt: torch.d
         if mx is None:
             torch.mm(k, qm.t(), out=out)
         return mx
+    mx = None
     for s0 in range(0, P, UPCAST_BLOCK):
         s1 = min(P, s0 + UPCAST_BLOCK)
-        out[s0:s1] = (k[s0:s1].to(dt) @ qm.t()).float()
-    return None
+        kb = k[s0:s1].to(dt)
+        m = cpu_dots.dots_into(out[s0:s1], kb, qm) if dt == torch.float32 else None
+        if m is None:
+            out[s0:s1] = (kb @ qm.t()).float()
+            mx = False  # some block had no maxima: _scores computes them
+        elif mx is not False:
+            mx = m if mx is None else torch.maximum(mx, m)
+    return mx if mx is not False else None
 
 
 def decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu"):

@@ -60,6 +60,7 @@ from typing import Iterable
 
 import torch
 
+from dsa_rag.kernels.indexer import cpu_dots
 from dsa_rag.model.engine.paged import BLOCK_SIZE, BlockPool, PagedSequence
 from dsa_rag.model.engine.requests import (EngineBase, Request, TokenEvent, Trace, aggregate_trace, check_token_ids,
                                            token_ids)
@@ -215,6 +216,8 @@ class Engine(EngineBase):
         self.dtype, ik_dtype = cache_dtypes(model)  # the serving dtype: the model's activations and its caches
         self.pool.ensure_storage(self.dtype, ik_dtype, c.fp8_numerics)
         self.device = p.device
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            cpu_dots.warm_in_background()  # the decode indexer's AVX2 product, built before it is needed
 
     def _compute_fingerprint(self) -> str:
         return model_fingerprint(self.model)
