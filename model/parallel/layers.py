@@ -161,6 +161,16 @@ class ParallelMLA(MLA):
         s = reduce_index_scores(ctx, iq, k, iw, ks, sp, cfg.index_score)
         return topk_from_scores(s, cfg.index_topk)
 
+    def _select_decode(self, iq, iw, rows, start_pos, needs) -> dict:
+        """The grouped decode selection over all heads: every rank gathers the indexer heads (as
+        _select's streaming branch does) and selects what one rank would."""
+        if self.ctx.tp == 1:
+            return super()._select_decode(iq, iw, rows, start_pos, needs)
+        B, T, Hl, D = iq.shape
+        iq_all = _gather_heads(self.ctx, iq.reshape(B * T, Hl, D)).view(B, T, -1, D)
+        iw_all = self.ctx.all_gather(iw.reshape(B * T, Hl).contiguous(), 1).view(B, T, -1)
+        return super()._select_decode(iq_all, iw_all, rows, start_pos, needs)
+
     def _attend_absorbed(self, q_nope, q_pe, cache, end, idx, sp, trace=None, row=0):
         if trace is not None and self.ctx.tp > 1:
             # attention_mass sums this rank's heads; citations need every head's mass.
