@@ -33,13 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_rag.kernels.checks import is_fp8
 from dsa_rag.kernels import dispatch
 from dsa_rag.kernels.dispatch import Target, target_of
 from dsa_rag.kernels.indexer.torch_impl import _blocks, _merge
 # The softmax_mixture normalizers: a GEMM and a logsumexp per key block in torch (cuBLAS on a GPU);
 # no fused Triton kernel for it yet.
 from dsa_rag.kernels.indexer.torch_impl import indexer_head_lse
+# the decode op (indexer_topk with one query runs it) and the q/k preparation both kernels share
+from dsa_rag.kernels.indexer.triton_decode import indexer_decode_topk, prep_qk
 
 # indexer_topk streaming: keys per merge step and queries per chunk (buffer = T_CHUNK x S_BLOCK fp32)
 S_BLOCK_CUDA, T_CHUNK_CUDA = 16384, 2048
@@ -110,21 +111,10 @@ def _logits_kernel(
 
 def _prep(q, k, w, target: Target | None = None):
     """Contiguous inputs (w as fp32 w^T, [H, T]: a head's weights contiguous) and the DOT_CAST mode for
-    `target` (default: q's device).
-
-    CUDA sm_89+: FP8 goes into tl.dot as is (FP8 tensor cores). Other GPUs (sm_80/86, ROCm): FP8
-    q and k are converted to bf16 on the host (exact; FP8 dot operands do not compile there).
-    Interpreter (CPU): tl.dot on bf16 returns garbage in Triton 3.9's interpreter, and it has no
-    FP8 math, so FP8 is upcast on the host (exact) and every dot runs in fp32.
-    """
-    target = target or target_of(q.device)
-    fp8 = is_fp8(q)
-    if fp8 and not target.fp8_dot:
-        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
-    cast = 2 if target.kind == "interp" else 0
-    if not fp8 and q.dtype != k.dtype:
-        q, k = q.float(), k.float()
-    return q.contiguous(), k.contiguous(), w.float().t().contiguous(), cast  # w^T [H, T]
+    `target` (default: q's device); q and k as triton_decode.prep_qk prepares them (FP8 into tl.dot
+    on sm_89+, bf16 on the host elsewhere, fp32 dots in the interpreter)."""
+    q, k, cast = prep_qk(q, k, target or target_of(q.device))
+    return q, k, w.float().t().contiguous(), cast  # w^T [H, T]
 
 
 def configs(D: int, dtype: torch.dtype, target: Target) -> list[dict]:
@@ -233,5 +223,3 @@ def indexer_topk(q, k, w, topk, *, k_scale=None, start_pos=0, s_block=None, t_ch
         out[t0:t1, idx.shape[1]:] = -1
     return out
 
-
-from dsa_rag.kernels.indexer.triton_decode import indexer_decode_topk  # noqa: E402,F401

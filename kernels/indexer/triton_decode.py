@@ -114,10 +114,13 @@ def _decode_kernel(
                      mask=s_ok[:, None] & (rows_r < B)[None, :])
 
 
-def _prep(q, k, target: Target):
-    """Contiguous q [B, H, D], k [P, D] as they enter the kernel, and the DOT_CAST mode (as
-    triton._prep: FP8 into tl.dot only where Target.fp8_dot, else bf16 on the host, exact;
-    mixed float dtypes in fp32; the interpreter dots in fp32)."""
+def prep_qk(q, k, target: Target):
+    """q and k as they enter an indexer kernel, and the DOT_CAST mode, for `target` (the prefill
+    path's triton._prep uses it too). CUDA sm_89+: FP8 goes into tl.dot as is (FP8 tensor cores).
+    Other GPUs (sm_80/86, ROCm): FP8 q and k are converted to bf16 on the host (exact; FP8 dot
+    operands do not compile there). Mixed float dtypes meet in fp32. Interpreter (CPU): tl.dot on
+    bf16 returns garbage in Triton 3.9's interpreter, and it has no FP8 math, so FP8 is upcast on
+    the host (exact) and every dot runs in fp32 (DOT_CAST 2)."""
     fp8 = is_fp8(q)
     if fp8 and not target.fp8_dot:
         q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
@@ -128,7 +131,7 @@ def _prep(q, k, target: Target):
 
 def launch_config(B: int, H: int, D: int, dtype: torch.dtype, target: Target) -> dict:
     """Block sizes and launch options of `_decode_kernel` for B rows of H heads of dim D, q/k of
-    `dtype` as they reach the kernel (after _prep). The launch and the compile check call this."""
+    `dtype` as they reach the kernel (after prep_qk). The launch and the compile check call this."""
     eight_bit = dtype.itemsize == 1 and target.kind != "interp"
     BLOCK_D = max(32 if eight_bit else 16, triton.next_power_of_2(D))  # 8-bit tl.dot: K >= 32
     if BLOCK_D > 256:
@@ -210,7 +213,7 @@ def indexer_decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=
     target = target_of(q.device)
     wf = w.float().contiguous()
     tail, valid = _tail_dots(q, tails, tail_scales, B, H, D)  # [B, H, n_max]
-    qk, kk, cast = _prep(q, k, target)
+    qk, kk, cast = prep_qk(q, k, target)
     ks = k_scale.float().contiguous() if k_scale is not None else None
     if score == "relu":
         scores = q.new_full((B, P + tail.shape[2]), float("-inf"), dtype=torch.float32)

@@ -44,7 +44,7 @@ def decode_launch(B, H, D, dtype, score, target):
     key scales), built by the launcher's own _prep / launch_config / plan on meta tensors."""
     from dsa_rag.kernels.indexer import triton_decode as td
 
-    q, k, cast = td._prep(_meta(B, H, D, dtype=dtype), _meta(P, D, dtype=dtype), target)
+    q, k, cast = td.prep_qk(_meta(B, H, D, dtype=dtype), _meta(P, D, dtype=dtype), target)
     cfg = td.launch_config(B, H, D, q.dtype, target)
     nb = -(-P // cfg["BLOCK_S"])
     if score == "relu":
