@@ -57,17 +57,15 @@ def _dots_into(out: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, dt: torch.d
         if mx is None:
             torch.mm(k, qm.t(), out=out)
         return mx
-    mx = None
+    maxima = []
     for s0 in range(0, P, UPCAST_BLOCK):
         s1 = min(P, s0 + UPCAST_BLOCK)
         kb = k[s0:s1].to(dt)
         m = cpu_dots.dots_into(out[s0:s1], kb, qm) if dt == torch.float32 else None
         if m is None:
             out[s0:s1] = (kb @ qm.t()).float()
-            mx = False  # some block had no maxima: _scores computes them
-        elif mx is not False:
-            mx = m if mx is None else torch.maximum(mx, m)
-    return mx if mx is not False else None
+        maxima.append(m)
+    return None if any(m is None for m in maxima) else torch.stack(maxima).amax(0)
 
 
 def decode_topk(q, k, w, topk, *, k_scale=None, tails=None, tail_scales=None, score="relu"):
