@@ -14,10 +14,11 @@ Per row chunk (P * B_c * H fp32 logits within ROW_BUDGET), key-major (row s = ke
   1. L = dots [P, B_c * H] in one pass over the keys (key blocks only when keys need an upcast:
      bf16 on a CPU without native bf16, FP8); the tails' dots are small GEMMs per row;
   2. "relu": scores = ReLU(L) . w per row (a matrix-vector product over its H columns);
-     mixtures: one fused in-place pass per head: max, exp(L - max), sum (each head's normalizer
-     z), then scores = c . exp(L - max) with c_h = softmax(w)_h / z_h ("softmax_mixture") or
-     exp(w_h + max_h - max_h'(w + max)) ("mixture"): probabilities, not logs, so no log per key.
-     No per-block references or rescaling: the whole row's max is known before the exp;
+     mixtures: each head's max (from the AVX2 product, else a folded column max), then in place
+     exp(L - max) (no shift when every max is in [0, EXP_SAFE]) and its sum, each head's
+     normalizer z; scores = exp(L - max) . c per row with c_h = softmax(w)_h / z_h
+     ("softmax_mixture") or exp(w_h + max_h - max_h'(w + max)) ("mixture"): probabilities, not
+     logs, so no log per key. No per-block references: the row's max is known before the exp;
   3. top-k over [B_c, P + max tail] by group maxima (row_topk.py, exact), sorted, -1 padded.
 
 Against the prefill path (torch_impl.indexer_topk, which this replaces for T = 1): the same
